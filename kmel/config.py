@@ -1,0 +1,259 @@
+"""Frozen dataclass configs, one per stage, loaded from a YAML profile and overridden by flags.
+
+A profile is a YAML file with one mapping per stage (``records``, ``segmenter``, ``crops``,
+``classifier``, ``predict``). ``load_config("cpu-small", {"segmenter.epochs": 3})`` reads the
+shipped profile, applies dotted overrides and returns a :class:`Config`. Unknown keys are errors,
+so a typo in a user's profile is caught before hours of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A profile or flag that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class RecordsConfig:
+    """How build-records cleans, splits and writes the data."""
+
+    task: str = "malignant"  # malignant | melanoma | keratosis
+    image_size: int = 512  # long side of img- records, pixels
+    seg_size: int = 256  # side of the square seg- records
+    shard_size: int = 512  # records per shard
+    jpeg_quality: int = 95
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 42
+    workers: int = 0  # 0: one per CPU core
+    sources: tuple[str, ...] = ()  # restrict to these sources; empty: all found
+    duplicate_lists: tuple[str, ...] = ()  # extra duplicate-list files; *duplicate*.txt in data dir always read
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """U-Net / ResNet encoder segmenter and its training."""
+
+    backbone: str = "resnet34"  # resnet34 | resnet18
+    image_size: int = 256
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    dropout: float = 0.2
+    batch_size: int = 16
+    epochs: int = 30
+    steps_per_epoch: int = 0  # 0: one pass over the data
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    tversky_alpha: float = 0.3  # weight of false positives
+    tversky_beta: float = 0.7  # weight of false negatives
+    reduce_lr_factor: float = 0.5
+    reduce_lr_patience: int = 3
+    early_stopping_patience: int = 8
+    # Epoch at which each unfreezing stage starts: encoder stages trainable from then on
+    # ("4" = deepest ResNet stage, "all" = every layer).
+    unfreeze: tuple[tuple[int, str], ...] = ((0, "4"), (3, "3"), (6, "all"))
+    augment: bool = True
+    weights: str = "none"  # imagenet | none | PATH
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class CropsConfig:
+    """Lesion crop, hair removal and skin tone (the classification preprocessing)."""
+
+    clahe_clip: float = 2.0
+    clahe_tiles: int = 8
+    gamma: float = 1.2
+    mask_threshold: float = 0.5
+    min_area_fraction: float = 0.005  # smaller components are noise
+    max_area_fraction: float = 0.90  # larger lesions: use the whole image
+    morph_kernel: int = 5
+    dilate_fraction: float = 0.02  # dilation, as a fraction of the image side
+    margin: float = 0.15  # context around the box, fraction of its side
+    hair_kernel: int = 17  # black-hat structuring element, pixels at 512 px
+    hair_threshold: int = 10
+    inpaint_radius: int = 5
+    remove_hair: bool = True
+    skin_border: float = 0.05  # fraction of the image border excluded from skin tone
+    skin_min_pixels: int = 200
+    batch_size: int = 16
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """EfficientNet classifier, balancing, training and threshold choice."""
+
+    backbone: str = "efficientnet_b4"  # efficientnet_b0 ... efficientnet_b7
+    image_size: int = 512
+    dropout: float = 0.4
+    stochastic_depth: float = 0.2
+    batch_size: int = 16
+    epochs: int = 18
+    steps_per_epoch: int = 0
+    max_learning_rate: float = 3e-4
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.3  # one-cycle: share of steps spent warming up
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    unfreeze: tuple[tuple[int, str], ...] = ((0, "head"), (2, "top"), (5, "all"))
+    early_stopping_patience: int = 5
+    # Balancing: fraction of malignant samples per epoch (0: keep natural rate) and how far
+    # rare skin-tone groups are raised towards the largest (0: not at all, 1: equal counts).
+    target_malignant_fraction: float = 0.38
+    skin_tone_balance: float = 0.5
+    augment: bool = True
+    threshold_method: str = "f1_group_floor"  # f1_group_floor | f1 | youden | sensitivity
+    min_group_recall: float = 0.7
+    target_sensitivity: float = 0.9
+    bootstrap: int = 1000
+    weights: str = "none"
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    batch_size: int = 16
+    tta: bool = False
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str = "default"
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+_SECTIONS = {
+    "records": RecordsConfig,
+    "segmenter": SegmenterConfig,
+    "crops": CropsConfig,
+    "classifier": ClassifierConfig,
+    "predict": PredictConfig,
+}
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses and tuples to dicts and lists (for YAML / JSON)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
+    """Turn YAML/CLI values into the type of the field's default."""
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{cls.__name__}.{name} must be a list, got {value!r}")
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("true", "yes", "1"):
+                return True
+            if value.lower() in ("false", "no", "0"):
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(f"{cls.__name__}.{name} must be true/false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        try:
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{cls.__name__}.{name} must be an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{cls.__name__}.{name} must be a number, got {value!r}") from None
+    return str(value)
+
+
+def _make_section(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    defaults = cls()
+    kwargs = {k: _coerce(cls, k, v, getattr(defaults, k)) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def resolve_profile(profile: str) -> Path:
+    """A shipped profile name (``reference``, ``cpu-small``, ...) or a path to a YAML file."""
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"profile file {path} does not exist")
+        return path
+    shipped = PROFILE_DIR / f"{profile}.yaml"
+    if not shipped.is_file():
+        names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {profile!r}; shipped profiles: {names}, or give a path to a YAML file")
+    return shipped
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_config(profile: str = "cpu-small", overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a profile and apply ``{"section.key": value}`` overrides (``None`` values are ignored)."""
+    path = resolve_profile(profile)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"profile {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"profile {path} must be a mapping of sections {sorted(_SECTIONS)}")
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"profile"})
+    if unknown:
+        raise ConfigError(f"profile {path}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        if section not in _SECTIONS or not name:
+            raise ConfigError(f"override {key!r} must look like 'section.key' with section in {sorted(_SECTIONS)}")
+        raw.setdefault(section, {})[name] = value
+    sections = {name: _make_section(cls, raw.get(name, {}), f"{path.name}:{name}") for name, cls in _SECTIONS.items()}
+    return Config(profile=str(raw.get("profile", profile)), **sections)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Inverse of :meth:`Config.to_dict` (used to read configs written next to outputs)."""
+    sections = {name: _make_section(cls, dict(data.get(name, {})), name) for name, cls in _SECTIONS.items()}
+    return Config(profile=str(data.get("profile", "default")), **sections)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (``.yaml``) or JSON (anything else)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config.to_dict()
+    if path.suffix in (".yaml", ".yml"):
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2))
+    return path
