@@ -226,19 +226,23 @@ def load_config(profile: str = "cpu-small", overrides: Mapping[str, Any] | None 
         raise ConfigError(f"profile {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"profile {path} must be a mapping of sections {sorted(_SECTIONS)}")
-    raw = {k: dict(v or {}) for k, v in raw.items()}
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"profile"})
+    name = str(raw.pop("profile", path.stem))
+    unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"profile {path}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+    for section, values in raw.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"profile {path}: section {section!r} must be a mapping")
+    raw = {k: dict(v or {}) for k, v in raw.items()}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        section, _, name = key.partition(".")
-        if section not in _SECTIONS or not name:
+        section, _, field_name = key.partition(".")
+        if section not in _SECTIONS or not field_name:
             raise ConfigError(f"override {key!r} must look like 'section.key' with section in {sorted(_SECTIONS)}")
-        raw.setdefault(section, {})[name] = value
-    sections = {name: _make_section(cls, raw.get(name, {}), f"{path.name}:{name}") for name, cls in _SECTIONS.items()}
-    return Config(profile=str(raw.get("profile", profile)), **sections)
+        raw.setdefault(section, {})[field_name] = value
+    sections = {s: _make_section(cls, raw.get(s, {}), f"{path.name}:{s}") for s, cls in _SECTIONS.items()}
+    return Config(profile=name, **sections)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
