@@ -1,0 +1,119 @@
+"""Keras callbacks kmel adds to ``fit``: staged unfreezing and TensorBoard extras."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kmel import constants as C
+
+
+def stage_for_epoch(schedule: Sequence[tuple[int, str]], epoch: int) -> str:
+    """The unfreezing stage in force at ``epoch`` (the last entry whose start ≤ epoch)."""
+    ordered = sorted(schedule, key=lambda s: int(s[0]))
+    stage = str(ordered[0][1])
+    for start, name in ordered:
+        if int(start) <= epoch:
+            stage = str(name)
+    return stage
+
+
+class StagedUnfreezing(keras.callbacks.Callback):
+    """Switch which layers train at epoch boundaries, within one ``fit`` call.
+
+    The optimizer was built over every weight before the first freeze, so a stage change only
+    needs a freshly traced train step; this also makes a resumed run (BackupAndRestore) start in
+    the stage of the epoch it resumes at.
+    """
+
+    def __init__(self, schedule: Sequence[tuple[int, str]], apply_stage: Callable[[keras.Model, str], None]):
+        super().__init__()
+        self.schedule = tuple((int(s), str(n)) for s, n in schedule)
+        self.apply_stage = apply_stage
+        self.current: str | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        stage = stage_for_epoch(self.schedule, epoch)
+        if stage != self.current:
+            self.apply_stage(self.model, stage)
+            if self.current is not None:
+                self.model.make_train_function(force=True)
+            self.current = stage
+            n = sum(int(np.prod(v.shape)) for v in self.model.trainable_weights)
+            print(f"epoch {epoch + 1}: unfreezing stage {stage!r} ({n:,} trainable parameters)")
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    lr = optimizer.learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        lr = lr(optimizer.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds ``learning_rate`` to the epoch logs (TensorBoard, CSVLogger pick it up)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = current_learning_rate(self.model.optimizer)
+
+
+def overlay_grid(images: np.ndarray, masks: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """[N, H, 3W, 3] uint8 rows of image | true mask outline on image | predicted probability."""
+    rows = []
+    for image, mask, pred in zip(images, masks, preds):
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        truth = image.copy()
+        truth[mask[..., 0] > 0.5] = (0.5 * truth[mask[..., 0] > 0.5] + [0, 127, 0]).astype(np.uint8)
+        heat = np.repeat((np.clip(pred, 0, 1) * 255).astype(np.uint8), 3, axis=-1)
+        rows.append(np.concatenate([image, truth, heat], axis=1))
+    return np.stack(rows)
+
+
+class SegmentationImages(keras.callbacks.Callback):
+    """Writes a few validation overlays (image / true mask / predicted mask) to TensorBoard."""
+
+    def __init__(self, logdir: str, images: np.ndarray, masks: np.ndarray):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(logdir)
+        self.images, self.masks = images, masks
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        preds = self.model.predict(self.images, verbose=0)
+        with self.writer.as_default():
+            tf.summary.image("val_overlays", overlay_grid(self.images, self.masks, preds), step=epoch, max_outputs=8)
+        self.writer.flush()
+
+
+class GroupRecallLogger(keras.callbacks.Callback):
+    """Validation recall per skin-tone group at 0.5, logged to TensorBoard each epoch."""
+
+    def __init__(self, logdir: str, images: np.ndarray, targets: np.ndarray, groups: np.ndarray):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(logdir)
+        self.images, self.targets, self.groups = images, targets.reshape(-1), groups.reshape(-1)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        scores = self.model.predict(self.images, verbose=0).reshape(-1)
+        with self.writer.as_default():
+            for g, name in enumerate(C.SKIN_TONE_GROUPS):
+                pos = (self.groups == g) & (self.targets == 1)
+                if pos.any():
+                    tf.summary.scalar(f"val_recall_by_skin_tone/{name}", float((scores[pos] >= 0.5).mean()), step=epoch)
+        self.writer.flush()
+
+
+def take_numpy(dataset: tf.data.Dataset, n: int) -> tuple[Any, ...]:
+    """The first ``n`` examples of a batched dataset as NumPy arrays."""
+    parts: list[list[np.ndarray]] = []
+    got = 0
+    for batch in dataset:
+        arrays = [np.asarray(t) for t in batch]
+        parts.append(arrays)
+        got += len(arrays[0])
+        if got >= n:
+            break
+    return tuple(np.concatenate([p[i] for p in parts])[:n] for i in range(len(parts[0])))

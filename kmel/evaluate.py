@@ -1,0 +1,135 @@
+"""``evaluate``: score a split of crop records (or a labelled ``predict`` CSV) and write the report.
+
+The report (metrics at the stored threshold, per-skin-tone fairness with bootstrap intervals,
+plots) is the same one ``train cls`` writes for its test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from kmel import constants as C
+from kmel.config import Config
+
+ScoreFn = Callable[[np.ndarray], np.ndarray]  # float32 [N, S, S, 3] 0–255 → [N] probabilities
+
+
+def as_score_fn(model: Any) -> ScoreFn:
+    """A Keras model or a loaded SavedModel (``serve`` signature) as a batch → probabilities function."""
+    import tensorflow as tf
+
+    if hasattr(model, "predict_on_batch"):
+        return lambda batch: np.asarray(model.predict_on_batch(batch)).reshape(-1)
+    serve = model.signatures["serve"]
+    return lambda batch: next(iter(serve(tf.constant(batch, tf.float32)).values())).numpy().reshape(-1)
+
+
+def predict_records(
+    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int = 32
+) -> pd.DataFrame:
+    """One row per crop record: id, source, target, probability, skin tone, ITA category, crop mode."""
+    import tensorflow as tf
+
+    from kmel.data import _decode_image, make_record_dataset
+    from kmel.records import shard_paths
+
+    score = as_score_fn(model)
+    files = shard_paths(records_dir, "crop", split)
+    size = config.classifier.image_size
+    ds = make_record_dataset(files, training=False, seed=0).map(
+        lambda r: (_decode_image(r, size), {k: r[k] for k in (C.F_IMAGE_ID, C.F_SOURCE, C.F_TARGET, C.F_SKIN_TONE,
+                                                             C.F_ITA, C.F_ITA_CATEGORY, C.F_CROP_MODE)}),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).batch(batch_size).prefetch(2)
+    frames = []
+    for images, meta in ds:
+        meta = {k: v.numpy() for k, v in meta.items()}
+        frames.append(pd.DataFrame({
+            C.COL_IMAGE_ID: [b.decode() for b in meta[C.F_IMAGE_ID]],
+            C.COL_SOURCE: [b.decode() for b in meta[C.F_SOURCE]],
+            C.COL_TARGET: meta[C.F_TARGET].astype(int),
+            "probability": score(images.numpy()),
+            C.COL_SKIN_TONE_NAME: [C.SKIN_TONE_GROUPS[g] for g in meta[C.F_SKIN_TONE]],
+            C.COL_ITA: meta[C.F_ITA],
+            "ita_category_name": [C.ITA_CATEGORIES[g] for g in meta[C.F_ITA_CATEGORY]],
+            "crop_mode": [C.CROP_MODES[m] for m in meta[C.F_CROP_MODE]],
+        }))
+    if not frames:
+        return pd.DataFrame(columns=[C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_TARGET, "probability",
+                                     C.COL_SKIN_TONE_NAME, C.COL_ITA, "ita_category_name", "crop_mode"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def report_from_table(
+    table: pd.DataFrame, threshold: float, out_dir: str | Path, config: Config, meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Write predictions.csv and the report for a scored, labelled table."""
+    from kmel.report import write_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = table.copy()
+    table["prediction"] = (table["probability"] >= threshold).astype(int)
+    table.to_csv(out_dir / "predictions.csv", index=False)
+    groups = {"skin_tone": table[C.COL_SKIN_TONE_NAME].to_numpy()}
+    if "ita_category_name" in table:
+        groups["ita_category"] = table["ita_category_name"].to_numpy()
+    return write_report(
+        out_dir, table[C.COL_TARGET].to_numpy(), table["probability"].to_numpy(), threshold, groups,
+        meta=dict(meta), n_bootstrap=config.classifier.bootstrap, seed=config.classifier.seed,
+    )
+
+
+def write_split_report(
+    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int, threshold: float,
+    out_dir: str | Path, meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    table = predict_records(model, records_dir, split, config, batch_size)
+    meta = {"split": split, "records": str(records_dir), "n": len(table), **(meta or {})}
+    return report_from_table(table, threshold, out_dir, config, meta)
+
+
+def evaluate_exported(
+    records_dir: str | Path, models_dir: str | Path, split: str, out_dir: str | Path, config: Config,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``split`` with the exported pipeline (segmenter crops + classifier) and write the report."""
+    from kmel.crops import ensure_crop_records
+    from kmel.export import load_serving, read_pipeline
+
+    pipeline = read_pipeline(models_dir)
+    if "classifier" not in pipeline:
+        raise FileNotFoundError(f"{Path(models_dir) / C.PIPELINE_JSON} has no classifier: run `python cli.py train cls`")
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress)
+    model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
+    threshold = float(pipeline["classifier"]["threshold"])
+    return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
+                              meta={"threshold_from": "pipeline.json (chosen on val)", "models": str(models_dir)})
+
+
+def evaluate_predictions(
+    predictions_csv: str | Path, truth_csv: str | Path, out_dir: str | Path, config: Config
+) -> dict[str, Any]:
+    """Report for a ``predict`` output against a user's ``image,target`` CSV."""
+    from kmel.config import ConfigError
+
+    pred = pd.read_csv(predictions_csv, dtype={"image": str})
+    truth = pd.read_csv(truth_csv, dtype={"image": str})
+    missing = {"image", "target"} - set(truth.columns)
+    if missing:
+        raise ConfigError(f"{truth_csv} must have columns image,target (missing: {sorted(missing)})")
+    pred = pred[pred["status"] == "ok"]
+    table = pred.merge(truth[["image", "target"]], on="image", how="inner")
+    if table.empty:
+        raise ConfigError(f"no image in {truth_csv} matches an ok row of {predictions_csv}")
+    table = table.rename(columns={"image": C.COL_IMAGE_ID, "skin_tone_group": C.COL_SKIN_TONE_NAME,
+                                  "ita_category": "ita_category_name"})
+    table[C.COL_TARGET] = table["target"].astype(int)
+    threshold = float(table["threshold"].iloc[0])
+    meta = {"predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table),
+            "unmatched_truth_rows": int(len(truth) - len(table))}
+    return report_from_table(table, threshold, out_dir, config, meta)

@@ -1,0 +1,260 @@
+"""``train seg`` and ``train cls``: fit, pick the best epoch, export, record in pipeline.json.
+
+Both loops share one shape: seed → precision → strategy → datasets (global batch scales with
+replicas) → model + optimizer built over every weight → staged unfreezing, early stopping,
+best-weights checkpoint, BackupAndRestore (a killed run resumes at its last finished epoch),
+TensorBoard → best weights → ``.keras`` + SavedModel → metrics → ``pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from kmel import constants as C
+from kmel.callbacks import (
+    GroupRecallLogger,
+    LearningRateLogger,
+    SegmentationImages,
+    StagedUnfreezing,
+    stage_for_epoch,
+    take_numpy,
+)
+from kmel.config import Config, save_config, to_plain
+from kmel.data import make_dataset, steps_per_epoch
+from kmel.distribute import jit_compile_setting, make_strategy, set_precision
+from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
+from kmel.records import load_manifest
+
+
+def _callbacks(
+    name: str, models_dir: Path, logdir: Path, patience: int, extra: list[keras.callbacks.Callback]
+) -> tuple[list[keras.callbacks.Callback], Path]:
+    best = models_dir / f".{name}.best.weights.h5"
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(models_dir / f".backup-{name}")),
+        *extra,
+        LearningRateLogger(),
+        keras.callbacks.ModelCheckpoint(str(best), monitor="val_loss", save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+        keras.callbacks.CSVLogger(str(models_dir / f"{name}_history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(logdir / name), write_graph=False, update_freq="epoch"),
+    ]
+    return callbacks, best
+
+
+def _finish_model(model: keras.Model, best: Path, models_dir: Path, keras_name: str, export_dir: str, size: int) -> str:
+    if best.exists():
+        model.load_weights(str(best))
+    model.save(str(models_dir / keras_name))
+    export_serving(model, models_dir / export_dir, size)
+    return saved_model_fingerprint(models_dir / export_dir)
+
+
+def _history(models_dir: Path, name: str) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    path = models_dir / f"{name}_history.csv"
+    if not path.exists():
+        return []
+    return json.loads(pd.read_csv(path).to_json(orient="records"))
+
+
+def fit_segmenter(
+    records_dir: str | Path,
+    models_dir: str | Path,
+    config: Config,
+    logdir: str | Path = "runs",
+    strategy: str = "auto",
+    precision: str = "auto",
+    verbose: int | str = "auto",
+) -> dict[str, Any]:
+    """Train the lesion segmenter on seg- records; export ``models_dir/segmenter``. Returns its pipeline entry."""
+    from kmel.losses import DiceCoefficient, IoUScore, ThresholdedJaccard, TverskyLoss
+    from kmel.models import build_segmenter, load_encoder_weights, set_trainable_stages
+
+    records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    sc = config.segmenter
+    keras.utils.set_random_seed(sc.seed)
+    policy = set_precision(precision)
+    strat = make_strategy(strategy)
+    replicas = strat.num_replicas_in_sync
+    batch = sc.batch_size * replicas
+    train_ds = make_dataset(records_dir, "train", "seg", True, config, batch_size=batch)
+    val_ds = make_dataset(records_dir, "val", "seg", False, config, batch_size=batch)
+    steps = steps_per_epoch(records_dir, "seg", "train", batch, sc.steps_per_epoch)
+
+    with strat.scope():
+        model = build_segmenter(sc)
+        load_encoder_weights(model, sc.weights)
+        optimizer = keras.optimizers.AdamW(sc.learning_rate, weight_decay=sc.weight_decay)
+        optimizer.build(model.trainable_variables)
+        set_trainable_stages(model, stage_for_epoch(sc.unfreeze, 0))
+        model.compile(
+            optimizer=optimizer,
+            loss=TverskyLoss(alpha=sc.tversky_alpha, beta=sc.tversky_beta),
+            metrics=[DiceCoefficient(name="dice"), IoUScore(name="iou"), ThresholdedJaccard(name="thresholded_jaccard")],
+            jit_compile=jit_compile_setting(),
+        )
+    sample_images, sample_masks = take_numpy(val_ds, 4)
+    callbacks, best = _callbacks(
+        "segmenter",
+        models_dir,
+        logdir,
+        sc.early_stopping_patience,
+        [
+            StagedUnfreezing(sc.unfreeze, set_trainable_stages),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=sc.reduce_lr_factor,
+                                              patience=sc.reduce_lr_patience, min_lr=1e-6),
+            SegmentationImages(str(logdir / "segmenter" / "images"), sample_images, sample_masks),
+        ],
+    )
+    model.fit(train_ds, epochs=sc.epochs, steps_per_epoch=steps, validation_data=val_ds,
+              callbacks=callbacks, verbose=verbose)
+    fingerprint = _finish_model(model, best, models_dir, C.SEGMENTER_KERAS, C.SEGMENTER_DIR, sc.image_size)
+    metrics = {"val": model.evaluate(val_ds, return_dict=True, verbose=0)}
+    manifest = load_manifest(records_dir)
+    if manifest["n_records"].get("seg", {}).get("test"):
+        test_ds = make_dataset(records_dir, "test", "seg", False, config, batch_size=batch)
+        metrics["test"] = model.evaluate(test_ds, return_dict=True, verbose=0)
+    save_config(config, models_dir / "segmenter_config.yaml")
+    entry = {
+        "image_size": sc.image_size,
+        "backbone": sc.backbone,
+        "fingerprint": fingerprint,
+        "records_fingerprint": manifest["fingerprint"],
+        "precision": policy,
+        "replicas": replicas,
+        "metrics": {k: {m: float(v) for m, v in d.items()} for k, d in metrics.items()},
+        "epochs_run": len(_history(models_dir, "segmenter")),
+        "config": to_plain(sc),
+        "records": to_plain(config.records),
+        "crops": to_plain(config.crops),
+    }
+    update_pipeline(models_dir, "segmenter", entry)
+    return entry
+
+
+def fit_classifier(
+    records_dir: str | Path,
+    models_dir: str | Path,
+    config: Config,
+    logdir: str | Path = "runs",
+    strategy: str = "auto",
+    precision: str = "auto",
+    verbose: int | str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the classifier on crop records (built first if missing or stale); threshold on val,
+    report on test; export ``models_dir/classifier``. Returns its pipeline entry."""
+    from kmel.crops import ensure_crop_records
+    from kmel.evaluate import predict_records, write_split_report
+    from kmel.fairness import choose_threshold
+    from kmel.models import build_classifier, set_trainable_blocks
+    from kmel.schedules import OneCycleSchedule
+
+    records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
+    cc = config.classifier
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress)
+    keras.utils.set_random_seed(cc.seed)
+    policy = set_precision(precision)
+    strat = make_strategy(strategy)
+    replicas = strat.num_replicas_in_sync
+    batch = cc.batch_size * replicas
+    manifest = load_manifest(crops_dir)
+    print(balance_table(manifest, config))
+    train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
+    val_ds = make_dataset(crops_dir, "val", "crop", False, config, batch_size=batch)
+    steps = steps_per_epoch(crops_dir, "crop", "train", batch, cc.steps_per_epoch)
+
+    with strat.scope():
+        model = build_classifier(cc)
+        schedule = OneCycleSchedule(cc.max_learning_rate, total_steps=steps * cc.epochs,
+                                    warmup_fraction=cc.warmup_fraction)
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cc.weight_decay)
+        optimizer.build(model.trainable_variables)
+        set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0))
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.BinaryFocalCrossentropy(
+                apply_class_balancing=True, alpha=cc.focal_alpha, gamma=cc.focal_gamma,
+                label_smoothing=cc.label_smoothing,
+            ),
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.Recall(name="recall"),
+                     keras.metrics.Precision(name="precision")],
+            jit_compile=jit_compile_setting(),
+        )
+    val_meta = make_dataset(crops_dir, "val", "crop", False, config, batch_size=batch, with_groups=True)
+    v_images, v_targets, v_groups = take_numpy(val_meta, 256)
+    callbacks, best = _callbacks(
+        "classifier", models_dir, logdir, cc.early_stopping_patience,
+        [StagedUnfreezing(cc.unfreeze, set_trainable_blocks),
+         GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups)],
+    )
+    model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,
+              callbacks=callbacks, verbose=verbose)
+    fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size)
+
+    # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
+    val = predict_records(model, crops_dir, "val", config, batch)
+    choice = choose_threshold(
+        val["target"].to_numpy(), val["probability"].to_numpy(), method=cc.threshold_method,
+        groups=val["skin_tone_name"].to_numpy(), min_group_recall=cc.min_group_recall,
+        target_sensitivity=cc.target_sensitivity,
+    )
+    report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
+    report = write_split_report(model, crops_dir, report_split, config, batch, choice["threshold"],
+                                models_dir / "report", meta={"threshold_from": "val", "threshold_choice": choice})
+    save_config(config, models_dir / "classifier_config.yaml")
+    entry = {
+        "image_size": cc.image_size,
+        "backbone": cc.backbone,
+        "task": config.records.task,
+        "class_names": ["benign", "malignant"] if config.records.task == "malignant" else ["other", config.records.task],
+        "threshold": float(choice["threshold"]),
+        "threshold_choice": choice,
+        "fingerprint": fingerprint,
+        "crops_dir": crops_dir.name,
+        "records_fingerprint": manifest["fingerprint"],
+        "precision": policy,
+        "replicas": replicas,
+        "report_split": report_split,
+        "metrics": report.get("summary", {}),
+        "epochs_run": len(_history(models_dir, "classifier")),
+        "config": to_plain(cc),
+        "skin_tone": {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
+                      "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)},
+    }
+    update_pipeline(models_dir, "classifier", entry)
+    return entry
+
+
+def balance_table(manifest: dict[str, Any], config: Config) -> str:
+    """Before/after composition of one training epoch by (target, skin tone)."""
+    from kmel.data import balance_weights, group_counts
+
+    counts = group_counts(manifest, "train")
+    weights = balance_weights(counts, config.classifier.target_malignant_fraction,
+                              config.classifier.skin_tone_balance)
+    total = sum(counts.values()) or 1
+    lines = ["training composition per epoch (natural -> balanced):"]
+    for t in (0, 1):
+        for g, name in enumerate(C.SKIN_TONE_GROUPS):
+            n = counts.get((t, g), 0)
+            if n:
+                label = "malignant" if t else "benign"
+                lines.append(f"  {label:9s} {name:10s} {100 * n / total:5.1f}% -> {100 * weights[(t, g)]:5.1f}%  (n={n})")
+    mal = sum(n for (t, _), n in counts.items() if t == 1) / total
+    lines.append(f"  malignant overall {100 * mal:.1f}% -> {100 * sum(w for (t, _), w in weights.items() if t == 1):.1f}%")
+    return "\n".join(lines)
+
+
+def clear_training_state(models_dir: str | Path, name: str) -> None:
+    """Remove a finished run's backup so the next run starts fresh."""
+    shutil.rmtree(Path(models_dir) / f".backup-{name}", ignore_errors=True)
+
