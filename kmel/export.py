@@ -21,18 +21,25 @@ import kmel
 from kmel import constants as C
 
 
-def export_serving(model: keras.Model, path: str | Path, image_size: int) -> Path:
-    """Write ``model`` as a SavedModel with a ``serve`` endpoint (float32 [N, S, S, 3], 0–255)."""
+def export_serving(
+    model: keras.Model, path: str | Path, image_size: int, gradcam_layer: str | None = None
+) -> Path:
+    """Write ``model`` as a SavedModel with a ``serve`` endpoint (float32 [N, S, S, 3], 0–255).
+
+    With ``gradcam_layer``, a second ``gradcam`` endpoint returns Grad-CAM maps of that layer.
+    The folder is written under a temporary name and swapped in when complete.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")]
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        name="serve",
-        fn=lambda images: model(images, training=False),
-        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")],
-    )
+    archive.add_endpoint(name="serve", fn=lambda images: model(images, training=False), input_signature=spec)
+    if gradcam_layer is not None:
+        from kmel.explain import make_gradcam_graph_fn
+
+        archive.add_endpoint(name="gradcam", fn=make_gradcam_graph_fn(model, gradcam_layer), input_signature=spec)
     archive.write_out(str(tmp), verbose=False)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)

@@ -47,11 +47,14 @@ def _callbacks(
     return callbacks, best
 
 
-def _finish_model(model: keras.Model, best: Path, models_dir: Path, keras_name: str, export_dir: str, size: int) -> str:
+def _finish_model(
+    model: keras.Model, best: Path, models_dir: Path, keras_name: str, export_dir: str, size: int,
+    gradcam_layer: str | None = None,
+) -> str:
     if best.exists():
         model.load_weights(str(best))
     model.save(str(models_dir / keras_name))
-    export_serving(model, models_dir / export_dir, size)
+    export_serving(model, models_dir / export_dir, size, gradcam_layer)
     return saved_model_fingerprint(models_dir / export_dir)
 
 
@@ -155,7 +158,7 @@ def fit_classifier(
     from kmel.crops import ensure_crop_records
     from kmel.evaluate import predict_records, write_split_report
     from kmel.fairness import choose_threshold
-    from kmel.models import build_classifier, set_trainable_blocks
+    from kmel.models import CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
     from kmel.schedules import OneCycleSchedule
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
@@ -198,7 +201,8 @@ def fit_classifier(
     )
     model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,
               callbacks=callbacks, verbose=verbose)
-    fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size)
+    fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
+                                CLASSIFIER_LAST_CONV)
 
     # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
     val = predict_records(model, crops_dir, "val", config, batch)

@@ -1,0 +1,62 @@
+"""Grad-CAM explanations from the exported classifier (its ``gradcam`` endpoint).
+
+The classifier is one flat functional graph, so the export adds a second endpoint that returns,
+for each image, the Grad-CAM map of the last convolution's activations (ReLU of the
+gradient-weighted channel sum, scaled to [0, 1], resized to the input size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kmel import constants as C
+
+
+def make_gradcam_graph_fn(model: keras.Model, last_conv: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``fn(images [N,S,S,3] float32) -> heat maps [N,S,S] float32 in [0, 1]`` (graph-safe)."""
+    grad_model = keras.Model(model.inputs, [model.get_layer(last_conv).output, model.outputs[0]])
+
+    def gradcam(images: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            conv, prob = grad_model(images, training=False)
+            score = tf.reduce_sum(tf.cast(prob, tf.float32))
+        grads = tf.cast(tape.gradient(score, conv), tf.float32)
+        conv = tf.cast(conv, tf.float32)
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1, keepdims=True))
+        cam = cam / (tf.reduce_max(cam, axis=(1, 2, 3), keepdims=True) + 1e-8)
+        cam = tf.image.resize(cam, tf.shape(images)[1:3], method="bilinear")
+        return cam[..., 0]
+
+    return gradcam
+
+
+def make_gradcam_fn(models_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Load the exported classifier's ``gradcam`` endpoint as a NumPy function."""
+    from kmel.export import load_serving
+
+    loaded = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
+    if "gradcam" not in loaded.signatures:
+        raise FileNotFoundError(f"{models_dir}/{C.CLASSIFIER_DIR} was exported without a gradcam endpoint")
+    fn = loaded.signatures["gradcam"]
+    return lambda batch: next(iter(fn(tf.constant(batch, tf.float32)).values())).numpy()
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 image with a JET heat map blended on top."""
+    heat_u8 = (np.clip(heat, 0, 1) * 255).astype(np.uint8)
+    colour = cv2.cvtColor(cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image.astype(np.uint8), 1 - alpha, colour, alpha, 0)
+
+
+def save_overlay(path: str | Path, image: np.ndarray, heat: np.ndarray) -> Path:
+    path = Path(path)
+    side = np.concatenate([image.astype(np.uint8), overlay(image, heat)], axis=1)
+    cv2.imwrite(str(path), cv2.cvtColor(side, cv2.COLOR_RGB2BGR))
+    return path
