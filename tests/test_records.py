@@ -1,0 +1,150 @@
+"""build-records on synthetic data: round trip, split hygiene, bad images, reruns, tf.data reader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from kmel import constants as C
+from kmel.config import load_config
+from kmel.records import DataError, build_records, load_manifest, shard_paths
+from kmel.tfrecord import read_records
+
+SMALL = {
+    "records.image_size": 96, "records.seg_size": 64, "records.shard_size": 16, "records.workers": 1,
+    "segmenter.image_size": 64, "classifier.image_size": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory) -> Path:
+    from kmel.synthetic import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    make_synthetic_dataset(out, n_images=60, seed=7, size=96)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(synthetic_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("records")
+    manifest = build_records(synthetic_data, out, load_config("cpu-small", SMALL), progress=False)
+    return out, manifest
+
+
+def test_manifest_counts_and_files(built):
+    out, manifest = built
+    n_img = sum(manifest["n_records"]["img"].values())
+    assert n_img == 60  # every synthetic image is labelled, readable and unique
+    table = pd.read_csv(out / C.METADATA_CSV, dtype={C.COL_PATIENT: str})
+    assert len(table) == n_img and table[C.COL_IMAGE_ID].is_unique
+    for kind in ("img", "seg"):
+        for split, entries in manifest["shards"][kind].items():
+            for entry in entries:
+                assert (out / entry["file"]).exists()
+                assert entry["records"] <= 16
+    counted = sum(n for split in manifest["counts"].values() for src in split.values()
+                  for tgt in src.values() for n in tgt.values())
+    assert counted == n_img
+    assert (out / C.CONFIG_YAML).exists() and not list(out.glob("*.tmp"))
+    assert not list(out.glob(".prepare-*")), "the prepare cache is removed after a complete run"
+
+
+def test_no_patient_in_two_splits(built):
+    out, _ = built
+    table = pd.read_csv(out / C.METADATA_CSV, dtype={C.COL_PATIENT: str})
+    with_patient = table[table[C.COL_PATIENT].notna() & (table[C.COL_PATIENT] != "")]
+    assert len(with_patient) > 0
+    assert (with_patient.groupby(C.COL_PATIENT)[C.COL_SPLIT].nunique() == 1).all()
+    assert set(table[C.COL_SPLIT]) == set(C.SPLITS)
+
+
+def test_records_round_trip_pixels_masks_labels(built, synthetic_data):
+    out, manifest = built
+    table = pd.read_csv(out / C.METADATA_CSV, dtype={C.COL_PATIENT: str}).set_index(C.COL_IMAGE_ID)
+    truth = pd.read_csv(synthetic_data / "synthetic_truth.csv").set_index("image_id")
+    seen = 0
+    for split in C.SPLITS:
+        for record in read_records(shard_paths(out, "img", split, manifest)):
+            image_id = record[C.F_IMAGE_ID]
+            row = table.loc[image_id]
+            assert row[C.COL_SPLIT] == split
+            assert record[C.F_TARGET] == int(truth.loc[image_id, "malignant"]) == int(row[C.COL_TARGET])
+            decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(record[C.F_IMAGE], np.uint8), cv2.IMREAD_COLOR),
+                                   cv2.COLOR_BGR2RGB)
+            source = cv2.cvtColor(cv2.imread(row[C.COL_IMAGE_PATH]), cv2.COLOR_BGR2RGB)
+            assert max(decoded.shape[:2]) == 96
+            assert decoded.shape[:2] == source.shape[:2] or max(source.shape[:2]) != 96
+            if decoded.shape == source.shape:
+                assert np.abs(decoded.astype(int) - source.astype(int)).mean() < 3.0  # JPEG loss only
+            assert (record[C.F_HEIGHT], record[C.F_WIDTH]) == source.shape[:2]
+            seen += 1
+    assert seen == len(table)
+    for record in read_records(shard_paths(out, "seg", "train", manifest)):
+        mask = cv2.imdecode(np.frombuffer(record[C.F_MASK], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255} and mask.max() == 255
+
+
+def test_rerun_reuses_shards_and_gives_the_same_manifest(built, synthetic_data):
+    out, manifest = built
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")}
+    again = build_records(synthetic_data, out, load_config("cpu-small", SMALL), progress=False)
+    assert again == manifest
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")}
+    assert after == before, "unchanged shards are not rewritten"
+
+
+def test_bad_images_are_reported_and_skipped(synthetic_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    images = sorted((data / "images").rglob("*.jpg"))
+    images[0].write_bytes(images[0].read_bytes()[:200])  # truncated JPEG
+    images[1].write_bytes(b"")  # zero-byte
+    images[2].write_text("not an image")  # text named .jpg
+    manifest = build_records(data, tmp_path / "out", load_config("cpu-small", {**SMALL, "records.workers": 2}),
+                             progress=False)
+    skipped = {s[C.COL_IMAGE_ID]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {images[0].stem, images[1].stem, images[2].stem}
+    assert all(images[i].name in skipped[images[i].stem] for i in range(3)), skipped
+    assert sum(manifest["n_records"]["img"].values()) == 57
+    listed = pd.read_csv(tmp_path / "out" / C.SKIPPED_CSV)
+    assert len(listed) == 3
+
+
+def test_missing_data_dir_and_empty_data_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_records(tmp_path / "nope", tmp_path / "out", load_config("cpu-small", SMALL), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no labelled rows"):
+        build_records(tmp_path / "empty", tmp_path / "out", load_config("cpu-small", SMALL), progress=False)
+    with pytest.raises(DataError, match="build-records"):
+        load_manifest(tmp_path / "empty")
+
+
+def test_make_dataset_batches(built):
+    from kmel.data import make_dataset
+
+    out, _ = built
+    config = load_config("cpu-small", SMALL)
+    images, masks = next(iter(make_dataset(out, "train", "seg", True, config, batch_size=4)))
+    assert images.shape == (4, 64, 64, 3) and masks.shape == (4, 64, 64, 1)
+    assert set(np.unique(masks.numpy())) <= {0.0, 1.0}
+    assert 0.0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 255.0
+    eval_ds = make_dataset(out, "val", "img", False, config, batch_size=5)
+    n = sum(int(x.shape[0]) for x, _ in eval_ds)
+    assert n == load_manifest(out)["n_records"]["img"]["val"]
+    x, y, g = next(iter(make_dataset(out, "val", "img", False, config, batch_size=3, with_groups=True)))
+    assert y.shape == (3, 1) and g.shape == (3,)
+
+
+def test_manifest_is_json_with_config(built):
+    out, manifest = built
+    on_disk = json.loads((out / C.MANIFEST).read_text())
+    assert on_disk["config"]["records"]["image_size"] == 96
+    assert on_disk["fingerprint"] == manifest["fingerprint"]

@@ -1,0 +1,120 @@
+"""train seg on tiny synthetic records: learns, exports, reloads, is deterministic, resumes, distributes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from kmel import constants as C
+from kmel.records import build_records
+from tests.tiny import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    from kmel.synthetic import make_synthetic_dataset
+
+    data = tmp_path_factory.mktemp("data")
+    make_synthetic_dataset(data, n_images=48, seed=3, size=96)
+    out = tmp_path_factory.mktemp("records")
+    build_records(data, out, tiny_config(), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(records, tmp_path_factory) -> tuple[Path, dict]:
+    from kmel.train import fit_segmenter
+
+    models = tmp_path_factory.mktemp("models")
+    config = tiny_config(epochs=3, **{"segmenter.steps_per_epoch": 4})
+    entry = fit_segmenter(records, models, config, tmp_path_factory.mktemp("runs"), "default", "float32", verbose=0)
+    return models, entry
+
+
+def test_training_lowers_the_loss_and_writes_outputs(trained):
+    models, entry = trained
+    history = pd.read_csv(models / "segmenter_history.csv")
+    assert len(history) == 3 and entry["epochs_run"] == 3
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    for name in (C.SEGMENTER_KERAS, C.PIPELINE_JSON, "segmenter_config.yaml", "segmenter/saved_model.pb"):
+        assert (models / name).exists(), name
+    pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
+    assert pipeline["segmenter"]["image_size"] == 64 and set(pipeline["segmenter"]["metrics"]) >= {"val"}
+    assert {"dice", "iou", "thresholded_jaccard", "loss"} <= set(pipeline["segmenter"]["metrics"]["val"])
+    assert not (models / ".backup-segmenter").exists(), "a finished run leaves no backup behind"
+
+
+def test_export_reloads_with_identical_outputs(trained):
+    models, _ = trained
+    model = keras.saving.load_model(models / C.SEGMENTER_KERAS, safe_mode=True)
+    serve = tf.saved_model.load(str(models / C.SEGMENTER_DIR)).signatures["serve"]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    exported = next(iter(serve(tf.constant(x)).values())).numpy()
+    np.testing.assert_allclose(exported, model.predict(x, verbose=0), atol=1e-5)
+    assert exported.shape == (2, 64, 64, 1) and exported.dtype == np.float32
+    assert 0.0 <= exported.min() and exported.max() <= 1.0
+
+
+def test_same_seed_same_weights(records, tmp_path):
+    from kmel.train import fit_segmenter
+
+    config = tiny_config(epochs=1, **{"segmenter.steps_per_epoch": 2, "segmenter.augment": False})
+    weights = []
+    for run in ("a", "b"):
+        fit_segmenter(records, tmp_path / run, config, tmp_path / f"runs-{run}", "default", "float32", verbose=0)
+        model = keras.saving.load_model(tmp_path / run / C.SEGMENTER_KERAS)
+        weights.append([w.copy() for w in model.get_weights()])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            raise RuntimeError("simulated kill")
+
+
+def test_interrupted_fit_resumes_from_last_epoch(records, tmp_path, monkeypatch):
+    import kmel.train as train
+
+    config = tiny_config(epochs=4, **{"segmenter.steps_per_epoch": 2})
+    original = train._callbacks
+
+    def with_interrupt(*args, **kwargs):
+        callbacks, best = original(*args, **kwargs)
+        return callbacks + [_Interrupt()], best
+
+    monkeypatch.setattr(train, "_callbacks", with_interrupt)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train.fit_segmenter(records, tmp_path / "m", config, tmp_path / "runs", "default", "float32", verbose=0)
+    assert (tmp_path / "m" / ".backup-segmenter").exists()
+    monkeypatch.setattr(train, "_callbacks", original)
+    entry = train.fit_segmenter(records, tmp_path / "m", config, tmp_path / "runs", "default", "float32", verbose=0)
+    epochs = pd.read_csv(tmp_path / "m" / "segmenter_history.csv")["epoch"].tolist()
+    assert epochs == [0, 1, 2, 3], "epochs 0-1 before the kill, 2-3 after: none repeated, none lost"
+    assert entry["epochs_run"] == 4
+
+
+def test_mirrored_strategy_over_two_logical_cpus(records, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "seg", str(records), str(tmp_path / "m"),
+         str(tmp_path / "runs"), "mirrored", "2", "1", "float32"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["replicas"] == 2
+    assert np.isfinite(result["metrics"]["val"]["loss"])
