@@ -1,0 +1,188 @@
+"""End to end on synthetic data through the CLI: records → seg → crops → cls → predict → evaluate.
+
+One module-scoped run of the tiny pipeline serves every test here (each CLI call is a real
+``cli.py`` invocation through click's CliRunner, so exit codes and messages are what users see).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kmel import constants as C
+from tests.tiny import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _invoke(*args: str):
+    from cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def _profile(tmp: Path, epochs: int) -> Path:
+    """TINY as a user profile file (the CLI takes profiles, not dotted overrides)."""
+    data: dict = {}
+    for key, value in TINY.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    data["segmenter"]["epochs"] = epochs
+    data["classifier"]["epochs"] = epochs
+    data["segmenter"]["steps_per_epoch"] = 6
+    data["classifier"]["steps_per_epoch"] = 6
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def write_bad_inputs(folder: Path) -> dict[str, str]:
+    """The odd files a real folder holds; name -> expected status."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    good = (rng.uniform(0, 255, (80, 90, 3))).astype(np.uint8)
+    ok_jpeg = cv2.imencode(".jpg", good)[1].tobytes()
+    (folder / "corrupt.jpg").write_bytes(ok_jpeg[: len(ok_jpeg) // 3])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image")
+    rgba = np.dstack([good, np.full(good.shape[:2], 128, np.uint8)])
+    cv2.imwrite(str(folder / "alpha.png"), rgba)
+    cv2.imwrite(str(folder / "gray.png"), good[..., 0])
+    cv2.imwrite(str(folder / "deep.png"), (good[..., 0].astype(np.uint16) * 257))
+    return {"corrupt": "error", "empty": "error", "text": "error", "alpha": "ok", "gray": "ok", "deep": "ok"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    profile = _profile(tmp, epochs=2)
+    result = _invoke("make-synthetic", str(tmp / "data"), "--n-images", "64", "--size", "96", "--seed", "5",
+                     "--predict-images", "8")
+    assert result.exit_code == 0, result.output
+    result = _invoke("build-records", "--data-dir", str(tmp / "data"), "--out", str(tmp / "rec"),
+                     "--profile", str(profile), "--quiet")
+    assert result.exit_code == 0, result.output
+    for model in ("seg", "cls"):
+        result = _invoke("train", model, "--records", str(tmp / "rec"), "--out", str(tmp / "models"),
+                         "--profile", str(profile), "--logdir", str(tmp / "runs"), "--quiet")
+        assert result.exit_code == 0, result.output
+    return {"tmp": tmp, "profile": profile, "models": tmp / "models", "records": tmp / "rec"}
+
+
+def test_training_outputs_and_report(pipeline):
+    models = pipeline["models"]
+    pipe = json.loads((models / C.PIPELINE_JSON).read_text())
+    assert {"segmenter", "classifier", "kmel_version"} <= set(pipe)
+    cls = pipe["classifier"]
+    assert 0.0 <= cls["threshold"] <= 1.0 and cls["threshold_choice"]["method"] == "f1_group_floor"
+    assert cls["report_split"] == "test"
+    report = json.loads((models / "report" / "report.json").read_text())
+    assert report["meta"]["threshold_from"] == "val" and report["meta"]["split"] == "test"
+    for name in ("report.md", "roc.png", "pr.png", "groups.png", "calibration.png", "predictions.csv"):
+        assert (models / "report" / name).exists(), name
+    crops = list(pipeline["records"].glob("crops-*/manifest.json"))
+    assert len(crops) == 1
+    manifest = json.loads(crops[0].read_text())
+    assert manifest["segmenter_fingerprint"] == pipe["segmenter"]["fingerprint"]
+    assert sum(manifest["n_records"]["crop"].values()) == 64
+
+
+def test_predict_handles_odd_files_and_writes_one_row_each(pipeline, tmp_path):
+    folder = tmp_path / "in"
+    expected = write_bad_inputs(folder)
+    for p in sorted((pipeline["tmp"] / "data" / "predict").glob("*.jpg"))[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+        expected[p.stem] = "ok"
+    out = tmp_path / "out.csv"
+    result = _invoke("predict", str(folder), str(out), "--models", str(pipeline["models"]), "--quiet")
+    assert result.exit_code == 1, result.output  # done, with skipped inputs reported
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(rows["image"]) == sorted(expected)
+    assert dict(zip(rows["image"], rows["status"])) == expected
+    ok = rows[rows["status"] == "ok"]
+    probs = ok["probability"].astype(float)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert (ok["prediction"].astype(int) == (probs >= ok["threshold"].astype(float)).astype(int)).all()
+    assert set(ok["crop_mode"]) <= set(C.CROP_MODES)
+    assert set(ok["skin_tone_group"]) <= set(C.SKIN_TONE_GROUPS)
+    errors = rows[rows["status"] == "error"]
+    assert (errors["error"] != "").all() and (errors["probability"] == "").all()
+    assert "3 errors" in result.output
+
+
+def test_predict_resumes_without_duplicates(pipeline, tmp_path):
+    folder = pipeline["tmp"] / "data" / "predict"
+    out = tmp_path / "p.csv"
+    assert _invoke("predict", str(folder), str(out), "--models", str(pipeline["models"]), "--quiet",
+                   "--batch-size", "4").exit_code == 0
+    full = out.read_text().splitlines()
+    # A run killed after the first few rows, mid-way through writing the next one:
+    out.write_text("\n".join(full[:4]) + "\n" + full[4][:10])
+    result = _invoke("predict", str(folder), str(out), "--models", str(pipeline["models"]), "--quiet")
+    assert result.exit_code == 0 and "3 rows kept" in result.output, result.output
+    again = pd.read_csv(out, dtype=str)
+    assert len(again) == len(full) - 1 and again["path"].is_unique
+    first = pd.read_csv(tmp_path / "p.csv", dtype=str)
+    assert sorted(first["image"]) == sorted(p.stem for p in folder.glob("*.jpg"))
+
+
+def test_predict_tta_and_gradcam(pipeline, tmp_path):
+    folder = pipeline["tmp"] / "data" / "predict"
+    out, explain = tmp_path / "tta.csv", tmp_path / "cam"
+    result = _invoke("predict", str(folder), str(out), "--models", str(pipeline["models"]), "--tta",
+                     "--explain", str(explain), "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out)
+    assert rows["tta"].all()
+    pngs = sorted(explain.glob("*_gradcam.png"))
+    assert len(pngs) == len(rows)
+    image = cv2.imread(str(pngs[0]))
+    assert image.shape == (64, 128, 3)  # crop | overlay at the classifier size
+
+
+def test_evaluate_records_and_truth_csv(pipeline, tmp_path):
+    result = _invoke("evaluate", "--records", str(pipeline["records"]), "--models", str(pipeline["models"]),
+                     "--split", "test", "--out", str(tmp_path / "rep"), "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["meta"]["split"] == "test"
+    folder = pipeline["tmp"] / "data" / "predict"
+    _invoke("predict", str(folder), str(tmp_path / "p.csv"), "--models", str(pipeline["models"]), "--quiet")
+    result = _invoke("evaluate", "--predictions", str(tmp_path / "p.csv"), "--truth", str(folder / "truth.csv"),
+                     "--out", str(tmp_path / "rep2"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "rep2" / "report.json").read_text())["meta"]["n"] == 8
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    result = _invoke("build-records", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+    result = _invoke("train", "seg", "--records", str(tmp_path / "nothing"))
+    assert result.exit_code == 2 and "build-records" in result.output
+    result = _invoke("predict", str(tmp_path), str(tmp_path / "x.csv"), "--models", str(tmp_path / "none"))
+    assert result.exit_code == 2 and "train" in result.output
+    result = _invoke("build-records", "--profile", "nope")
+    assert result.exit_code == 2 and "shipped profiles" in result.output
+
+
+def test_every_command_has_help():
+    for args in (["--help"], ["build-records", "--help"], ["train", "--help"], ["predict", "--help"],
+                 ["evaluate", "--help"], ["demo", "--help"], ["make-synthetic", "--help"]):
+        result = _invoke(*args)
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_csv_cells_are_formula_escaped():
+    from kmel.predict import escape_cell
+
+    assert escape_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
+    assert escape_cell("@SUM") == "'@SUM" and escape_cell("ISIC_1") == "ISIC_1" and escape_cell(0.5) == 0.5
+
