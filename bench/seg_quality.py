@@ -1,0 +1,79 @@
+"""Segmenter quality on real data: train cpu-small from scratch on the 1,600 train images of
+../shared/data/isic2018-task1-256, report val and test mean Jaccard and thresholded Jaccard.
+
+usage: python bench/seg_quality.py [--epochs N] [--profile cpu-small] [--out bench/out/seg]
+The fixed train/val/test partition of labels.csv is used (not kmel's own split), so numbers are
+comparable across runs and with the hand-crafted Otsu floor (mean Jaccard 0.55).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from _common import OUT, stage_isic2018_as_2019
+
+
+def build_fixed_split_records(out: Path, config) -> Path:
+    """Records whose split is the benchmark's fixed partition (train 1,600 / val 400 / test 594)."""
+    import pandas as pd
+
+    from _common import SHARED
+    from kmel import metadata
+
+    labels = pd.read_csv(SHARED / "isic2018-task1-256" / "labels.csv").set_index("image_id")["split"].to_dict()
+    original = metadata.split_table
+
+    def fixed_split(table, *args, **kwargs):
+        table = table.copy()
+        table["split"] = table["image_id"].map(labels).fillna("train")
+        return table
+
+    import kmel.records as records
+
+    records.split_table = fixed_split
+    try:
+        data = stage_isic2018_as_2019(out / "data")
+        records.build_records(data, out / "records", config, progress=True)
+    finally:
+        records.split_table = original
+    return out / "records"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--profile", default="cpu-small")
+    parser.add_argument("--out", default=str(OUT / "seg"))
+    parser.add_argument("--fresh", action="store_true", help="rebuild records and retrain from scratch")
+    args = parser.parse_args()
+    from kmel.config import load_config
+    from kmel.train import fit_segmenter
+
+    out = Path(args.out)
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    config = load_config(args.profile, {"segmenter.epochs": args.epochs})
+    start = time.perf_counter()
+    records = out / "records"
+    if not (records / "manifest.json").exists():
+        build_fixed_split_records(out, config)
+    built = time.perf_counter()
+    entry = fit_segmenter(records, out / "models", config, out / "runs", verbose=2)
+    done = time.perf_counter()
+    result = {
+        "profile": args.profile, "backbone": config.segmenter.backbone, "image_size": config.segmenter.image_size,
+        "epochs_run": entry["epochs_run"],
+        "val": {k: round(v, 4) for k, v in entry["metrics"]["val"].items()},
+        "test": {k: round(v, 4) for k, v in entry["metrics"].get("test", {}).items()},
+        "records_seconds": round(built - start, 1), "train_seconds": round(done - built, 1),
+    }
+    print(json.dumps(result, indent=2))
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
