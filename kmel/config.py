@@ -96,7 +96,6 @@ class ClassifierConfig:
     backbone: str = "efficientnet_b4"  # efficientnet_b0 ... efficientnet_b7
     image_size: int = 512
     dropout: float = 0.4
-    stochastic_depth: float = 0.2
     batch_size: int = 16
     epochs: int = 18
     steps_per_epoch: int = 0

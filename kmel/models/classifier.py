@@ -1,0 +1,57 @@
+"""EfficientNet (B0–B7) lesion classifier as one flat functional graph (Grad-CAM reaches its last conv).
+
+Inputs are float32 crops 0–255: Keras' EfficientNet rescales and normalises inside. Its built-in
+stochastic depth (drop-connect 0.2) stays on; the public Keras constructor does not expose the
+rate, so kmel does not reach into private APIs to change it. The sigmoid output is float32 under
+mixed precision.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from kmel.config import ClassifierConfig, ConfigError
+from kmel.models.weights import resolve_classifier_weights
+
+# === Config ===
+BACKBONES = {f"efficientnet_b{i}": getattr(keras.applications, f"EfficientNetB{i}") for i in range(8)}
+CLASSIFIER_LAST_CONV = "top_activation"
+HEAD_LAYERS = ("head_pool", "head_dropout", "head_dense", "probability")
+TOP_BLOCK_PREFIXES = ("block6", "block7", "top_")
+
+
+# === Functional Model ===
+def build_classifier(config: ClassifierConfig) -> keras.Model:
+    """EfficientNet backbone → global average pool → dropout → Dense(1) → float32 sigmoid."""
+    if config.backbone not in BACKBONES:
+        raise ConfigError(f"classifier backbone must be one of {sorted(BACKBONES)}, got {config.backbone!r}")
+    weights = resolve_classifier_weights(config.weights, config.backbone)
+    inputs = keras.Input((config.image_size, config.image_size, 3), name="images")
+    backbone = BACKBONES[config.backbone](include_top=False, weights=weights, input_tensor=inputs)
+    x = layers.GlobalAveragePooling2D(name="head_pool")(backbone.output)
+    x = layers.Dropout(config.dropout, name="head_dropout")(x)
+    x = layers.Dense(1, name="head_dense")(x)
+    outputs = layers.Activation("sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def set_trainable_blocks(model: keras.Model, stage: str) -> None:
+    """``head``: only the head; ``top``: head + block6/block7 + top conv; ``all``: every layer.
+
+    BatchNormalization stays frozen (inference mode) in every stage: with the small batches a
+    512 px EfficientNet allows, batch statistics would be too noisy to update.
+    """
+    if stage not in ("head", "top", "all"):
+        raise ConfigError(f"classifier unfreeze stage must be head, top or all, got {stage!r}")
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+        elif layer.name in HEAD_LAYERS:
+            layer.trainable = True
+        elif stage == "all":
+            layer.trainable = True
+        elif stage == "top":
+            layer.trainable = layer.name.startswith(TOP_BLOCK_PREFIXES)
+        else:
+            layer.trainable = False
