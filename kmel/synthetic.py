@@ -327,10 +327,10 @@ def _tone_counts(n: int) -> list[int]:
     ideal = [w * n for w in SKIN_TONE_WEIGHTS]
     counts = [max(floor, int(x)) for x in ideal]
     while sum(counts) > n:  # take from the group furthest above its ideal share
-        i = max((c - x, i) for i, (c, x) in enumerate(zip(counts, ideal)) if c > floor)[1]
+        i = max((j for j in range(len(counts)) if counts[j] > floor), key=lambda j: counts[j] - ideal[j])
         counts[i] -= 1
     while sum(counts) < n:  # give to the group furthest below it
-        i = max((x - c, -i) for i, (c, x) in enumerate(zip(counts, ideal)))[1] * -1
+        i = max(range(len(counts)), key=lambda j: ideal[j] - counts[j])
         counts[i] += 1
     return counts
 
@@ -443,8 +443,7 @@ def make_synthetic_dataset(out_dir: Path, n_images: int = 120, seed: int = 0, si
                 dx = "NV" if label_draw[i] < 0.7 else "BKL"
             gt19.append([image_id] + ["1.0" if c == dx else "0.0" for c in GT_2019_COLUMNS[1:]])
             # Real 2019 metadata leaves some sites and lesion ids blank.
-            site = SITES_2019[int(site_draw[i] * len(SITES_2019))] if site_draw[i] < 0.9 else ""
-            site = SITES_2019[int(site_draw[i] / 0.9 * len(SITES_2019))] if site else ""
+            site = SITES_2019[int(site_draw[i] / 0.9 * len(SITES_2019))] if site_draw[i] < 0.9 else ""
             lesion = f"BCN_{FIRST_LESION_ID + i:07d}" if i % 2 == 0 else ""
             meta19.append([image_id, age, site, lesion, sex])
         else:
