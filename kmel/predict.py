@@ -32,9 +32,20 @@ COLUMNS = (
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def escape_cell(value: Any) -> Any:
-    """Text a spreadsheet would run as a formula gets a leading apostrophe (CSV injection)."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
+    """Text a spreadsheet would run as a formula gets a leading apostrophe (CSV injection).
+
+    Numbers written as text (``-22.11``) are numbers, not formulas, and stay as they are.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
         return "'" + value
     return value
 

@@ -25,7 +25,7 @@ from kmel.callbacks import (
     take_numpy,
 )
 from kmel.config import Config, save_config, to_plain
-from kmel.data import make_dataset, steps_per_epoch
+from kmel.data import count_records, make_dataset, steps_per_epoch
 from kmel.distribute import jit_compile_setting, make_strategy, set_precision
 from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
 from kmel.records import load_manifest
@@ -45,6 +45,14 @@ def _callbacks(
         keras.callbacks.TensorBoard(str(logdir / name), write_graph=False, update_freq="epoch"),
     ]
     return callbacks, best
+
+
+def _val_batch(records_dir: Path, kind: str, batch: int, replicas: int) -> int:
+    """Validation batch for ``fit``: with several replicas, a multiple of them that the data can fill."""
+    if replicas == 1:
+        return batch
+    n = count_records(records_dir, kind, "val")
+    return replicas * max(1, min(batch // replicas, n // replicas))
 
 
 def _finish_model(
@@ -89,7 +97,10 @@ def fit_segmenter(
     replicas = strat.num_replicas_in_sync
     batch = sc.batch_size * replicas
     train_ds = make_dataset(records_dir, "train", "seg", True, config, batch_size=batch)
-    val_ds = make_dataset(records_dir, "val", "seg", False, config, batch_size=batch)
+    # Under several replicas a ragged last batch cannot be split evenly: validation during fit
+    # drops it; the final metrics below use every image (reloaded model, no strategy).
+    val_ds = make_dataset(records_dir, "val", "seg", False, config, drop_remainder=replicas > 1,
+                          batch_size=_val_batch(records_dir, "seg", batch, replicas))
     steps = steps_per_epoch(records_dir, "seg", "train", batch, sc.steps_per_epoch)
 
     with strat.scope():
@@ -104,7 +115,7 @@ def fit_segmenter(
             metrics=[DiceCoefficient(name="dice"), IoUScore(name="iou"), ThresholdedJaccard(name="thresholded_jaccard")],
             jit_compile=jit_compile_setting(),
         )
-    sample_images, sample_masks = take_numpy(val_ds, 4)
+    sample_images, sample_masks = take_numpy(make_dataset(records_dir, "val", "seg", False, config, batch_size=4), 4)
     callbacks, best = _callbacks(
         "segmenter",
         models_dir,
@@ -120,11 +131,13 @@ def fit_segmenter(
     model.fit(train_ds, epochs=sc.epochs, steps_per_epoch=steps, validation_data=val_ds,
               callbacks=callbacks, verbose=verbose)
     fingerprint = _finish_model(model, best, models_dir, C.SEGMENTER_KERAS, C.SEGMENTER_DIR, sc.image_size)
-    metrics = {"val": model.evaluate(val_ds, return_dict=True, verbose=0)}
+    final = keras.saving.load_model(models_dir / C.SEGMENTER_KERAS, safe_mode=True)
     manifest = load_manifest(records_dir)
-    if manifest["n_records"].get("seg", {}).get("test"):
-        test_ds = make_dataset(records_dir, "test", "seg", False, config, batch_size=batch)
-        metrics["test"] = model.evaluate(test_ds, return_dict=True, verbose=0)
+    metrics = {}
+    for split in ("val", "test"):
+        if manifest["n_records"].get("seg", {}).get(split):
+            ds = make_dataset(records_dir, split, "seg", False, config, batch_size=sc.batch_size)
+            metrics[split] = final.evaluate(ds, return_dict=True, verbose=0)
     save_config(config, models_dir / "segmenter_config.yaml")
     entry = {
         "image_size": sc.image_size,
@@ -172,7 +185,8 @@ def fit_classifier(
     manifest = load_manifest(crops_dir)
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
-    val_ds = make_dataset(crops_dir, "val", "crop", False, config, batch_size=batch)
+    val_ds = make_dataset(crops_dir, "val", "crop", False, config, drop_remainder=replicas > 1,
+                          batch_size=_val_batch(crops_dir, "crop", batch, replicas))
     steps = steps_per_epoch(crops_dir, "crop", "train", batch, cc.steps_per_epoch)
 
     with strat.scope():
@@ -204,15 +218,16 @@ def fit_classifier(
     fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
                                 CLASSIFIER_LAST_CONV)
 
+    final = keras.saving.load_model(models_dir / C.CLASSIFIER_KERAS, safe_mode=True)
     # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
-    val = predict_records(model, crops_dir, "val", config, batch)
+    val = predict_records(final, crops_dir, "val", config, cc.batch_size)
     choice = choose_threshold(
         val["target"].to_numpy(), val["probability"].to_numpy(), method=cc.threshold_method,
         groups=val["skin_tone_name"].to_numpy(), min_group_recall=cc.min_group_recall,
         target_sensitivity=cc.target_sensitivity,
     )
     report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
-    report = write_split_report(model, crops_dir, report_split, config, batch, choice["threshold"],
+    report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
                                 models_dir / "report", meta={"threshold_from": "val", "threshold_choice": choice})
     save_config(config, models_dir / "classifier_config.yaml")
     entry = {

@@ -185,4 +185,5 @@ def test_csv_cells_are_formula_escaped():
 
     assert escape_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert escape_cell("@SUM") == "'@SUM" and escape_cell("ISIC_1") == "ISIC_1" and escape_cell(0.5) == 0.5
+    assert escape_cell("-22.11") == "-22.11" and escape_cell("-1+2") == "'-1+2"
 

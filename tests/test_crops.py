@@ -1,0 +1,123 @@
+"""Crop records and predict share one preprocessing path and agree on the same pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from kmel import constants as C
+from kmel.config import to_plain
+from kmel.records import build_records
+from kmel.tfrecord import read_records
+from tests.tiny import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """Records plus exported (untrained, seeded) tiny models and pipeline.json: no training needed here."""
+    import keras
+
+    from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
+    from kmel.models import CLASSIFIER_LAST_CONV, build_classifier, build_segmenter
+    from kmel.synthetic import make_synthetic_dataset
+
+    tmp = tmp_path_factory.mktemp("crops")
+    config = tiny_config()
+    make_synthetic_dataset(tmp / "data", n_images=24, seed=2, size=96)
+    build_records(tmp / "data", tmp / "rec", config, progress=False)
+    keras.utils.set_random_seed(0)
+    models = tmp / "models"
+    seg = build_segmenter(config.segmenter)
+    export_serving(seg, models / C.SEGMENTER_DIR, config.segmenter.image_size)
+    update_pipeline(models, "segmenter", {
+        "image_size": config.segmenter.image_size, "fingerprint": saved_model_fingerprint(models / C.SEGMENTER_DIR),
+        "config": to_plain(config.segmenter), "records": to_plain(config.records), "crops": to_plain(config.crops)})
+    cls = build_classifier(config.classifier)
+    export_serving(cls, models / C.CLASSIFIER_DIR, config.classifier.image_size, CLASSIFIER_LAST_CONV)
+    update_pipeline(models, "classifier", {"image_size": config.classifier.image_size, "threshold": 0.5,
+                                           "class_names": ["benign", "malignant"], "config": to_plain(config.classifier)})
+    return {"tmp": tmp, "records": tmp / "rec", "models": models, "config": config}
+
+
+def test_crop_records_cover_every_image_and_are_reused(setup):
+    from kmel.crops import build_crop_records, ensure_crop_records
+
+    out = build_crop_records(setup["records"], setup["models"], setup["config"], progress=False)
+    manifest = json.loads((out / C.MANIFEST).read_text())
+    assert sum(manifest["n_records"]["crop"].values()) == 24
+    assert sum(n for modes in manifest["crop_modes"].values() for n in modes.values()) == 24
+    records = list(read_records(sorted(out.glob("crop-*.tfrecord"))))
+    crop = cv2.imdecode(np.frombuffer(records[0][C.F_IMAGE], np.uint8), cv2.IMREAD_COLOR)
+    assert crop.shape == (64, 64, 3)
+    assert all(r[C.F_CROP_MODE] in (0, 1, 2) for r in records)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("crop-*.tfrecord")}
+    assert ensure_crop_records(setup["records"], setup["models"], setup["config"], progress=False) == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("crop-*.tfrecord")} == stamps
+
+
+def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeypatch):
+    """Same pixels in, same crop box, mode and skin tone out, through the same CropPipeline.run."""
+    import kmel.crops as crops
+    from kmel.predict import predict_folder
+
+    calls: list[str] = []
+    original = crops.CropPipeline.run
+
+    def spy(self, images):
+        calls.append("run")
+        return original(self, images)
+
+    monkeypatch.setattr(crops.CropPipeline, "run", spy)
+    out = crops.build_crop_records(setup["records"], setup["models"], setup["config"], progress=False)
+    # build_crop_records reuses the complete shards of the previous test; force one rebuild
+    for plan in out.glob(".crop-*.plan"):
+        plan.write_text("stale")
+    out = crops.build_crop_records(setup["records"], setup["models"], setup["config"], progress=False)
+    assert calls, "crop records went through CropPipeline.run"
+    calls.clear()
+    # Save the img- record pixels losslessly and predict on them.
+    folder = tmp_path / "same"
+    folder.mkdir()
+    from kmel.records import shard_paths
+
+    img_records = {r[C.F_IMAGE_ID]: r for r in read_records(shard_paths(setup["records"], "img", "train"))}
+    for image_id, record in list(img_records.items())[:6]:
+        pixels = cv2.imdecode(np.frombuffer(record[C.F_IMAGE], np.uint8), cv2.IMREAD_COLOR)
+        cv2.imwrite(str(folder / f"{image_id}.png"), pixels)
+    predict_folder(folder, tmp_path / "p.csv", setup["models"], progress=False)
+    assert calls, "predict went through CropPipeline.run"
+    rows = pd.read_csv(tmp_path / "p.csv").set_index("image")
+    crop_records = {r[C.F_IMAGE_ID]: r for r in read_records(sorted(out.glob("crop-train-*.tfrecord")))}
+    for image_id in rows.index:
+        record, row = crop_records[image_id], rows.loc[image_id]
+        assert C.CROP_MODES[record[C.F_CROP_MODE]] == row["crop_mode"]
+        assert tuple(record[C.F_BOX]) == (row["box_x0"], row["box_y0"], row["box_x1"], row["box_y1"])
+        assert C.SKIN_TONE_GROUPS[record[C.F_SKIN_TONE]] == row["skin_tone_group"]
+        assert record[C.F_ITA] == pytest.approx(row["ita"], abs=0.01)
+
+
+def test_crop_pipeline_matches_prepare_crop_directly(setup):
+    """CropPipeline adds only resizing/segmentation around kmel.lesion.prepare_crop (no second path)."""
+    from kmel.crops import CropPipeline
+    from kmel.lesion import prepare_crop
+
+    config = setup["config"]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    prob = np.zeros((64, 64), np.float32)
+    prob[16:48, 20:44] = 1.0
+
+    with CropPipeline(lambda batch: np.stack([prob] * len(batch)), 64, config, workers=1) as pipeline:
+        got = pipeline.run([image])[0]
+    prob_full = cv2.resize(prob, (96, 96), interpolation=cv2.INTER_LINEAR)
+    want = prepare_crop(image, prob_full, config.classifier.image_size, config.crops)
+    np.testing.assert_array_equal(got.result.crop, want.crop)
+    assert got.result.crop_mode == want.crop_mode == "lesion"
+    assert got.box == want.box
