@@ -1,0 +1,154 @@
+"""Report files: report.json, report.md and PNG plots (ROC, PR, per-group bars, calibration)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from kmel.fairness import _clean, fairness_report, summary_metrics  # noqa: E402
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(row: Mapping[str, Any], metric: str) -> str:
+    ci = (row.get("ci95") or {}).get(metric)
+    return f"{_fmt(row.get(metric))} [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]" if ci else _fmt(row.get(metric))
+
+
+def _markdown(report: Mapping[str, Any], title: str) -> str:
+    s, meta = report["summary"], report["meta"]
+    lines = [f"# {title}", ""]
+    lines.append(f"Split: **{meta.get('split', '?')}**, n = {s['n']} ({s['n_positive']} positive). "
+                 f"Threshold {s['threshold']:.4f} (chosen on: {meta.get('threshold_from', 'unknown')}).")
+    lines += ["", "| metric | value |", "|---|---|"]
+    for key in ("auc", "average_precision", "accuracy", "sensitivity", "specificity", "precision", "f1",
+                "balanced_accuracy", "brier"):
+        lines.append(f"| {key} | {_fmt(s.get(key))} |")
+    lines.append(f"| confusion (tp/fp/fn/tn) | {s['tp']}/{s['fp']}/{s['fn']}/{s['tn']} |")
+    for grouping, data in report["fairness"].items():
+        if grouping == "overall":
+            continue
+        lines += ["", f"## By {grouping.replace('_', ' ')}", "",
+                  "| group | n | positives | accuracy [95% CI] | recall [95% CI] | precision [95% CI] | F1 | AUC | "
+                  "selection rate |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in data["groups"].items():
+            lines.append(f"| {name} | {row['n']} | {row['n_positive']} | {_ci(row, 'accuracy')} | "
+                         f"{_ci(row, 'recall')} | {_ci(row, 'precision')} | {_fmt(row['f1'])} | "
+                         f"{_fmt(row['auc'])} | {_fmt(row['selection_rate'])} |")
+        gaps = data["gaps"]
+        lines += ["", "Max–min gaps: " + ", ".join(f"{k} {_fmt(v['max_minus_min'])}" for k, v in gaps.items()) + ".",
+                  f"Equalized-odds difference {_fmt(data['equalized_odds_difference'])}, "
+                  f"demographic-parity difference {_fmt(data['demographic_parity_difference'])}."]
+    lines += ["", "## How to read this", "",
+              "- The threshold was chosen on the validation split; the numbers above are for the split named at "
+              "the top, so they are not tuned on the data they describe (when that split is `test`).",
+              "- Skin-tone groups are estimated from the photograph (brightness of the skin around the lesion, "
+              "and the ITA angle); they are a heuristic, not Fitzpatrick types.",
+              "- Intervals are 95% percentile bootstraps within each group. A small group, or one with few "
+              "positives, has wide intervals: a gap smaller than the intervals is not evidence of a difference.",
+              "- `–` marks a metric that is undefined for a group (for example recall with no positives, AUC with "
+              "one class)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out_dir: Path, y: np.ndarray, s: np.ndarray, threshold: float, groups: Mapping[str, np.ndarray],
+           fairness: Mapping[str, Any]) -> list[str]:
+    notes = []
+    first = next(iter(groups), None)
+    two = len(np.unique(y)) == 2
+    for kind in ("roc", "pr"):
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        if two:
+            curves = [("all", np.ones_like(y, bool))]
+            if first is not None:
+                curves += [(str(n), groups[first] == n) for n in np.unique(groups[first])]
+            for name, sel in curves:
+                if len(np.unique(y[sel])) < 2:
+                    continue
+                if kind == "roc":
+                    fpr, tpr, _ = skm.roc_curve(y[sel], s[sel])
+                    ax.plot(fpr, tpr, lw=2.5 if name == "all" else 1.2,
+                            label=f"{name} (AUC {skm.roc_auc_score(y[sel], s[sel]):.2f}, n={sel.sum()})")
+                else:
+                    prec, rec, _ = skm.precision_recall_curve(y[sel], s[sel])
+                    ax.plot(rec, prec, lw=2.5 if name == "all" else 1.2, label=f"{name} (n={sel.sum()})")
+            if kind == "roc":
+                ax.plot([0, 1], [0, 1], ls=":", c="grey")
+                ax.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title="ROC")
+            else:
+                ax.set(xlabel="recall", ylabel="precision", title="Precision–recall")
+            ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+        else:
+            ax.text(0.5, 0.5, "one class only: curve undefined", ha="center")
+            notes.append(f"{kind}: one class only")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{kind}.png", dpi=110)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if first is not None:
+        rows = fairness[first]["groups"]
+        names = list(rows)
+        width = 0.27
+        for i, metric in enumerate(("recall", "precision", "accuracy")):
+            vals = np.array([rows[n][metric] if rows[n][metric] is not None else np.nan for n in names], float)
+            lo_hi = [(rows[n].get("ci95") or {}).get(metric) for n in names]
+            err = np.array([[v - ci[0], ci[1] - v] if ci and not np.isnan(v) else [0, 0]
+                            for v, ci in zip(vals, lo_hi)]).T
+            ax.bar(np.arange(len(names)) + (i - 1) * width, np.nan_to_num(vals), width, yerr=np.maximum(err, 0),
+                   capsize=2, label=metric)
+        ax.set_xticks(np.arange(len(names)), [f"{n}\n(n={rows[n]['n']}, +{rows[n]['n_positive']})" for n in names],
+                      fontsize=7)
+        ax.set(ylim=(0, 1.05), title=f"By {first.replace('_', ' ')} at threshold {threshold:.3f} (95% CI)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "groups.png", dpi=110)
+    plt.close(fig)
+
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    bins = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(s, bins) - 1, 0, 9)
+    mean_p = [s[which == b].mean() if (which == b).any() else np.nan for b in range(10)]
+    frac = [y[which == b].mean() if (which == b).any() else np.nan for b in range(10)]
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.plot(mean_p, frac, marker="o")
+    ax.set(ylabel="observed positive fraction", title="Calibration (10 bins)")
+    hist.hist(s, bins=bins, color="grey")
+    hist.set(xlabel="predicted probability", ylabel="count")
+    fig.tight_layout()
+    fig.savefig(out_dir / "calibration.png", dpi=110)
+    plt.close(fig)
+    return notes
+
+
+def write_report(
+    out_dir: str | Path, y_true: Any, scores: Any, threshold: float, groups: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None, n_bootstrap: int = 1000, seed: int = 0, title: str = "kmel report",
+) -> dict[str, Any]:
+    """Write report.json, report.md, roc.png, pr.png, groups.png, calibration.png; return the report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y = np.asarray(y_true).astype(int).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    groups = {k: np.asarray(v).astype(str).reshape(-1) for k, v in groups.items()}
+    fairness = fairness_report(y, s, threshold, groups, n_bootstrap, seed)
+    report = {"meta": dict(meta or {}), "summary": summary_metrics(y, s, threshold), "fairness": fairness}
+    report["meta"]["plot_notes"] = _plots(out_dir, y, s, threshold, groups, fairness)
+    report = _clean(report)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    (out_dir / "report.md").write_text(_markdown(report, title))
+    return report
