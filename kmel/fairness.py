@@ -180,6 +180,17 @@ def _bootstrap(y: np.ndarray, s: np.ndarray, p: np.ndarray, n_boot: int, rng: np
     return out
 
 
+def _ordered(names: Any) -> list[str]:
+    """Group names from lightest to darkest when they are one of kmel's tone scales, else alphabetical."""
+    from kmel.constants import ITA_CATEGORIES, SKIN_TONE_GROUPS
+
+    names = [str(n) for n in names]
+    for scale in (SKIN_TONE_GROUPS, ITA_CATEGORIES):
+        if set(names) <= set(scale):
+            return sorted(names, key=scale.index)
+    return sorted(names)
+
+
 def fairness_report(
     y_true: Any, scores: Any, threshold: float, groups: Mapping[str, Any], n_bootstrap: int = 1000, seed: int = 0,
 ) -> dict[str, Any]:
@@ -203,9 +214,10 @@ def fairness_report(
         frame = MetricFrame(metrics=metric_fns, y_true=y, y_pred=p, sensitive_features=g)
         by_group = frame.by_group
         per_group: dict[str, Any] = {}
-        for name in by_group.index:
+        for name in _ordered(by_group.index):
             sel = g == name
             row = {k: by_group.loc[name, k] for k in metric_fns}
+            row["n"], row["n_positive"] = int(row["n"]), int(row["n_positive"])
             tn = float(((p[sel] == 0) & (y[sel] == 0)).sum())
             fp = float(((p[sel] == 1) & (y[sel] == 0)).sum())
             row["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
