@@ -249,7 +249,10 @@ def load_metadata(
     table = table.sort_values([C.COL_SOURCE, C.COL_IMAGE_ID, C.COL_LESION], na_position="first", kind="stable")
     drop(table.duplicated([C.COL_SOURCE, C.COL_IMAGE_ID], keep="last"), "listed twice in one source (e.g. 2020 v1 and v2 both present)")
 
-    # Metadata-only files fill age / sex / site / lesion id of their source's rows.
+    # Metadata-only files fill age / sex / site / lesion id of their source's rows. Text columns
+    # that are all-NaN so far (only one source present) must become object before taking strings.
+    for col in (C.COL_SEX, C.COL_SITE, C.COL_LESION, C.COL_PATIENT):
+        table[col] = table[col].astype(object)
     for meta in metas:
         meta = meta.drop_duplicates(C.COL_IMAGE_ID).set_index(C.COL_IMAGE_ID)
         rows = table[C.COL_SOURCE] == meta[C.COL_SOURCE].iloc[0]
