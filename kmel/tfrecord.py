@@ -70,7 +70,7 @@ def make_example(**values: Any) -> bytes:
             feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
         else:
             feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in value]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -35,3 +35,20 @@ def test_parse_numpy_defaults_for_missing_keys():
     raw = tf.train.Example().SerializeToString()
     out = parse_example_numpy(raw)
     assert out[C.F_TARGET] == -1 and out[C.F_IMAGE_ID] == ""
+
+
+def test_serialisation_is_byte_identical_across_processes():
+    """Proto maps serialise in hash order unless asked not to; shard checksums depend on this."""
+    import subprocess
+    import sys
+
+    code = (
+        "from kmel.tfrecord import make_example;import hashlib;"
+        "print(hashlib.sha256(make_example(image=b'x', image_id='ISIC_1', target=1, ita=12.5)).hexdigest())"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2, 3)
+    }
+    assert len(outs) == 1
