@@ -292,9 +292,13 @@ def load_metadata(
         hit = pd.Series([k in by_year or k[1] in any_year for k in keys], index=table.index)
         drop(hit, "named in a duplicate list")
     if dup_pairs:
+        # One copy of each pair is kept: image_name_2 goes only while image_name_1 is still here
+        # (a duplicate list may already have removed image_name_1; dropping both would lose the image).
         pairs = pd.concat(dup_pairs, ignore_index=True)
-        drop((table[C.COL_SOURCE] == "isic2020") & table[C.COL_IMAGE_ID].isin(set(pairs["drop"])),
-             "ISIC 2020 duplicate pair (image_name_2 dropped)")
+        present = set(table.loc[table[C.COL_SOURCE] == "isic2020", C.COL_IMAGE_ID])
+        doomed = {d for k, d in zip(pairs["keep"], pairs["drop"]) if k in present and d in present}
+        drop((table[C.COL_SOURCE] == "isic2020") & table[C.COL_IMAGE_ID].isin(doomed),
+             "ISIC 2020 duplicate pair (one copy dropped)")
 
     table["_priority"] = table[C.COL_SOURCE].map(SOURCE_PRIORITY).fillna(5)
     table = table.sort_values([C.COL_YEAR, "_priority"], ascending=[False, True], kind="stable")
