@@ -81,17 +81,25 @@ def _keep_main_components(mask: np.ndarray, min_area: float) -> np.ndarray:
 
 
 def clean_mask(prob: np.ndarray, config: CropsConfig) -> np.ndarray:
-    """Probability map → uint8 0/1 lesion mask: threshold, open/close, main components, holes filled, dilated."""
+    """Probability map → uint8 0/1 lesion mask: threshold, close, fill holes, open, main components, dilate."""
     mask = (np.asarray(prob, np.float32) >= config.mask_threshold).astype(np.uint8)
     if not mask.any():
         return mask
+    # Close and fill first, so a lesion drawn or predicted as a thin ring becomes solid before the
+    # opening that removes specks (opening first would erase the ring).
     kernel = _ellipse(config.morph_kernel)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
-    mask = _keep_main_components(mask, config.min_area_fraction * mask.size)
-    if not mask.any():
-        return mask
-    mask = _fill_holes(mask)
+    closed = _fill_holes(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel))
+    min_area = config.min_area_fraction * mask.size
+    main = _keep_main_components(cv2.morphologyEx(closed, cv2.MORPH_OPEN, kernel), min_area)
+    if not main.any():  # an open outline falls apart under opening: judge the closed mask instead
+        main = _keep_main_components(closed, min_area)
+    if not main.any():
+        return main
+    # Opening chooses the lesion; the lesion's full extent (thin rims and outlines included) comes
+    # back from the closed mask's components that the chosen ones touch.
+    _, labels = cv2.connectedComponents(closed, connectivity=8)
+    touched = np.unique(labels[main > 0])
+    mask = np.isin(labels, touched[touched > 0]).astype(np.uint8)
     grow = int(round(config.dilate_fraction * max(mask.shape)))
     if grow > 0:
         mask = cv2.dilate(mask, _ellipse(2 * grow + 1))
