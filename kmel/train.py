@@ -47,12 +47,19 @@ def _callbacks(
     return callbacks, best
 
 
-def _val_batch(records_dir: Path, kind: str, batch: int, replicas: int) -> int:
-    """Validation batch for ``fit``: with several replicas, a multiple of them that the data can fill."""
-    if replicas == 1:
-        return batch
+def _val_data(records_dir: Path, kind: str, config: Config, batch: int, replicas: int) -> tuple[Any, int]:
+    """Validation dataset for ``fit`` and its exact number of batches.
+
+    With several replicas the batch is a multiple of them that the data can fill and the ragged
+    last batch is dropped (it cannot be split evenly); the final metrics use every image. Passing
+    the step count keeps Keras from reading past the end (its "ran out of data" warning).
+    """
     n = count_records(records_dir, kind, "val")
-    return replicas * max(1, min(batch // replicas, n // replicas))
+    if replicas > 1:
+        batch = replicas * max(1, min(batch // replicas, n // replicas))
+    dataset = make_dataset(records_dir, "val", kind, False, config, drop_remainder=replicas > 1, batch_size=batch)
+    steps = n // batch if replicas > 1 else -(-n // batch)
+    return dataset, max(1, steps)
 
 
 def _finish_model(
@@ -97,10 +104,7 @@ def fit_segmenter(
     replicas = strat.num_replicas_in_sync
     batch = sc.batch_size * replicas
     train_ds = make_dataset(records_dir, "train", "seg", True, config, batch_size=batch)
-    # Under several replicas a ragged last batch cannot be split evenly: validation during fit
-    # drops it; the final metrics below use every image (reloaded model, no strategy).
-    val_ds = make_dataset(records_dir, "val", "seg", False, config, drop_remainder=replicas > 1,
-                          batch_size=_val_batch(records_dir, "seg", batch, replicas))
+    val_ds, val_steps = _val_data(records_dir, "seg", config, batch, replicas)
     steps = steps_per_epoch(records_dir, "seg", "train", batch, sc.steps_per_epoch)
 
     with strat.scope():
@@ -129,7 +133,8 @@ def fit_segmenter(
         ],
     )
     model.fit(train_ds, epochs=sc.epochs, steps_per_epoch=steps, validation_data=val_ds,
-              callbacks=callbacks, verbose=verbose)
+              validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
+              shuffle=False)  # the tf.data pipeline shuffles
     fingerprint = _finish_model(model, best, models_dir, C.SEGMENTER_KERAS, C.SEGMENTER_DIR, sc.image_size)
     final = keras.saving.load_model(models_dir / C.SEGMENTER_KERAS, safe_mode=True)
     manifest = load_manifest(records_dir)
@@ -137,7 +142,8 @@ def fit_segmenter(
     for split in ("val", "test"):
         if manifest["n_records"].get("seg", {}).get(split):
             ds = make_dataset(records_dir, split, "seg", False, config, batch_size=sc.batch_size)
-            metrics[split] = final.evaluate(ds, return_dict=True, verbose=0)
+            n_batches = -(-count_records(records_dir, "seg", split) // sc.batch_size)
+            metrics[split] = final.evaluate(ds, steps=n_batches, return_dict=True, verbose=0)
     save_config(config, models_dir / "segmenter_config.yaml")
     entry = {
         "image_size": sc.image_size,
@@ -185,8 +191,7 @@ def fit_classifier(
     manifest = load_manifest(crops_dir)
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
-    val_ds = make_dataset(crops_dir, "val", "crop", False, config, drop_remainder=replicas > 1,
-                          batch_size=_val_batch(crops_dir, "crop", batch, replicas))
+    val_ds, val_steps = _val_data(crops_dir, "crop", config, batch, replicas)
     steps = steps_per_epoch(crops_dir, "crop", "train", batch, cc.steps_per_epoch)
 
     with strat.scope():
@@ -214,7 +219,8 @@ def fit_classifier(
          GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups)],
     )
     model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,
-              callbacks=callbacks, verbose=verbose)
+              validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
+              shuffle=False)  # the tf.data pipeline shuffles
     fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
                                 CLASSIFIER_LAST_CONV)
 
