@@ -20,7 +20,7 @@ from kmel import constants as C
 
 def make_gradcam_graph_fn(model: keras.Model, last_conv: str) -> Callable[[tf.Tensor], tf.Tensor]:
     """``fn(images [N,S,S,3] float32) -> heat maps [N,S,S] float32 in [0, 1]`` (graph-safe)."""
-    grad_model = keras.Model(model.inputs, [model.get_layer(last_conv).output, model.outputs[0]])
+    grad_model = keras.Model(model.inputs[0], [model.get_layer(last_conv).output, model.outputs[0]])
 
     def gradcam(images: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:

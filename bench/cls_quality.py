@@ -1,0 +1,73 @@
+"""Classifier quality on real data: cpu-small EfficientNet-B0 on crops made by the benchmark segmenter.
+
+usage: python bench/cls_quality.py [--epochs N] [--profile cpu-small] [--seg bench/out/seg] [--out bench/out/cls]
+
+Needs ``bench/seg_quality.py`` first: it reuses that run's records (the fixed 1,600 / 400 / 594 split
+of ../shared/data/isic2018-task1-256, labels from the official ISIC 2019 ground truth) and its
+exported segmenter. Crop records are built with that segmenter (the same code path as `train cls`),
+the classifier trains from scratch (weights none: this machine has no ImageNet file), the threshold
+is chosen on val and the test split is reported: AUC, sensitivity / specificity at the threshold,
+and the per-skin-tone table, with run times. Task: malignant (here MEL vs NV/BKL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from _common import OUT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--profile", default="cpu-small")
+    parser.add_argument("--seg", default=str(OUT / "seg"), help="output folder of bench/seg_quality.py")
+    parser.add_argument("--out", default=str(OUT / "cls"))
+    parser.add_argument("--fresh", action="store_true", help="retrain from scratch (crop records are reused)")
+    args = parser.parse_args()
+    from kmel import constants as C
+    from kmel.config import load_config
+    from kmel.crops import ensure_crop_records
+    from kmel.train import fit_classifier
+
+    seg, out = Path(args.seg), Path(args.out)
+    records, seg_models = seg / "records", seg / "models"
+    if not (seg_models / C.SEGMENTER_DIR / "saved_model.pb").exists():
+        raise SystemExit(f"no exported segmenter under {seg_models}: run bench/seg_quality.py first")
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / C.SEGMENTER_DIR).exists():
+        shutil.copytree(seg_models / C.SEGMENTER_DIR, models / C.SEGMENTER_DIR)
+        shutil.copy(seg_models / C.PIPELINE_JSON, models / C.PIPELINE_JSON)
+    config = load_config(args.profile, {"classifier.epochs": args.epochs})
+
+    start = time.perf_counter()
+    crops = ensure_crop_records(records, models, config)
+    cropped = time.perf_counter()
+    entry = fit_classifier(records, models, config, out / "runs", verbose=2)
+    done = time.perf_counter()
+
+    report = json.loads((models / "report" / "report.json").read_text())
+    summary = report["summary"]
+    manifest = json.loads((crops / C.MANIFEST).read_text())
+    result = {
+        "profile": args.profile, "backbone": config.classifier.backbone, "image_size": config.classifier.image_size,
+        "epochs_run": entry["epochs_run"], "threshold": round(entry["threshold"], 4),
+        "threshold_method": config.classifier.threshold_method,
+        "crop_modes": manifest.get("crop_modes"),
+        "test": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()},
+        "crop_seconds": round(cropped - start, 1), "train_seconds": round(done - cropped, 1),
+    }
+    print(json.dumps(result, indent=2))
+    print((models / "report" / "report.md").read_text())
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
