@@ -187,3 +187,51 @@ def test_csv_cells_are_formula_escaped():
     assert escape_cell("@SUM") == "'@SUM" and escape_cell("ISIC_1") == "ISIC_1" and escape_cell(0.5) == 0.5
     assert escape_cell("-22.11") == "-22.11" and escape_cell("-1+2") == "'-1+2"
 
+
+
+@pytest.mark.realdata
+def test_predict_on_real_full_resolution_images(pipeline, shared_data, tmp_path):
+    folder = shared_data / "isic-archive-fullres" / "images"
+    out = tmp_path / "real.csv"
+    result = _invoke("predict", str(folder), str(out), "--models", str(pipeline["models"]), "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out, dtype={"image": str})
+    sizes = pd.read_csv(shared_data / "isic-archive-fullres" / "labels.csv").set_index("image_id")
+    assert len(rows) == 24 and (rows["status"] == "ok").all() and rows["image"].is_unique
+    for _, row in rows.iterrows():
+        w, h = int(sizes.loc[row["image"], "width"]), int(sizes.loc[row["image"], "height"])
+        # Boxes are in the original (camera-sized) pixels, not the working resolution.
+        assert 0 <= row["box_x0"] < row["box_x1"] <= w and 0 <= row["box_y0"] < row["box_y1"] <= h
+    assert rows["box_x1"].max() > 1000
+
+
+def test_predict_killed_with_sigkill_then_rerun_loses_nothing(pipeline, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted((pipeline["tmp"] / "data" / "predict").glob("*.jpg"))
+    for i in range(300):
+        (folder / f"copy{i:03d}_{sources[i % len(sources)].name}").write_bytes(sources[i % len(sources)].read_bytes())
+    out = tmp_path / "killed.csv"
+    cmd = [sys.executable, str(REPO / "cli.py"), "predict", str(folder), str(out), "--models", str(pipeline["models"]),
+           "--batch-size", "2", "--quiet"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 12:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = out.read_text().count("\n") - 1
+    assert 10 <= written < 300, f"the kill must land mid-run ({written} rows written)"
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = pd.read_csv(out, dtype=str)
+    assert len(rows) == 300 and rows["path"].is_unique and (rows["status"] == "ok").all()
