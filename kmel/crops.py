@@ -240,9 +240,10 @@ def build_crop_records(
 
 
 def ensure_crop_records(
-    records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True
+    records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True, build: bool = True
 ) -> Path:
-    """Crop records for the current segmenter: reused when complete, (re)built otherwise."""
+    """Crop records for the current segmenter: reused when complete, (re)built otherwise
+    (``build=False``: an error instead, for multi-worker training where one machine builds them first)."""
     from kmel.export import read_pipeline
 
     fingerprint = read_pipeline(models_dir).get("segmenter", {}).get("fingerprint")
@@ -258,4 +259,9 @@ def ensure_crop_records(
         if data.get("source_fingerprint") == current and data["config"].get("crops") == to_plain(config.crops) \
                 and data["config"]["classifier"]["image_size"] == config.classifier.image_size:
             return out
+    if not build:
+        raise FileNotFoundError(
+            f"crop records for this segmenter are missing or stale under {out}: build them once with "
+            f"`python cli.py build-records --stage crops --out {records_dir}` before multi-worker training"
+        )
     return build_crop_records(records_dir, models_dir, config, progress)

@@ -59,6 +59,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
             json.loads(os.environ["TF_CONFIG"])
         except json.JSONDecodeError as exc:
             raise ConfigError(f"TF_CONFIG is not valid JSON: {exc}") from None
+        patch_keras_for_multiworker()
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -83,3 +84,83 @@ def set_precision(name: str = "auto") -> str:
 def jit_compile_setting() -> bool | str:
     """XLA where it pays (GPUs); off on CPUs, where compiling EfficientNet costs more than it saves."""
     return "auto" if gpu_count() > 0 else False
+
+
+def worker_index() -> tuple[bool, int]:
+    """(is this process the chief, its task index) from ``TF_CONFIG``; (True, 0) without it.
+
+    The chief is the ``chief`` task, or worker 0 when the cluster names no chief (TensorFlow's rule).
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return True, 0
+    conf = json.loads(raw)
+    task = conf.get("task", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    has_chief = bool(conf.get("cluster", {}).get("chief"))
+    return (kind == "chief") or (kind == "worker" and index == 0 and not has_chief), index
+
+
+_PATCHED = False
+
+
+def patch_keras_for_multiworker() -> None:
+    """Work around two Keras 3 defects that stop ``fit`` under MultiWorkerMirroredStrategy.
+
+    Keras' TensorFlow trainer (3.15; keras-team/keras#20585) (1) averages the first distributed
+    *data* batch across workers just to learn its shapes, which collective ops cannot do in eager
+    mode, and (2) reduces per-replica scalar logs with ``axis=0``, which fails for rank-0 values.
+    kmel replaces the first with "take this worker's own first replica batch" and reduces scalars
+    with ``axis=None``; both keep Keras' results. Applied once, only when a multi-worker strategy
+    is built; tests/test_multiworker.py checks that two workers end with identical weights.
+    """
+    global _PATCHED
+    if _PATCHED:
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original_reduce = tf_trainer.reduce_per_replica
+    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def reduce_per_replica(values, strategy, reduction):
+        if tf_trainer._collective_all_reduce_multi_worker(strategy) and reduction in ("auto", "mean"):
+            def one(v):
+                if not isinstance(v, tf.distribute.DistributedValues):
+                    return v
+                rank = v.values[0].shape.rank
+                return strategy.reduce("MEAN", v, axis=0 if rank else None)
+
+            return tf.nest.map_structure(one, values)
+        return original_reduce(values, strategy, reduction)
+
+    def maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None or not tf_trainer._collective_all_reduce_multi_worker(
+                self._distribute_strategy):
+            return original_build(self, iterator=iterator, data_batch=data_batch)
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: self.distribute_strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v,
+                    next(it),
+                )
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    _PATCHED = True
+
+
+def shard_for_workers(dataset: tf.data.Dataset, strat: tf.distribute.Strategy, n_files: int) -> tf.data.Dataset:
+    """Multi-worker input: each worker reads its own record files when there are enough of them
+    (auto-sharding by FILE), else every worker reads all files and keeps its share of records (DATA)."""
+    if not isinstance(strat, tf.distribute.MultiWorkerMirroredStrategy):
+        return dataset
+    conf = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    workers = len(conf.get("worker", [])) + len(conf.get("chief", []))
+    options = tf.data.Options()
+    policy = tf.data.experimental.AutoShardPolicy
+    options.experimental_distribute.auto_shard_policy = policy.FILE if n_files >= max(workers, 1) else policy.DATA
+    return dataset.with_options(options)

@@ -8,12 +8,16 @@ TensorBoard → best weights → ``.keras`` + SavedModel → metrics → ``pipel
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from kmel import constants as C
 from kmel.callbacks import (
@@ -26,9 +30,9 @@ from kmel.callbacks import (
 )
 from kmel.config import Config, save_config, to_plain
 from kmel.data import count_records, make_dataset, steps_per_epoch
-from kmel.distribute import jit_compile_setting, make_strategy, set_precision
+from kmel.distribute import jit_compile_setting, make_strategy, set_precision, shard_for_workers, worker_index
 from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
-from kmel.records import load_manifest
+from kmel.records import load_manifest, shard_paths
 
 
 def _callbacks(
@@ -58,8 +62,38 @@ def _val_data(records_dir: Path, kind: str, config: Config, batch: int, replicas
     if replicas > 1:
         batch = replicas * max(1, min(batch // replicas, n // replicas))
     dataset = make_dataset(records_dir, "val", kind, False, config, drop_remainder=replicas > 1, batch_size=batch)
+    # Every worker validates on all of it (OFF): the val step count above is for the whole split.
+    if replicas > 1:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options)
     steps = n // batch if replicas > 1 else -(-n // batch)
     return dataset, max(1, steps)
+
+
+def _worker_dirs(strat: tf.distribute.Strategy, models_dir: Path, logdir: Path) -> tuple[Path, Path, Path | None]:
+    """Multi-worker runs: only the chief writes to ``models_dir`` / ``logdir``; every other worker
+    trains identically into its own scratch folder (removed at the end) so files never collide."""
+    if not isinstance(strat, tf.distribute.MultiWorkerMirroredStrategy):
+        return models_dir, logdir, None
+    is_chief, index = worker_index()
+    if is_chief:
+        return models_dir, logdir, None
+    scratch = models_dir / f".worker-{index}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch, logdir / f"worker-{index}", scratch
+
+
+def _multiworker_requested(strategy: str) -> bool:
+    return strategy == "multiworker" or (strategy == "auto" and bool(os.environ.get("TF_CONFIG")))
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 (16 hex) of a model's weight values in order: the same digest means the same weights."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _finish_model(
@@ -101,14 +135,16 @@ def fit_segmenter(
     keras.utils.set_random_seed(sc.seed)
     policy = set_precision(precision)
     strat = make_strategy(strategy)
+    models_dir, logdir, scratch = _worker_dirs(strat, models_dir, logdir)
     replicas = strat.num_replicas_in_sync
     batch = sc.batch_size * replicas
     train_ds = make_dataset(records_dir, "train", "seg", True, config, batch_size=batch)
+    train_ds = shard_for_workers(train_ds, strat, len(shard_paths(records_dir, "seg", "train")))
     val_ds, val_steps = _val_data(records_dir, "seg", config, batch, replicas)
     steps = steps_per_epoch(records_dir, "seg", "train", batch, sc.steps_per_epoch)
 
     with strat.scope():
-        model = build_segmenter(sc)
+        model = build_segmenter(sc, sync_batchnorm=replicas > 1)
         load_encoder_weights(model, sc.weights)
         optimizer = keras.optimizers.AdamW(sc.learning_rate, weight_decay=sc.weight_decay)
         optimizer.build(model.trainable_variables)
@@ -158,7 +194,10 @@ def fit_segmenter(
         "records": to_plain(config.records),
         "crops": to_plain(config.crops),
     }
+    entry["weights_digest"] = weights_digest(final)
     update_pipeline(models_dir, "segmenter", entry)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     return entry
 
 
@@ -182,15 +221,19 @@ def fit_classifier(
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
     cc = config.classifier
-    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress)
+    # Several workers must not build the same crop records at once: multi-worker runs need them built first.
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress,
+                                    build=not _multiworker_requested(strategy))
     keras.utils.set_random_seed(cc.seed)
     policy = set_precision(precision)
     strat = make_strategy(strategy)
+    models_dir, logdir, scratch = _worker_dirs(strat, models_dir, logdir)
     replicas = strat.num_replicas_in_sync
     batch = cc.batch_size * replicas
     manifest = load_manifest(crops_dir)
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
+    train_ds = shard_for_workers(train_ds, strat, len(shard_paths(crops_dir, "crop", "train")))
     val_ds, val_steps = _val_data(crops_dir, "crop", config, batch, replicas)
     steps = steps_per_epoch(crops_dir, "crop", "train", batch, cc.steps_per_epoch)
 
@@ -224,7 +267,8 @@ def fit_classifier(
     fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
                                 CLASSIFIER_LAST_CONV)
 
-    final = keras.saving.load_model(models_dir / C.CLASSIFIER_KERAS, safe_mode=True)
+    # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
+    final = keras.saving.load_model(models_dir / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
     # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
     val = predict_records(final, crops_dir, "val", config, cc.batch_size)
     choice = choose_threshold(
@@ -255,7 +299,10 @@ def fit_classifier(
         "skin_tone": {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
                       "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)},
     }
+    entry["weights_digest"] = weights_digest(final)
     update_pipeline(models_dir, "classifier", entry)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     return entry
 
 

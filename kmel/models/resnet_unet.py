@@ -26,24 +26,25 @@ STAGE_ORDER = ("0", "1", "2", "3", "4")
 
 
 # === Layers ===
-def apply_conv_bn(x, filters: int, kernel: int, stride: int = 1, relu: bool = True, name: str = ""):
+def apply_conv_bn(x, filters: int, kernel: int, stride: int = 1, relu: bool = True, name: str = "", sync: bool = False):
     if stride > 1:
         x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
         x = layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False, name=f"{name}_conv")(x)
     else:
         x = layers.Conv2D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, synchronized=sync, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
-def apply_basic_block(x, filters: int, stride: int, name: str):
+def apply_basic_block(x, filters: int, stride: int, name: str, sync: bool = False):
     """ResNet basic block: two 3×3 conv-BN, identity or 1×1 projection shortcut, ReLU after the sum."""
     shortcut = x
     if stride != 1 or x.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_down_conv")(x)
-        shortcut = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}_down_bn")(shortcut)
-    y = apply_conv_bn(x, filters, 3, stride, name=f"{name}_1")
-    y = apply_conv_bn(y, filters, 3, 1, relu=False, name=f"{name}_2")
+        shortcut = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, synchronized=sync,
+                                             name=f"{name}_down_bn")(shortcut)
+    y = apply_conv_bn(x, filters, 3, stride, name=f"{name}_1", sync=sync)
+    y = apply_conv_bn(y, filters, 3, 1, relu=False, name=f"{name}_2", sync=sync)
     y = layers.Add(name=f"{name}_add")([y, shortcut])
     return layers.Activation("relu", name=f"{name}_out")(y)
 
@@ -64,33 +65,37 @@ def apply_scse(x, reduction: int = 16, name: str = ""):
     return layers.Add(name=f"{name}_scse")([cse, sse])
 
 
-def apply_decoder_block(x, skip, filters: int, dropout: float, name: str):
+def apply_decoder_block(x, skip, filters: int, dropout: float, name: str, sync: bool = False):
     x = layers.UpSampling2D(2, interpolation="bilinear", name=f"{name}_up")(x)
     if skip is not None:
         x = layers.Concatenate(name=f"{name}_concat")([x, skip])
-    x = apply_conv_bn(x, filters, 3, name=f"{name}_a")
-    x = apply_conv_bn(x, filters, 3, name=f"{name}_b")
+    x = apply_conv_bn(x, filters, 3, name=f"{name}_a", sync=sync)
+    x = apply_conv_bn(x, filters, 3, name=f"{name}_b", sync=sync)
     x = apply_scse(x, name=f"{name}_att")
     if dropout > 0:
         x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
     return x
 
 
-def apply_resnet_encoder(x, depths: tuple[int, ...], name: str = "encoder"):
-    x = apply_conv_bn(x, 64, 7, 2, name=f"{name}_stem")  # stride 2 -> encoder_stem_relu
+def apply_resnet_encoder(x, depths: tuple[int, ...], name: str = "encoder", sync: bool = False):
+    x = apply_conv_bn(x, 64, 7, 2, name=f"{name}_stem", sync=sync)  # stride 2 -> encoder_stem_relu
     x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
     x = layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x)
     for stage, (depth, filters) in enumerate(zip(depths, ENCODER_FILTERS), start=1):
         for block in range(depth):
             stride = 2 if (block == 0 and stage > 1) else 1
-            x = apply_basic_block(x, filters, stride, name=f"{name}_stage{stage}_block{block + 1}")
+            x = apply_basic_block(x, filters, stride, name=f"{name}_stage{stage}_block{block + 1}", sync=sync)
         x = layers.Identity(name=f"{name}_stage{stage}_out")(x)
     return x
 
 
 # === Functional Model ===
-def build_segmenter(config: SegmenterConfig) -> keras.Model:
-    """U-Net / ResNet encoder + scSE decoder: float32 images 0–255 [N,S,S,3] → lesion probability [N,S,S,1]."""
+def build_segmenter(config: SegmenterConfig, sync_batchnorm: bool = False) -> keras.Model:
+    """U-Net / ResNet encoder + scSE decoder: float32 images 0–255 [N,S,S,3] → lesion probability [N,S,S,1].
+
+    ``sync_batchnorm``: batch statistics over the global batch of all replicas (training with several
+    GPUs or workers), so every replica, and every worker, keeps the same moving statistics.
+    """
     if config.backbone not in ENCODER_DEPTHS:
         from kmel.config import ConfigError
 
@@ -106,12 +111,12 @@ def build_segmenter(config: SegmenterConfig) -> keras.Model:
     inputs = keras.Input((config.image_size, config.image_size, 3), name="images")
     x = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
     x = layers.Normalization(mean=IMAGENET_MEAN, variance=[s**2 for s in IMAGENET_STD], name="imagenet_norm")(x)
-    bottleneck = apply_resnet_encoder(x, ENCODER_DEPTHS[config.backbone])
+    bottleneck = apply_resnet_encoder(x, ENCODER_DEPTHS[config.backbone], sync=sync_batchnorm)
     encoder = keras.Model(inputs, bottleneck)
     skips = [encoder.get_layer(n).output for n in ENCODER_SKIPS] + [None]
     x = bottleneck
     for i, (skip, filters) in enumerate(zip(skips, config.decoder_filters)):
-        x = apply_decoder_block(x, skip, filters, config.dropout, name=f"decoder_block{i + 1}")
+        x = apply_decoder_block(x, skip, filters, config.dropout, name=f"decoder_block{i + 1}", sync=sync_batchnorm)
     x = layers.Conv2D(1, 1, name="head_conv")(x)
     outputs = layers.Activation("sigmoid", dtype="float32", name="mask")(x)
     return keras.Model(inputs, outputs, name="segmenter")

@@ -24,4 +24,5 @@ config = tiny_config(epochs=epochs)
 fit = fit_segmenter if kind == "seg" else fit_classifier
 entry = fit(records, models, config, logdir, strategy=strategy, precision=precision, verbose=0)
 print("RESULT " + json.dumps({"replicas": entry["replicas"], "precision": entry["precision"],
-                               "epochs_run": entry["epochs_run"], "metrics": entry["metrics"]}))
+                               "epochs_run": entry["epochs_run"], "metrics": entry["metrics"],
+                               "weights_digest": entry["weights_digest"]}))
