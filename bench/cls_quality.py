@@ -24,6 +24,7 @@ from _common import OUT
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (profile's by default)")
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument("--seg", default=str(OUT / "seg"), help="output folder of bench/seg_quality.py")
     parser.add_argument("--out", default=str(OUT / "cls"))
@@ -45,7 +46,8 @@ def main() -> None:
     if not (models / C.SEGMENTER_DIR).exists():
         shutil.copytree(seg_models / C.SEGMENTER_DIR, models / C.SEGMENTER_DIR)
         shutil.copy(seg_models / C.PIPELINE_JSON, models / C.PIPELINE_JSON)
-    config = load_config(args.profile, {"classifier.epochs": args.epochs})
+    config = load_config(args.profile, {"classifier.epochs": args.epochs,
+                                        "classifier.early_stopping_patience": args.patience})
 
     start = time.perf_counter()
     crops = ensure_crop_records(records, models, config)

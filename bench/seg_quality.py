@@ -29,7 +29,11 @@ def build_fixed_split_records(out: Path, config) -> Path:
 
     def fixed_split(table, *args, **kwargs):
         table = table.copy()
-        table["split"] = table["image_id"].map(labels).fillna("train")
+        # 2019 lists older images as ISIC_xxxxxxx_downsampled: match on the base id.
+        table["split"] = table["base_id"].map(labels)
+        missing = table["split"].isna()
+        if missing.any():
+            raise SystemExit(f"{int(missing.sum())} benchmark images have no fixed split: {table.loc[missing, 'image_id'].tolist()[:5]}")
         return table
 
     import kmel.records as records
