@@ -131,7 +131,8 @@ def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, w
         manifest = build_records(data_dir, out, config, progress=not quiet)
         click.echo(format_counts(manifest))
         click.echo(f"records, metadata.csv, skipped.csv and manifest.json in {out}")
-        return 1 if manifest["skipped"] else 0
+        problems = manifest["skipped"] or manifest["mask_issues"] or manifest["cleaning"]["masks_without_image"]
+        return 1 if problems else 0
 
     run(body)
 

@@ -244,6 +244,24 @@ def load_metadata(
             table = table[~mask].reset_index(drop=True)
 
     drop(table[C.COL_MALIGNANT].isna(), "no usable label (empty, NaN or unknown value)")
+    # Conflicting labels for one image (between sources, or twice in one file), found before any
+    # copy is dropped, so a label that disagrees with the kept copy's still counts.
+    multi = table[table.duplicated("base_id", keep=False)]
+    if len(multi):
+        spread = multi.groupby("base_id")[C.COL_MALIGNANT].agg(["min", "max"])
+        conflicting = spread[spread["min"] != spread["max"]].index
+        for base in conflicting:
+            rows = multi[multi["base_id"] == base]
+            report["conflicts"].append({
+                "image_id": base,
+                "labels": [{"source": s, "image_id": i, "malignant": float(m)} for s, i, m in
+                           zip(rows[C.COL_SOURCE], rows[C.COL_IMAGE_ID], rows[C.COL_MALIGNANT])],
+                "resolved": "malignant (any copy says malignant)",
+            })
+        worst = table.groupby("base_id")[C.COL_MALIGNANT].transform("max")
+        worst_mel = table.groupby("base_id")[C.COL_MELANOMA].transform("max")
+        table[C.COL_MALIGNANT] = worst
+        table[C.COL_MELANOMA] = worst_mel.where(table[C.COL_MELANOMA].notna() | worst_mel.notna())
     # Same image listed twice in one source (e.g. 2020 v1 and v2 both present): keep the first, the
     # v2 file sorts after v1 so prefer rows with a lesion id.
     table = table.sort_values([C.COL_SOURCE, C.COL_IMAGE_ID, C.COL_LESION], na_position="first", kind="stable")
@@ -260,24 +278,6 @@ def load_metadata(
             values = table.loc[rows, C.COL_IMAGE_ID].map(meta[col])
             table.loc[rows, col] = table.loc[rows, col].where(table.loc[rows, col].notna(), values)
 
-    # Conflicts between sources for one image, found before any copy is dropped,
-    # so a label that disagrees with the kept copy's still counts.
-    multi = table[table.duplicated("base_id", keep=False)]
-    if len(multi):
-        spread = multi.groupby("base_id")[C.COL_MALIGNANT].agg(["min", "max"])
-        conflicting = spread[spread["min"] != spread["max"]].index
-        for base in conflicting:
-            rows = multi[multi["base_id"] == base]
-            report["conflicts"].append({
-                "image_id": base,
-                "labels": {f"{s}:{i}": float(m) for s, i, m in
-                           zip(rows[C.COL_SOURCE], rows[C.COL_IMAGE_ID], rows[C.COL_MALIGNANT])},
-                "resolved": "malignant (any source says malignant)",
-            })
-        worst = table.groupby("base_id")[C.COL_MALIGNANT].transform("max")
-        worst_mel = table.groupby("base_id")[C.COL_MELANOMA].transform("max")
-        table[C.COL_MALIGNANT] = worst
-        table[C.COL_MELANOMA] = worst_mel.where(table[C.COL_MELANOMA].notna() | worst_mel.notna())
     # Duplicate lists.
     lists = _walk_files(data_dir, lambda n: n.lower().endswith(".txt") and "duplicate" in n.lower())
     listed: set[tuple[int | None, str]] = set()

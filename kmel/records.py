@@ -194,6 +194,8 @@ def build_records(
     table[C.COL_MASK_PATH] = [
         str(masks.get(i) or masks.get(b) or "") for i, b in zip(table[C.COL_IMAGE_ID], base)
     ]
+    known = set(table[C.COL_IMAGE_ID]) | set(base)
+    report["masks_without_image"] = sorted(str(masks[k]) for k in masks if k not in known)
     missing = table[table[C.COL_IMAGE_PATH] == ""]
     report["missing_images"] = {k: int(v) for k, v in missing[C.COL_SOURCE].value_counts().sort_index().items()}
     table = table[table[C.COL_IMAGE_PATH] != ""].reset_index(drop=True)
@@ -318,6 +320,16 @@ def format_counts(manifest: dict[str, Any]) -> str:
     skipped = len(manifest.get("skipped", []))
     missing = sum(manifest.get("cleaning", {}).get("missing_images", {}).values())
     lines.append(f"skipped (unreadable) images: {skipped}; labelled rows without an image: {missing}")
+    cleaning = manifest.get("cleaning", {})
+    masks = len(manifest.get("mask_issues", []))
+    orphans = len(cleaning.get("masks_without_image", []))
+    if masks or orphans:
+        lines.append(f"masks not used: {masks} (wrong size, empty or unreadable); masks without a labelled image: {orphans}")
+    if cleaning.get("unrecognised_files"):
+        lines.append(f"CSV files not recognised (header unknown): {len(cleaning['unrecognised_files'])}")
+    if cleaning.get("conflicts"):
+        lines.append(f"label conflicts resolved as malignant: {len(cleaning['conflicts'])}")
+    lines.append("details: manifest.json (cleaning, skipped, mask_issues) and skipped.csv")
     return "\n".join(lines)
 
 

@@ -107,8 +107,8 @@ def test_label_conflicts_reported_and_resolved_malignant(loaded):
     conflicts = {c["image_id"]: c for c in report["conflicts"]}
     assert sorted(conflicts) == ["ISIC_0000077", "ISIC_0000511", "ISIC_0010094"]
     for base, conflict in conflicts.items():
-        assert sorted(conflict["labels"].values()) == [0.0, 1.0] or 1.0 in conflict["labels"].values()
-        assert 0.0 in conflict["labels"].values()
+        labels = {entry["malignant"] for entry in conflict["labels"]}
+        assert labels == {0.0, 1.0} and len(conflict["labels"]) >= 2
         assert int(table.loc[table["base_id"] == base, C.COL_MALIGNANT].iloc[0]) == 1
 
 
@@ -197,3 +197,12 @@ def test_split_rejects_bad_fractions(loaded):
     small = apply_task(table.head(50), "malignant")
     with pytest.raises(ValueError):
         split_table(small, 0.6, 0.5, seed=0)
+
+
+def test_same_id_twice_in_one_file_with_conflicting_labels(tmp_path):
+    (tmp_path / "labels.csv").write_text("image_id,label\nA,benign\nA,malignant\nB,benign\nB,benign\n")
+    table, report = load_metadata(tmp_path)
+    assert sorted(table[C.COL_IMAGE_ID]) == ["A", "B"]
+    assert dict(zip(table[C.COL_IMAGE_ID], table[C.COL_MALIGNANT])) == {"A": 1, "B": 0}
+    assert [c["image_id"] for c in report["conflicts"]] == ["A"]
+    assert report["dropped"]["listed twice in one source (e.g. 2020 v1 and v2 both present)"] == 2
