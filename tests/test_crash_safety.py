@@ -72,3 +72,48 @@ def test_build_records_killed_and_rerun_gives_identical_manifest(tmp_path):
         for entries in resumed["shards"][kind].values():
             for entry in entries:
                 assert file_sha256(out / entry["file"]) == entry["sha256"]
+
+
+@pytest.mark.parametrize("model", ["seg", "cls"])
+def test_train_killed_mid_run_resumes_from_last_epoch(tmp_path, model):
+    """SIGKILL after two finished epochs; the same command again ends with every epoch exactly once."""
+    from kmel.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "data", n_images=48, seed=4, size=96)
+    profile = _profile(tmp_path)
+    data = yaml.safe_load(profile.read_text())
+    for section in ("segmenter", "classifier"):
+        data[section].update(epochs=4, steps_per_epoch=2)
+    data["segmenter"]["epochs"] = 1 if model == "cls" else 4
+    profile.write_text(yaml.safe_dump(data))
+    _build(tmp_path / "data", tmp_path / "rec", profile)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    models = tmp_path / "models"
+
+    def cmd(which: str) -> list[str]:
+        return [sys.executable, str(REPO / "cli.py"), "train", which, "--records", str(tmp_path / "rec"),
+                "--out", str(models), "--profile", str(profile), "--logdir", str(tmp_path / "runs"), "--quiet"]
+
+    if model == "cls":  # the classifier needs a segmenter (and its crops) first
+        subprocess.run(cmd("seg"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    name = "segmenter" if model == "seg" else "classifier"
+    history = models / f"{name}_history.csv"
+    proc = subprocess.Popen(cmd(model), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and history.read_text().count("\n") >= 3:  # header + epochs 0 and 1
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (models / f".backup-{name}").exists(), "a killed run leaves its backup"
+    rerun = subprocess.run(cmd(model), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    import pandas as pd
+
+    epochs = pd.read_csv(history)["epoch"].tolist()
+    assert epochs == [0, 1, 2, 3], "no epoch repeated or lost across the kill"
+    pipeline = json.loads((models / "pipeline.json").read_text())
+    assert pipeline[name]["epochs_run"] == 4
+    assert not (models / f".backup-{name}").exists()
