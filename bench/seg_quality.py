@@ -3,7 +3,8 @@
 
 usage: python bench/seg_quality.py [--epochs N] [--profile cpu-small] [--out bench/out/seg]
 The fixed train/val/test partition of labels.csv is used (not kmel's own split), so numbers are
-comparable across runs and with the hand-crafted Otsu floor (mean Jaccard 0.55).
+comparable across runs and with the model-free Otsu mask of kmel.lesion (measured on the same
+594 test images: mean Jaccard 0.635, thresholded Jaccard 0.463).
 """
 
 from __future__ import annotations
