@@ -8,6 +8,7 @@ TensorBoard → best weights → ``.keras`` + SavedModel → metrics → ``pipel
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -237,13 +238,15 @@ def fit_classifier(
     val_ds, val_steps = _val_data(crops_dir, "crop", config, batch, replicas)
     steps = steps_per_epoch(crops_dir, "crop", "train", batch, cc.steps_per_epoch)
 
+    # Pretrained BatchNorm statistics stay frozen; from scratch they must be learned.
+    freeze_bn = cc.weights not in ("none", "", None)
     with strat.scope():
         model = build_classifier(cc)
         schedule = OneCycleSchedule(cc.max_learning_rate, total_steps=steps * cc.epochs,
                                     warmup_fraction=cc.warmup_fraction)
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=cc.weight_decay)
         optimizer.build(model.trainable_variables)
-        set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0))
+        set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0), freeze_bn)
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.BinaryFocalCrossentropy(
@@ -258,7 +261,7 @@ def fit_classifier(
     v_images, v_targets, v_groups = take_numpy(val_meta, 256)
     callbacks, best = _callbacks(
         "classifier", models_dir, logdir, cc.early_stopping_patience,
-        [StagedUnfreezing(cc.unfreeze, set_trainable_blocks),
+        [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
          GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups)],
     )
     model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,

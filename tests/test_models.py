@@ -235,3 +235,12 @@ def test_segmenter_whole_model_weights_file(tmp_path):
     other = _seg(decoder_filters=[32, 32, 16, 8, 8])
     with pytest.raises(WeightsError, match="cannot be loaded"):
         load_encoder_weights(other, str(tmp_path / "seg.weights.h5"))
+
+
+def test_from_scratch_classifier_learns_its_batchnorm():
+    model = _cls()
+    set_trainable_blocks(model, "all", freeze_batchnorm=False)
+    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn and all(layer.trainable for layer in bn)
+    set_trainable_blocks(model, "top", freeze_batchnorm=False)
+    assert model.get_layer("top_bn").trainable and not model.get_layer("block1a_bn").trainable

@@ -36,22 +36,25 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     return keras.Model(inputs, outputs, name="classifier")
 
 
-def set_trainable_blocks(model: keras.Model, stage: str) -> None:
+def set_trainable_blocks(model: keras.Model, stage: str, freeze_batchnorm: bool = True) -> None:
     """``head``: only the head; ``top``: head + block6/block7 + top conv; ``all``: every layer.
 
-    BatchNormalization stays frozen (inference mode) in every stage: with the small batches a
-    512 px EfficientNet allows, batch statistics would be too noisy to update.
+    ``freeze_batchnorm`` (for pretrained weights): BatchNormalization stays frozen (inference mode)
+    in every stage — with the small batches a 512 px EfficientNet allows, batch statistics would be
+    too noisy to update, and they would overwrite the ImageNet statistics. From scratch
+    (``--weights none``) BatchNorm must learn, so it follows its block.
     """
     if stage not in ("head", "top", "all"):
         raise ConfigError(f"classifier unfreeze stage must be head, top or all, got {stage!r}")
     for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            layer.trainable = False
-        elif layer.name in HEAD_LAYERS:
-            layer.trainable = True
+        if layer.name in HEAD_LAYERS:
+            trainable = True
         elif stage == "all":
-            layer.trainable = True
+            trainable = True
         elif stage == "top":
-            layer.trainable = layer.name.startswith(TOP_BLOCK_PREFIXES)
+            trainable = layer.name.startswith(TOP_BLOCK_PREFIXES)
         else:
-            layer.trainable = False
+            trainable = False
+        if freeze_batchnorm and isinstance(layer, layers.BatchNormalization):
+            trainable = False
+        layer.trainable = trainable
