@@ -235,3 +235,37 @@ def test_predict_killed_with_sigkill_then_rerun_loses_nothing(pipeline, tmp_path
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     rows = pd.read_csv(out, dtype=str)
     assert len(rows) == 300 and rows["path"].is_unique and (rows["status"] == "ok").all()
+
+
+def test_exported_classifier_matches_the_keras_model(pipeline):
+    import keras
+    import tensorflow as tf
+
+    models = pipeline["models"]
+    model = keras.saving.load_model(models / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
+    serve = tf.saved_model.load(str(models / C.CLASSIFIER_DIR)).signatures["serve"]
+    size = model.input_shape[1]
+    batch = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
+    exported = next(iter(serve(tf.constant(batch)).values())).numpy().reshape(-1)
+    np.testing.assert_allclose(exported, model.predict(batch, verbose=0).reshape(-1), atol=1e-5)
+    history = pd.read_csv(models / "classifier_history.csv")
+    assert len(history) == 2 and np.isfinite(history["loss"]).all()
+
+
+def test_classifier_under_mirrored_strategy_over_two_logical_cpus(pipeline, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    shutil.copytree(pipeline["models"], models)  # the segmenter and its crop records are reused
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "cls", str(pipeline["records"]), str(models),
+         str(tmp_path / "runs"), "mirrored", "2", "1", "float32"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["replicas"] == 2 and result["metrics"]["n"] > 0  # report on the test split
