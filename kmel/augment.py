@@ -1,9 +1,12 @@
 """Training-time augmentation inside tf.data: TensorFlow / Keras ops only (graph side).
 
-Applied to whole batches after ``batch()``. Geometric transforms use Keras 3 layers, which move
-``{"images", "segmentation_masks"}`` together and keep masks binary; photometric ones touch the
-image only. Synthetic hair and local contrast are kmel's own ops, driven by stateless random
-numbers seeded from ``(seed, batch index)`` so a run is reproducible.
+Applied to whole batches after ``batch()``. Flips, rotation, zoom, shear and shift are composed
+into one affine map per image and applied in a single resampling (image and mask together, the
+mask thresholded back to 0/1); colour jitter and blur are a few batched multiply-adds. Chaining the
+equivalent Keras preprocessing layers resampled every batch five times and was the input
+pipeline's bottleneck (bench/input_pipeline.py). The elastic warp and coarse dropout of the
+classifier stay Keras layers. kmel's own ops draw stateless random numbers from
+``(seed, batch index)``, so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 VALUE_RANGE = (0.0, 255.0)
@@ -69,68 +73,148 @@ def apply_gaussian_noise(images: tf.Tensor, seed: tf.Tensor, max_std: float = 8.
     return tf.clip_by_value(images + noise, *VALUE_RANGE)
 
 
-def _geometric_layers(seed: int) -> list[keras.layers.Layer]:
-    return [
-        keras.layers.RandomFlip("horizontal_and_vertical", seed=seed),
-        keras.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed + 1),
-        keras.layers.RandomZoom((-0.15, 0.15), fill_mode="reflect", seed=seed + 2),
-        keras.layers.RandomTranslation(0.08, 0.08, fill_mode="reflect", seed=seed + 3),
-        keras.layers.RandomShear(0.08, 0.08, fill_mode="reflect", seed=seed + 4),
-    ]
+def random_affine_transforms(
+    batch: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    seed: tf.Tensor,
+    rotation: float = 1.0,
+    zoom: float = 0.15,
+    translation: float = 0.08,
+    shear: float = 0.08,
+) -> tf.Tensor:
+    """Per-image output→input maps ``[batch, 8]`` for ``ImageProjectiveTransformV3``: random flips,
+    rotation (± ``rotation``·π), zoom (scale 1 ± ``zoom``), shear and translation (fractions of
+    the side) composed into one affine matrix, so a batch is interpolated once, not five times."""
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    theta = tf.random.stateless_uniform([batch], seeds[0], -rotation * np.pi, rotation * np.pi)
+    scale = tf.random.stateless_uniform([batch], seeds[1], 1.0 - zoom, 1.0 + zoom)
+    flips = tf.where(tf.random.stateless_uniform([batch, 2], seeds[2]) < 0.5, -1.0, 1.0)
+    sh = tf.random.stateless_uniform([batch], seeds[3], -shear, shear)
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    shift = tf.random.stateless_uniform([batch, 2], seeds[4], -translation, translation) * tf.stack([w, h])
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    # A = R(theta) @ [[1, sh], [0, 1]] @ diag(flip_x, flip_y) / scale  (output offset → input offset)
+    a00 = cos * flips[:, 0] / scale
+    a01 = (cos * sh - sin) * flips[:, 1] / scale
+    a10 = sin * flips[:, 0] / scale
+    a11 = (sin * sh + cos) * flips[:, 1] / scale
+    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+    a02 = cx + shift[:, 0] - a00 * cx - a01 * cy
+    a12 = cy + shift[:, 1] - a10 * cx - a11 * cy
+    zeros = tf.zeros_like(a00)
+    return tf.stack([a00, a01, a02, a10, a11, a12, zeros, zeros], axis=1)
 
 
-def _photometric_layers(seed: int, strong: bool) -> list[keras.layers.Layer]:
-    layers = [
-        keras.layers.RandomColorJitter(
-            value_range=VALUE_RANGE,
-            brightness_factor=0.15,
-            contrast_factor=0.2,
-            saturation_factor=(0.35, 0.65) if strong else (0.45, 0.55),
-            hue_factor=0.03 if strong else 0.0,
-            seed=seed + 10,
-        ),
-        keras.layers.RandomGaussianBlur(factor=0.5, sigma=(0.1, 1.2), value_range=VALUE_RANGE, seed=seed + 11),
-    ]
-    return layers
+def apply_random_affine(images: tf.Tensor, seed: tf.Tensor, masks: tf.Tensor | None = None, **ranges: float):
+    """One bilinear, reflect-padded resampling of images (and masks, thresholded back to 0/1)."""
+    shape = tf.shape(images)
+    transforms = random_affine_transforms(shape[0], shape[1], shape[2], seed, **ranges)
+    channels = images.shape[-1]
+    stacked = images if masks is None else tf.concat([images, tf.cast(masks, images.dtype)], axis=-1)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=stacked, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="REFLECT",
+    )
+    out.set_shape(stacked.shape)
+    if masks is None:
+        return out
+    return out[..., :channels], tf.cast(out[..., channels:] > 0.5, masks.dtype)
+
+
+def apply_color_jitter(
+    images: tf.Tensor,
+    seed: tf.Tensor,
+    brightness: float = 0.15,
+    contrast: float = 0.2,
+    saturation: float = 0.3,
+    hue: float = 0.03,
+) -> tf.Tensor:
+    """Per-image brightness (± fraction of 255), contrast and saturation (× 1 ± factor) and hue
+    (a rotation of the chroma plane in YIQ by ± ``hue``·2π): a few multiply-adds, no HSV round trip."""
+    b = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    images = images + tf.random.stateless_uniform([b, 1, 1, 1], seeds[0], -brightness, brightness) * 255.0
+    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+    images = mean + (images - mean) * tf.random.stateless_uniform([b, 1, 1, 1], seeds[1], 1 - contrast, 1 + contrast)
+    # RGB → YIQ, scale and rotate (I, Q), back: one 3×3 matrix per image.
+    to_yiq = tf.constant([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = tf.linalg.inv(to_yiq)
+    sat = tf.random.stateless_uniform([b], seeds[2], 1 - saturation, 1 + saturation)
+    angle = tf.random.stateless_uniform([b], seeds[3], -hue, hue) * 2.0 * np.pi
+    cos, sin = tf.cos(angle) * sat, tf.sin(angle) * sat
+    one, zero = tf.ones_like(cos), tf.zeros_like(cos)
+    chroma = tf.reshape(tf.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], axis=1), [b, 3, 3])
+    matrix = tf.einsum("ij,bjk,kl->bil", from_yiq, chroma, to_yiq)  # rgb_out = M @ rgb_in
+    images = tf.einsum("bhwc,bdc->bhwd", images, matrix)
+    return tf.clip_by_value(images, *VALUE_RANGE)
+
+
+def apply_random_blur(
+    images: tf.Tensor, seed: tf.Tensor, probability: float = 0.5, sigma: tuple[float, float] = (0.1, 1.2)
+) -> tf.Tensor:
+    """Separable 5-tap Gaussian blur with a per-image sigma on a random subset of the batch
+    (batch folded into channels: one depthwise convolution for the whole batch)."""
+    shape = tf.shape(images)
+    b, h, w, c = shape[0], shape[1], shape[2], images.shape[-1]
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    s = tf.random.stateless_uniform([b], seeds[0], *sigma)
+    on = tf.random.stateless_uniform([b], seeds[1]) < probability
+    taps = tf.constant([-2.0, -1.0, 0.0, 1.0, 2.0])
+    kernel = tf.exp(-(taps[None, :] ** 2) / (2.0 * s[:, None] ** 2))
+    kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
+    identity = tf.constant([0.0, 0.0, 1.0, 0.0, 0.0])
+    kernel = tf.where(on[:, None], kernel, identity[None, :])  # [b, 5]
+    kernel = tf.repeat(kernel, c, axis=0)  # [b*c, 5], channel-major per image
+    folded = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, h, w, b * c])
+    padded = tf.pad(folded, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
+    kx = tf.reshape(tf.transpose(kernel), [1, 5, b * c, 1])
+    ky = tf.reshape(tf.transpose(kernel), [5, 1, b * c, 1])
+    out = tf.nn.depthwise_conv2d(padded, kx, [1, 1, 1, 1], "VALID")
+    out = tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "VALID")
+    out = tf.transpose(tf.reshape(out, [h, w, b, c]), [2, 0, 1, 3])
+    out.set_shape(images.shape)
+    return out
+
+
+def _step_seeds(seed: int, batch_index: tf.Tensor, n: int) -> tf.Tensor:
+    step_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(batch_index, tf.int64)])
+    return tf.random.experimental.stateless_split(step_seed, n)
 
 
 def make_seg_augmenter(seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """``fn(images, masks, batch_index) -> (images, masks)`` for segmentation batches."""
-    geometric = _geometric_layers(seed)
-    photometric = _photometric_layers(seed, strong=False)
+    """``fn(images, masks, batch_index) -> (images, masks)`` for segmentation batches: one affine
+    resampling (flips, any rotation, zoom, shear, shift) of image and mask together, mild colour
+    jitter, blur, synthetic hair and local contrast. Random numbers come from ``(seed, batch_index)``."""
 
     def augment(images: tf.Tensor, masks: tf.Tensor, batch_index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        data = {"images": images, "segmentation_masks": masks}
-        for layer in geometric:
-            data = layer(data, training=True)
-        images, masks = data["images"], data["segmentation_masks"]
-        for layer in photometric:
-            images = layer(images, training=True)
-        step_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(batch_index, tf.int64)])
-        s = tf.random.experimental.stateless_split(step_seed, 2)
-        images = apply_random_hair(images, s[0])
-        images = apply_local_contrast(images, s[1])
-        return tf.clip_by_value(images, *VALUE_RANGE), tf.cast(masks > 0.5, tf.float32)
+        s = _step_seeds(seed, batch_index, 5)
+        images, masks = apply_random_affine(images, s[0], masks)
+        images = apply_color_jitter(images, s[1], saturation=0.1, hue=0.0)
+        images = apply_random_blur(images, s[2])
+        images = apply_random_hair(images, s[3])
+        images = apply_local_contrast(images, s[4])
+        return tf.clip_by_value(images, *VALUE_RANGE), masks
 
     return augment
 
 
 def make_cls_augmenter(seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """``fn(images, batch_index) -> images`` for classifier batches (crops)."""
-    layers = (
-        _geometric_layers(seed)
-        + _photometric_layers(seed, strong=True)
-        + [
-            keras.layers.RandomElasticTransform(factor=0.5, scale=0.05, value_range=VALUE_RANGE, seed=seed + 20),
-            keras.layers.RandomErasing(factor=0.3, scale=(0.02, 0.08), value_range=VALUE_RANGE, seed=seed + 21),
-        ]
-    )
+    """``fn(images, batch_index) -> images`` for classifier batches (crops): affine, stronger colour
+    jitter (hue and saturation), blur, elastic-like warp and coarse dropout (Keras layers), noise."""
+    layers = [
+        keras.layers.RandomElasticTransform(factor=0.5, scale=0.05, value_range=VALUE_RANGE, seed=seed + 20),
+        keras.layers.RandomErasing(factor=0.3, scale=(0.02, 0.08), value_range=VALUE_RANGE, seed=seed + 21),
+    ]
 
     def augment(images: tf.Tensor, batch_index: tf.Tensor) -> tf.Tensor:
+        s = _step_seeds(seed, batch_index, 4)
+        images = apply_random_affine(images, s[0])
+        images = apply_color_jitter(images, s[1], saturation=0.3, hue=0.03)
+        images = apply_random_blur(images, s[2])
         for layer in layers:
             images = layer(images, training=True)
-        step_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(batch_index, tf.int64)])
-        images = apply_gaussian_noise(images, step_seed)
+        images = apply_gaussian_noise(images, s[3])
         return tf.clip_by_value(images, *VALUE_RANGE)
 
     return augment

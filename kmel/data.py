@@ -21,16 +21,32 @@ from kmel.tfrecord import parse_example
 KINDS = ("seg", "img", "crop")
 
 
+def _is_size(image: tf.Tensor, size: int) -> tf.Tensor:
+    shape = tf.shape(image)
+    return tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+
+
 def _decode_image(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
+    """JPEG → float32 0–255 at size × size; records already at that size (seg records, crops at the
+    classifier size) skip the resize, which otherwise costs as much as the decoding."""
     image = tf.io.decode_jpeg(record[C.F_IMAGE], channels=3)
-    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    image = tf.cond(
+        _is_size(image, size),
+        lambda: tf.cast(image, tf.float32),
+        lambda: tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear", antialias=True), 0.0, 255.0),
+    )
+    return tf.ensure_shape(image, [size, size, 3])
 
 
 def _decode_mask(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
     mask = tf.io.decode_png(record[C.F_MASK], channels=1)
-    mask = tf.image.resize(tf.cast(mask, tf.float32) / 255.0, [size, size], method="bilinear")
-    return tf.cast(mask > 0.5, tf.float32)
+    mask = tf.cond(
+        _is_size(mask, size),
+        lambda: tf.cast(mask > 127, tf.float32),
+        lambda: tf.cast(tf.image.resize(tf.cast(mask, tf.float32) / 255.0, [size, size], method="bilinear") > 0.5,
+                        tf.float32),
+    )
+    return tf.ensure_shape(mask, [size, size, 1])
 
 
 def _parse_eval_data(

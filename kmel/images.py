@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from kmel.constants import IMAGE_EXTENSIONS
 
 DEFAULT_MAX_PIXELS = 200_000_000
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageReadError(Exception):
@@ -60,8 +61,16 @@ def _decode_16bit_png(data: bytes) -> np.ndarray | None:
     return cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)
 
 
-def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode image bytes to RGB uint8 H×W×3; raises :class:`ImageReadError`."""
+def _draft_size(size: tuple[int, int], min_long_side: int) -> tuple[int, int]:
+    """Pillow ``draft`` request keeping the aspect, so the reduction is set by the long side alone."""
+    w, h = size
+    scale = min_long_side / max(w, h)
+    return max(1, int(np.ceil(w * scale))), max(1, int(np.ceil(h * scale)))
+
+
+def _decode(
+    data: bytes, name: str, max_pixels: int, min_long_side: int = 0
+) -> tuple[np.ndarray, tuple[int, int]]:
     if not data:
         raise ImageReadError(f"{name}: empty file (0 bytes)")
     previous = Image.MAX_IMAGE_PIXELS
@@ -74,13 +83,18 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAU
                 raise ImageReadError(
                     f"{name}: {img.width}x{img.height} is larger than the {max_pixels:,} pixel limit"
                 )
+            w, h = img.size
+            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored rotated by 90°
+                w, h = h, w
+            if min_long_side and img.format == "JPEG" and max(w, h) >= 2 * min_long_side:
+                img.draft("RGB", _draft_size(img.size, min_long_side))
             img.load()
             if img.format == "PNG" and len(data) > 24 and data[24] == 16:  # IHDR bit depth
                 deep = _decode_16bit_png(data)
                 if deep is not None:
-                    return np.ascontiguousarray(ImageOps.exif_transpose(Image.fromarray(deep)))
+                    return np.ascontiguousarray(ImageOps.exif_transpose(Image.fromarray(deep))), (h, w)
             img = ImageOps.exif_transpose(img)
-            return np.ascontiguousarray(_to_rgb(img))
+            return np.ascontiguousarray(_to_rgb(img)), (h, w)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -91,6 +105,23 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAU
         raise ImageReadError(f"{name}: truncated or corrupt image data ({exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to RGB uint8 H×W×3; raises :class:`ImageReadError`."""
+    return _decode(data, name, max_pixels)[0]
+
+
+def load_image_reduced(
+    data: bytes, min_long_side: int, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`load_image_bytes`, but a JPEG at least twice ``min_long_side`` is decoded at
+    1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg scaling via Pillow ``draft``): the largest
+    reduction whose long side stays ≥ ``min_long_side``. Several times faster on multi-megapixel
+    photographs that are shrunk anyway. Returns the image and the file's full (height, width)
+    after EXIF orientation.
+    """
+    return _decode(data, name, max_pixels, min_long_side)
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

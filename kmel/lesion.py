@@ -212,6 +212,15 @@ def ita_angle(l_star: float, b_star: float) -> float:
     return math.degrees(math.atan((l_star - 50.0) / max(b_star, 0.5)))
 
 
+def _median_int(values: np.ndarray, n_bins: int) -> float:
+    """``np.median`` of non-negative integer-valued data (any dtype) through a histogram."""
+    counts = np.cumsum(np.bincount(values.astype(np.int64).ravel(), minlength=n_bins))
+    n = int(counts[-1])
+    low = int(np.searchsorted(counts, (n - 1) // 2, side="right"))
+    high = int(np.searchsorted(counts, n // 2, side="right"))
+    return (low + high) / 2.0
+
+
 def estimate_skin_tone(image_rgb: np.ndarray, lesion_mask: np.ndarray | None, config: CropsConfig) -> SkinTone:
     """Skin tone from the skin around the lesion: brightness group and ITA category.
 
@@ -228,7 +237,9 @@ def estimate_skin_tone(image_rgb: np.ndarray, lesion_mask: np.ndarray | None, co
     if lesion_mask is not None and lesion_mask.any():
         lesion = cv2.resize(lesion_mask.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST)
         lesion = cv2.dilate(lesion, _ellipse(_odd(0.04 * max(sh, sw))))
-    bright = small.astype(np.float32).mean(axis=2)
+    # Sum of R+G+B as exact integers 0–765 (float32): mean brightness is sum / 3, and medians of
+    # integer data come from a histogram, several times faster than np.median on 50k pixels.
+    rgb_sum = cv2.transform(small.astype(np.float32), np.ones((1, 3), np.float32))
     skin = lesion == 0
     border = int(round(config.skin_border * max(sh, sw)))
     if border and min(sh, sw) > 4 * border:
@@ -236,16 +247,16 @@ def estimate_skin_tone(image_rgb: np.ndarray, lesion_mask: np.ndarray | None, co
         inner[border : sh - border, border : sw - border] = True
         skin &= inner
     if skin.any():
-        skin &= bright >= 0.5 * np.median(bright[skin])
+        skin &= rgb_sum >= 0.5 * _median_int(rgb_sum[skin], 766)
     skin &= hair_mask(small, config, scale=max(sh, sw) / 512) == 0
     if skin.sum() < config.skin_min_pixels:
         skin = lesion == 0
         if not skin.any():
             skin = np.ones((sh, sw), bool)
-    brightness = float(bright[skin].mean())
-    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
-    l_star = float(np.median(lab[..., 0][skin])) * 100.0 / 255.0
-    b_star = float(np.median(lab[..., 2][skin])) - 128.0
+    brightness = float(rgb_sum[skin].mean(dtype=np.float64)) / 3.0
+    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB)
+    l_star = _median_int(lab[..., 0][skin], 256) * 100.0 / 255.0
+    b_star = _median_int(lab[..., 2][skin], 256) - 128.0
     ita = ita_angle(l_star, b_star)
     group, category = _group(brightness), _ita_category(ita)
     return SkinTone(group, SKIN_TONE_GROUPS[group], brightness, ita, category, ITA_CATEGORIES[category],

@@ -23,7 +23,7 @@ from kmel.images import (
     ImageReadError,
     encode_jpeg,
     encode_png,
-    load_image_bytes,
+    load_image_reduced,
     pad_to_square,
     resize_long_side,
 )
@@ -59,19 +59,27 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _load_mask(mask_path: str, image_shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
-    """Binary 0/1 mask at the image's size, or (None, reason it was not used)."""
+def _load_mask(
+    mask_path: str, full_shape: tuple[int, int], shape: tuple[int, int]
+) -> tuple[np.ndarray | None, str]:
+    """Binary 0/1 mask at ``shape`` (the decoded image's size) or (None, reason it was not used).
+
+    ``full_shape`` is the image file's own size: the mask must have its aspect ratio.
+    """
     raw = cv2.imread(mask_path, cv2.IMREAD_UNCHANGED)
     if raw is None:
         return None, f"mask {mask_path}: cannot be read"
     if raw.ndim == 3:
         raw = raw.max(axis=2)
-    h, w = image_shape
+    fh, fw = full_shape
+    h, w = shape
     mh, mw = raw.shape[:2]
+    if abs(mw / mh - fw / fh) > MASK_ASPECT_TOLERANCE * (fw / fh):
+        return None, f"mask {mask_path}: size {mw}x{mh} does not match image {fw}x{fh}"
     if (mh, mw) != (h, w):
-        if abs(mw / mh - w / h) > MASK_ASPECT_TOLERANCE * (w / h):
-            return None, f"mask {mask_path}: size {mw}x{mh} does not match image {w}x{h}"
-        raw = cv2.resize(raw, (w, h), interpolation=cv2.INTER_NEAREST)
+        # Area averaging when shrinking (a DCT-reduced image), then the threshold below re-binarises.
+        interp = cv2.INTER_AREA if mh > h else cv2.INTER_NEAREST
+        raw = cv2.resize(raw, (w, h), interpolation=interp)
     mask = (raw > (raw.max() / 2 if raw.max() > 0 else 0)).astype(np.uint8)
     if mask.sum() == 0:
         return None, f"mask {mask_path}: empty (all zeros)"
@@ -91,10 +99,11 @@ def prepare_image(task: PrepareTask) -> dict[str, Any]:
     except OSError as exc:
         return {"image_id": task.image_id, "error": f"{task.image_path}: cannot read file ({exc.strerror or exc})"}
     try:
-        image = load_image_bytes(data, name=task.image_path)
+        # Nothing downstream needs more than the larger record size: large JPEGs decode reduced.
+        need = max(task.records.image_size, task.records.seg_size)
+        image, (h, w) = load_image_reduced(data, need, name=task.image_path)
     except ImageReadError as exc:
         return {"image_id": task.image_id, "error": str(exc)}
-    h, w = image.shape[:2]
     result: dict[str, Any] = {
         "image_id": task.image_id,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -105,7 +114,7 @@ def prepare_image(task: PrepareTask) -> dict[str, Any]:
     }
     mask = None
     if task.mask_path:
-        mask, note = _load_mask(task.mask_path, (h, w))
+        mask, note = _load_mask(task.mask_path, (h, w), image.shape[:2])
         result["mask_note"] = note
 
     small = resize_long_side(image, task.records.image_size)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from kmel.augment import apply_local_contrast, apply_random_hair, make_cls_augmenter, make_seg_augmenter
+from kmel.augment import (
+    apply_color_jitter,
+    apply_local_contrast,
+    apply_random_affine,
+    apply_random_blur,
+    apply_random_hair,
+    make_cls_augmenter,
+    make_seg_augmenter,
+)
 
 
 def _batch(n=4, size=48):
@@ -54,3 +62,58 @@ def test_cls_augmenter_runs_in_tf_data():
     ds = tf.data.Dataset.from_tensor_slices(images).batch(2).enumerate().map(lambda i, x: aug(x, i))
     out = np.concatenate([b.numpy() for b in ds])
     assert out.shape == images.shape and np.isfinite(out).all()
+
+
+def test_affine_with_only_flips_gives_the_four_exact_flips():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (1, 24, 24, 3)).astype(np.float32)
+    batch = tf.constant(np.repeat(image, 64, axis=0))
+    out = apply_random_affine(batch, tf.constant([5, 6], tf.int64), rotation=0.0, zoom=0.0, translation=0.0,
+                              shear=0.0).numpy()
+    flips = [image[0], image[0][:, ::-1], image[0][::-1], image[0][::-1, ::-1]]
+    seen = [int(np.argmin([np.abs(o - f).max() for f in flips])) for o in out]
+    assert all(np.abs(o - flips[k]).max() < 1e-3 for o, k in zip(out, seen))
+    assert set(seen) == {0, 1, 2, 3}
+
+
+def test_affine_moves_mask_with_image_and_is_reproducible():
+    images, masks = _batch(n=16, size=64)
+    seed = tf.constant([1, 9], tf.int64)
+    out_images, out_masks = apply_random_affine(images, seed, masks)
+    again, _ = apply_random_affine(images, seed, masks)
+    np.testing.assert_array_equal(out_images.numpy(), again.numpy())
+    other, _ = apply_random_affine(images, tf.constant([1, 10], tf.int64), masks)
+    assert np.abs(other.numpy() - out_images.numpy()).max() > 1
+    m = out_masks.numpy()[..., 0]
+    assert set(np.unique(m)) <= {0.0, 1.0}
+    grey = out_images.numpy().mean(axis=-1)
+    # The dark square (60) moves with its mask; the area is kept within the zoom range (0.85–1.15)².
+    assert (grey[m > 0.5] < 120).mean() > 0.95 and (grey[m < 0.5] > 120).mean() > 0.95
+    area = m.sum(axis=(1, 2)) / masks.numpy()[..., 0].sum(axis=(1, 2))
+    assert ((area > 0.6) & (area < 1.5)).all(), area
+
+
+def test_color_jitter_keeps_grey_grey_and_hue_keeps_luma():
+    rng = np.random.default_rng(1)
+    grey = np.repeat(rng.uniform(40, 200, (8, 16, 16, 1)), 3, axis=-1).astype(np.float32)
+    out = apply_color_jitter(tf.constant(grey), tf.constant([0, 3], tf.int64), saturation=0.9, hue=0.2).numpy()
+    assert np.abs(out - grey).max() > 5  # brightness / contrast did change it
+    assert np.abs(out - out.mean(axis=-1, keepdims=True)).max() < 0.05  # but no colour appeared
+    colour = rng.uniform(60, 190, (8, 16, 16, 3)).astype(np.float32)
+    hued = apply_color_jitter(tf.constant(colour), tf.constant([0, 4], tf.int64), brightness=0.0, contrast=0.0,
+                              saturation=0.0, hue=0.05).numpy()
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(hued @ luma, colour @ luma, atol=0.05)
+    assert np.abs(hued - colour).max() > 3
+
+
+def test_blur_is_per_image_and_normalised():
+    rng = np.random.default_rng(2)
+    noise = rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    flat = np.full((1, 32, 32, 3), 100.0, np.float32)
+    batch = tf.constant(np.concatenate([noise, flat]))
+    out = apply_random_blur(batch, tf.constant([0, 1], tf.int64), probability=1.0, sigma=(1.0, 1.2)).numpy()
+    np.testing.assert_allclose(out[1], flat[0], atol=1e-3)  # no bleeding between images in the batch
+    assert out[0].std() < 0.7 * noise.std()
+    same = apply_random_blur(batch, tf.constant([0, 1], tf.int64), probability=0.0).numpy()
+    np.testing.assert_allclose(same, batch.numpy(), atol=1e-3)

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kmel.images import ImageReadError, list_images, load_image, pad_to_square, resize_long_side
+from kmel.images import (
+    ImageReadError,
+    list_images,
+    load_image,
+    load_image_bytes,
+    load_image_reduced,
+    pad_to_square,
+    resize_long_side,
+)
 
 
 def _jpeg(rgb: np.ndarray, **kwargs) -> bytes:
@@ -133,6 +141,42 @@ def test_exif_orientation_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     img.save(path, exif=exif.tobytes())
     assert load_image(path).shape == (60, 40, 3)
+
+
+def _photo(h: int, w: int) -> np.ndarray:
+    """Smooth, photo-like content (JPEG's DCT scaling is exact only where detail is coarse)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 128 + 100 * np.sin(x / 97.0) * np.cos(y / 131.0)
+    g = 120 + 80 * np.cos((x + y) / 173.0)
+    b = 90 + 60 * np.sin(y / 59.0)
+    return np.clip(np.stack([r, g, b], axis=2), 0, 255).astype(np.uint8)
+
+
+def test_reduced_decode_matches_full_decode_and_reports_full_size():
+    data = _jpeg(_photo(1600, 2400))
+    full = load_image_bytes(data)
+    reduced, size = load_image_reduced(data, 512)
+    assert size == (1600, 2400)
+    assert reduced.shape == (400, 600, 3)  # 1/4: the largest reduction with a long side >= 512
+    reference = cv2.resize(full, (600, 400), interpolation=cv2.INTER_AREA)
+    assert np.abs(reduced.astype(int) - reference.astype(int)).mean() < 2.0
+    # Not reduced: small JPEGs (< 2x the need), PNGs, and no request at all.
+    assert load_image_reduced(data, 900)[0].shape == (800, 1200, 3)
+    assert load_image_reduced(data, 1300)[0].shape == (1600, 2400, 3)
+    buf = io.BytesIO()
+    Image.fromarray(_photo(1600, 2400)).save(buf, "PNG")
+    assert load_image_reduced(buf.getvalue(), 256)[0].shape == (1600, 2400, 3)
+
+
+def test_reduced_decode_applies_exif_orientation():
+    img = Image.fromarray(_photo(800, 1200))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    reduced, size = load_image_reduced(buf.getvalue(), 256)
+    assert size == (1200, 800)  # as shown, not as stored
+    assert reduced.shape == (300, 200, 3)
 
 
 def test_float_tiff_and_one_pixel_image(tmp_path):

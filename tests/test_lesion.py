@@ -181,3 +181,14 @@ def test_enhancement_changes_contrast_not_shape():
     out = enhance_for_segmentation(image, CFG)
     assert out.shape == image.shape and out.dtype == np.uint8
     assert out.std() > image.std()  # CLAHE spreads the dark-skin histogram
+
+
+def test_histogram_median_equals_numpy_median():
+    from kmel.lesion import _median_int
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 10, 1001, 50_000):
+        values = rng.integers(0, 256, n).astype(np.uint8)
+        assert _median_int(values, 256) == np.median(values)
+    sums = rng.integers(0, 766, 999).astype(np.float32)
+    assert _median_int(sums, 766) == np.median(sums)

@@ -148,3 +148,31 @@ def test_manifest_is_json_with_config(built):
     on_disk = json.loads((out / C.MANIFEST).read_text())
     assert on_disk["config"]["records"]["image_size"] == 96
     assert on_disk["fingerprint"] == manifest["fingerprint"]
+
+
+def test_prepare_decodes_large_jpeg_reduced_with_full_size_mask(tmp_path):
+    """A 2048x1536 photograph is decoded at 1/4 scale; its full-size mask still lines up."""
+    from kmel.images import encode_jpeg, pad_to_square
+    from kmel.prepare import PrepareTask, cache_paths, prepare_image
+
+    h, w = 1536, 2048
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.stack([180 + 40 * np.sin(x / 300), 140 + 30 * np.cos(y / 250), 120 + 0 * x], axis=2)
+    lesion = ((x - 1100) / 420.0) ** 2 + ((y - 700) / 300.0) ** 2 < 1.0
+    image[lesion] = (90, 60, 50)
+    (tmp_path / "ISIC_big.jpg").write_bytes(encode_jpeg(image.astype(np.uint8), 95))
+    cv2.imwrite(str(tmp_path / "ISIC_big_segmentation.png"), lesion.astype(np.uint8) * 255)
+    config = load_config("cpu-small", {"records.image_size": 256, "records.seg_size": 128})
+    task = PrepareTask("ISIC_big", str(tmp_path / "ISIC_big.jpg"), str(tmp_path / "ISIC_big_segmentation.png"),
+                       str(tmp_path), config.records, config.crops)
+    result = prepare_image(task)
+    assert (result["height"], result["width"], result["has_mask"], result["mask_note"]) == (h, w, True, "")
+    paths = cache_paths(tmp_path, "ISIC_big")
+    assert cv2.imread(str(paths["img"])).shape == (192, 256, 3)
+    seg_mask = cv2.imread(str(paths["seg_mask"]), cv2.IMREAD_GRAYSCALE) > 127
+    square, _ = pad_to_square(lesion.astype(np.uint8) * 255)
+    expected = cv2.resize(square, (128, 128), interpolation=cv2.INTER_AREA) >= 128
+    iou = (seg_mask & expected).sum() / (seg_mask | expected).sum()
+    assert iou > 0.97, iou
+    seg_image = cv2.cvtColor(cv2.imread(str(paths["seg_image"])), cv2.COLOR_BGR2RGB).astype(float)
+    assert seg_image[expected].mean() < seg_image[~expected & (seg_image.sum(axis=2) > 0)].mean() - 40
