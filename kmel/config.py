@@ -96,6 +96,9 @@ class ClassifierConfig:
     backbone: str = "efficientnet_b4"  # efficientnet_b0 ... efficientnet_b7
     image_size: int = 512
     dropout: float = 0.4
+    # BatchNorm moving-average momentum; 0: Keras' 0.99 with pretrained weights, 0.9 from scratch
+    # (from scratch the weights move fast and 0.99 lags behind them for hundreds of steps).
+    batchnorm_momentum: float = 0.0
     batch_size: int = 16
     epochs: int = 18
     steps_per_epoch: int = 0

@@ -244,3 +244,20 @@ def test_from_scratch_classifier_learns_its_batchnorm():
     assert bn and all(layer.trainable for layer in bn)
     set_trainable_blocks(model, "top", freeze_batchnorm=False)
     assert model.get_layer("top_bn").trainable and not model.get_layer("block1a_bn").trainable
+
+
+def test_classifier_batchnorm_momentum_by_weights_and_saved(tmp_path):
+    def momenta(model):
+        return {layer.momentum for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
+
+    scratch = _cls()  # weights none
+    assert momenta(scratch) == {0.9}
+    source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(64, 64, 3))
+    path = tmp_path / "b0.weights.h5"
+    source.save_weights(str(path))
+    assert momenta(_cls(weights=str(path))) == {0.99}  # pretrained: Keras' own value
+    assert momenta(_cls(batchnorm_momentum=0.95)) == {0.95}
+    scratch.save(tmp_path / "m.keras")
+    assert momenta(keras.saving.load_model(tmp_path / "m.keras", compile=False)) == {0.9}
+    with pytest.raises(ConfigError, match="batchnorm_momentum"):
+        _cls(batchnorm_momentum=1.5)

@@ -21,6 +21,14 @@ HEAD_LAYERS = ("head_pool", "head_dropout", "head_dense", "probability")
 TOP_BLOCK_PREFIXES = ("block6", "block7", "top_")
 
 
+def batchnorm_momentum(config: ClassifierConfig) -> float:
+    if config.batchnorm_momentum:
+        if not 0.0 < config.batchnorm_momentum < 1.0:
+            raise ConfigError(f"classifier batchnorm_momentum must be in (0, 1), got {config.batchnorm_momentum}")
+        return config.batchnorm_momentum
+    return 0.9 if config.weights in ("none", "", None) else 0.99
+
+
 # === Functional Model ===
 def build_classifier(config: ClassifierConfig) -> keras.Model:
     """EfficientNet backbone → global average pool → dropout → Dense(1) → float32 sigmoid."""
@@ -29,6 +37,10 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     weights = resolve_classifier_weights(config.weights, config.backbone)
     inputs = keras.Input((config.image_size, config.image_size, 3), name="images")
     backbone = BACKBONES[config.backbone](include_top=False, weights=weights, input_tensor=inputs)
+    momentum = batchnorm_momentum(config)
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = momentum  # read at call time and saved in the layer config
     x = layers.GlobalAveragePooling2D(name="head_pool")(backbone.output)
     x = layers.Dropout(config.dropout, name="head_dropout")(x)
     x = layers.Dense(1, name="head_dense")(x)
