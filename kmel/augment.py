@@ -4,16 +4,16 @@ Applied to whole batches after ``batch()``. Flips, rotation, zoom, shear and shi
 into one affine map per image and applied in a single resampling (image and mask together, the
 mask thresholded back to 0/1); colour jitter and blur are a few batched multiply-adds. Chaining the
 equivalent Keras preprocessing layers resampled every batch five times and was the input
-pipeline's bottleneck (bench/input_pipeline.py). The elastic warp and coarse dropout of the
-classifier stay Keras layers. kmel's own ops draw stateless random numbers from
-``(seed, batch index)``, so a run is reproducible.
+pipeline's bottleneck (bench/input_pipeline.py); so were Keras' elastic transform (a full-size
+random field blurred with a large kernel) and random erasing, replaced here by a coarse-lattice
+warp and a masked fill. All ops draw stateless random numbers from ``(seed, batch index)``, so a
+run is reproducible.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -65,12 +65,77 @@ def apply_local_contrast(images: tf.Tensor, seed: tf.Tensor, probability: float 
     return tf.clip_by_value(local_mean + (images - local_mean) * gain, *VALUE_RANGE)
 
 
-def apply_gaussian_noise(images: tf.Tensor, seed: tf.Tensor, max_std: float = 8.0) -> tf.Tensor:
+def apply_pixel_noise(images: tf.Tensor, seed: tf.Tensor, max_std: float = 8.0) -> tf.Tensor:
+    """Zero-mean pixel noise with a per-image standard deviation in [0, ``max_std``] grey levels.
+
+    Uniform rather than Gaussian (same standard deviation): drawing normal numbers for every pixel
+    cost three times as much and the shape of the noise does not matter here."""
     b = tf.shape(images)[0]
     seeds = tf.random.experimental.stateless_split(seed, 2)
     std = tf.random.stateless_uniform([b, 1, 1, 1], seeds[0], 0.0, max_std)
-    noise = tf.random.stateless_normal(tf.shape(images), seeds[1]) * std
+    noise = tf.random.stateless_uniform(tf.shape(images), seeds[1], -1.0, 1.0) * (std * np.sqrt(3.0))
     return tf.clip_by_value(images + noise, *VALUE_RANGE)
+
+
+def apply_elastic_warp(
+    images: tf.Tensor, seed: tf.Tensor, probability: float = 0.5, magnitude: float = 0.04, grid: int = 4
+) -> tf.Tensor:
+    """Elastic-like warp: a random displacement field on a ``grid``×``grid`` lattice (at most
+    ``magnitude`` of the side), bilinearly upsampled so it is smooth, then bilinear resampling
+    (edges clamped). Applied to a random ``probability`` share of the batch."""
+    shape = tf.shape(images)
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    # Warp only the chosen images (the resampling is the expensive part), then put them back.
+    chosen = tf.where(tf.random.stateless_uniform([shape[0]], seeds[0]) < probability)
+    warped = _warp(tf.gather_nd(images, chosen), seeds[1], magnitude, grid)
+    out = tf.tensor_scatter_nd_update(images, chosen, warped)
+    out.set_shape(images.shape)
+    return out
+
+
+def _warp(images: tf.Tensor, seed: tf.Tensor, magnitude: float, grid: int) -> tf.Tensor:
+    shape = tf.shape(images)
+    b, h, w, c = shape[0], shape[1], shape[2], images.shape[-1]
+    side = tf.cast(tf.maximum(h, w), tf.float32)
+    coarse = tf.random.stateless_uniform([b, grid, grid, 2], seed, -1.0, 1.0) * magnitude * side
+    field = tf.image.resize(coarse, tf.stack([h, w]), method="bilinear")  # [b, h, w, (dy, dx)]
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    y = tf.clip_by_value(tf.range(hf)[None, :, None] + field[..., 0], 0.0, hf - 1.0)
+    x = tf.clip_by_value(tf.range(wf)[None, None, :] + field[..., 1], 0.0, wf - 1.0)
+    y0, x0 = tf.floor(y), tf.floor(x)
+    wy, wx = (y - y0)[..., None], (x - x0)[..., None]
+    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    y1, x1 = tf.minimum(y0 + 1, h - 1), tf.minimum(x0 + 1, w - 1)
+    flat = tf.reshape(images, [b, h * w, c])
+
+    def corner(yi: tf.Tensor, xi: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(tf.gather(flat, tf.reshape(yi * w + xi, [b, -1]), batch_dims=1), [b, h, w, c])
+
+    top = corner(y0, x0) * (1.0 - wx) + corner(y0, x1) * wx
+    bottom = corner(y1, x0) * (1.0 - wx) + corner(y1, x1) * wx
+    return top * (1.0 - wy) + bottom * wy
+
+
+def apply_coarse_dropout(
+    images: tf.Tensor, seed: tf.Tensor, probability: float = 0.3, area: tuple[float, float] = (0.02, 0.08)
+) -> tf.Tensor:
+    """Blank one rectangle (``area`` share of the image, aspect 1:2–2:1) with the image's mean
+    colour on a random ``probability`` share of the batch."""
+    shape = tf.shape(images)
+    b, h, w = shape[0], shape[1], shape[2]
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    on = tf.random.stateless_uniform([b], seeds[0]) < probability
+    size = tf.sqrt(tf.random.stateless_uniform([b], seeds[1], *area))
+    aspect = tf.exp(tf.random.stateless_uniform([b], seeds[2], -np.log(2.0), np.log(2.0)))
+    half_h, half_w = size * tf.sqrt(aspect) / 2.0, size / tf.sqrt(aspect) / 2.0
+    centre = tf.random.stateless_uniform([b, 2], seeds[3])
+    rows = (tf.range(tf.cast(h, tf.float32)) + 0.5) / tf.cast(h, tf.float32)
+    cols = (tf.range(tf.cast(w, tf.float32)) + 0.5) / tf.cast(w, tf.float32)
+    in_rows = tf.abs(rows[None, :] - centre[:, 0:1]) <= half_h[:, None]
+    in_cols = tf.abs(cols[None, :] - centre[:, 1:2]) <= half_w[:, None]
+    box = tf.logical_and(tf.logical_and(in_rows[:, :, None], in_cols[:, None, :]), on[:, None, None])
+    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+    return tf.where(box[..., None], mean, images)
 
 
 def random_affine_transforms(
@@ -201,20 +266,16 @@ def make_seg_augmenter(seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor, tf.Tens
 
 def make_cls_augmenter(seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """``fn(images, batch_index) -> images`` for classifier batches (crops): affine, stronger colour
-    jitter (hue and saturation), blur, elastic-like warp and coarse dropout (Keras layers), noise."""
-    layers = [
-        keras.layers.RandomElasticTransform(factor=0.5, scale=0.05, value_range=VALUE_RANGE, seed=seed + 20),
-        keras.layers.RandomErasing(factor=0.3, scale=(0.02, 0.08), value_range=VALUE_RANGE, seed=seed + 21),
-    ]
+    jitter (hue and saturation), blur, elastic-like warp, coarse dropout and pixel noise."""
 
     def augment(images: tf.Tensor, batch_index: tf.Tensor) -> tf.Tensor:
-        s = _step_seeds(seed, batch_index, 4)
+        s = _step_seeds(seed, batch_index, 6)
         images = apply_random_affine(images, s[0])
         images = apply_color_jitter(images, s[1], saturation=0.3, hue=0.03)
         images = apply_random_blur(images, s[2])
-        for layer in layers:
-            images = layer(images, training=True)
-        images = apply_gaussian_noise(images, s[3])
+        images = apply_elastic_warp(images, s[3])
+        images = apply_coarse_dropout(images, s[4])
+        images = apply_pixel_noise(images, s[5])
         return tf.clip_by_value(images, *VALUE_RANGE)
 
     return augment

@@ -37,15 +37,17 @@ from kmel.records import load_manifest, shard_paths
 
 
 def _callbacks(
-    name: str, models_dir: Path, logdir: Path, patience: int, extra: list[keras.callbacks.Callback]
+    name: str, models_dir: Path, logdir: Path, patience: int, extra: list[keras.callbacks.Callback],
+    monitor: str = "val_loss", mode: str = "min",
 ) -> tuple[list[keras.callbacks.Callback], Path]:
     best = models_dir / f".{name}.best.weights.h5"
     callbacks = [
         keras.callbacks.BackupAndRestore(str(models_dir / f".backup-{name}")),
         *extra,
         LearningRateLogger(),
-        keras.callbacks.ModelCheckpoint(str(best), monitor="val_loss", save_best_only=True, save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+        keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, mode=mode, save_best_only=True,
+                                        save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience),
         keras.callbacks.CSVLogger(str(models_dir / f"{name}_history.csv"), append=True),
         keras.callbacks.TensorBoard(str(logdir / name), write_graph=False, update_freq="epoch"),
     ]
@@ -263,6 +265,9 @@ def fit_classifier(
         "classifier", models_dir, logdir, cc.early_stopping_patience,
         [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
          GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups)],
+        # Ranking, not loss: training is resampled (more malignant than in val), so the val loss
+        # mostly measures the calibration shift and favours the earliest, most timid epoch.
+        monitor="val_auc", mode="max",
     )
     model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,
               validation_steps=val_steps, callbacks=callbacks, verbose=verbose,

@@ -6,8 +6,11 @@ import numpy as np
 import tensorflow as tf
 
 from kmel.augment import (
+    apply_coarse_dropout,
     apply_color_jitter,
+    apply_elastic_warp,
     apply_local_contrast,
+    apply_pixel_noise,
     apply_random_affine,
     apply_random_blur,
     apply_random_hair,
@@ -117,3 +120,44 @@ def test_blur_is_per_image_and_normalised():
     assert out[0].std() < 0.7 * noise.std()
     same = apply_random_blur(batch, tf.constant([0, 1], tf.int64), probability=0.0).numpy()
     np.testing.assert_allclose(same, batch.numpy(), atol=1e-3)
+
+
+def test_elastic_warp_is_smooth_local_and_identity_when_off():
+    y, x = np.mgrid[0:64, 0:64].astype(np.float32)
+    ramp = np.repeat(np.stack([y * 4, x * 4, (y + x) * 2], axis=-1)[None], 4, axis=0)
+    seed = tf.constant([2, 3], tf.int64)
+    same = apply_elastic_warp(tf.constant(ramp), seed, probability=0.0).numpy()
+    np.testing.assert_allclose(same, ramp, atol=1e-3)
+    warped = apply_elastic_warp(tf.constant(ramp), seed, probability=1.0, magnitude=0.05).numpy()
+    # Channel 0 encodes the source row ×4, channel 1 the source column ×4: read the displacement back.
+    dy, dx = warped[..., 0] / 4 - y, warped[..., 1] / 4 - x
+    assert np.abs(dy).max() > 0.5 and np.abs(dx).max() > 0.5  # it moved pixels
+    assert np.abs(dy).max() <= 0.05 * 64 + 1e-3 and np.abs(dx).max() <= 0.05 * 64 + 1e-3
+    inner = (slice(None), slice(8, 56), slice(8, 56))  # away from the clamped edges
+    assert np.abs(np.diff(dy[inner], axis=1)).max() < 0.5  # neighbours move together: smooth, not noise
+    assert np.abs(np.diff(dx[inner], axis=2)).max() < 0.5
+    assert not np.allclose(dy[0], dy[1])  # each image gets its own field
+
+
+def test_coarse_dropout_blanks_one_box_with_the_mean_colour():
+    rng = np.random.default_rng(4)
+    images = rng.uniform(0, 255, (64, 40, 40, 3)).astype(np.float32)
+    out = apply_coarse_dropout(tf.constant(images), tf.constant([1, 1], tf.int64), probability=0.5).numpy()
+    changed = np.abs(out - images).max(axis=-1) > 1e-4
+    hit = changed.any(axis=(1, 2))
+    assert 15 < hit.sum() < 50  # about half the batch
+    for k in np.flatnonzero(hit):
+        rows, cols = np.flatnonzero(changed[k].any(axis=1)), np.flatnonzero(changed[k].any(axis=0))
+        box = np.zeros_like(changed[k])
+        box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        assert (changed[k] == box).mean() > 0.99  # one rectangle
+        assert 0.01 < box.mean() < 0.1
+        np.testing.assert_allclose(out[k][box].mean(axis=0), images[k].mean(axis=(0, 1)), atol=1e-2)
+
+
+def test_pixel_noise_zero_mean_bounded_std():
+    images = np.full((16, 32, 32, 3), 128.0, np.float32)
+    out = apply_pixel_noise(tf.constant(images), tf.constant([0, 5], tf.int64), max_std=8.0).numpy()
+    diff = out - images
+    stds = diff.std(axis=(1, 2, 3))
+    assert abs(diff.mean()) < 0.2 and stds.max() <= 8.3 and stds.max() > 2.0
