@@ -35,7 +35,7 @@ from kmel.metadata import (
     load_metadata,
     split_table,
 )
-from kmel.prepare import PrepareTask, cache_paths, prepare_image
+from kmel.prepare import PrepareTask, prepare_image, read_prepared
 
 PLAN_DIR = ".plans"
 
@@ -83,7 +83,7 @@ def _prepare_cache_dir(out_dir: Path, config: Config) -> Path:
             "seg_size": config.records.seg_size,
             "jpeg_quality": config.records.jpeg_quality,
             "crops": to_plain(config.crops),
-            "version": 1,
+            "version": 2,  # 2: one .prep file per image
         },
         sort_keys=True,
     )
@@ -241,13 +241,13 @@ def build_records(
     def img_records(rows: Sequence[pd.Series]) -> Iterable[bytes]:
         for row in rows:
             bar.update()
-            yield _example(row, cache_paths(cache, row[C.COL_IMAGE_ID])["img"].read_bytes())
+            yield _example(row, read_prepared(cache, row[C.COL_IMAGE_ID])[1]["img"])
 
     def seg_records(rows: Sequence[pd.Series]) -> Iterable[bytes]:
         for row in rows:
             bar.update()
-            paths = cache_paths(cache, row[C.COL_IMAGE_ID])
-            yield _example(row, paths["seg_image"].read_bytes(), paths["seg_mask"].read_bytes())
+            payloads = read_prepared(cache, row[C.COL_IMAGE_ID])[1]
+            yield _example(row, payloads["seg_image"], payloads["seg_mask"])
 
     for split in C.SPLITS:
         part = table[table[C.COL_SPLIT] == split]

@@ -153,7 +153,7 @@ def test_manifest_is_json_with_config(built):
 def test_prepare_decodes_large_jpeg_reduced_with_full_size_mask(tmp_path):
     """A 2048x1536 photograph is decoded at 1/4 scale; its full-size mask still lines up."""
     from kmel.images import encode_jpeg, pad_to_square
-    from kmel.prepare import PrepareTask, cache_paths, prepare_image
+    from kmel.prepare import PrepareTask, prepare_image, read_prepared
 
     h, w = 1536, 2048
     y, x = np.mgrid[0:h, 0:w]
@@ -167,12 +167,17 @@ def test_prepare_decodes_large_jpeg_reduced_with_full_size_mask(tmp_path):
                        str(tmp_path), config.records, config.crops)
     result = prepare_image(task)
     assert (result["height"], result["width"], result["has_mask"], result["mask_note"]) == (h, w, True, "")
-    paths = cache_paths(tmp_path, "ISIC_big")
-    assert cv2.imread(str(paths["img"])).shape == (192, 256, 3)
-    seg_mask = cv2.imread(str(paths["seg_mask"]), cv2.IMREAD_GRAYSCALE) > 127
+    cached, payloads = read_prepared(tmp_path, "ISIC_big")
+    assert cached == result and prepare_image(task) == result  # a rerun reads the cache
+
+    def decode(name, flags=cv2.IMREAD_COLOR):
+        return cv2.imdecode(np.frombuffer(payloads[name], np.uint8), flags)
+
+    assert decode("img").shape == (192, 256, 3)
+    seg_mask = decode("seg_mask", cv2.IMREAD_GRAYSCALE) > 127
     square, _ = pad_to_square(lesion.astype(np.uint8) * 255)
     expected = cv2.resize(square, (128, 128), interpolation=cv2.INTER_AREA) >= 128
     iou = (seg_mask & expected).sum() / (seg_mask | expected).sum()
     assert iou > 0.97, iou
-    seg_image = cv2.cvtColor(cv2.imread(str(paths["seg_image"])), cv2.COLOR_BGR2RGB).astype(float)
+    seg_image = cv2.cvtColor(decode("seg_image"), cv2.COLOR_BGR2RGB).astype(float)
     assert seg_image[expected].mean() < seg_image[~expected & (seg_image.sum(axis=2) > 0)].mean() - 40
