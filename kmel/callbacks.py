@@ -1,4 +1,4 @@
-"""Keras callbacks kmel adds to ``fit``: staged unfreezing and TensorBoard extras."""
+"""Keras callbacks kmel adds to ``fit``: staged unfreezing, resumable early stopping, TensorBoard extras."""
 
 from __future__ import annotations
 
@@ -9,6 +9,34 @@ import numpy as np
 import tensorflow as tf
 
 from kmel import constants as C
+
+
+def best_so_far(values: Sequence[float], mode: str) -> tuple[float, int] | None:
+    """(best value, its index) of a monitored metric over finished epochs; None if there are none."""
+    finite = [(v, i) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
+    if not finite:
+        return None
+    # Ties go to the earliest epoch, as in Keras (only a strict improvement counts).
+    if mode == "max":
+        return max(finite, key=lambda t: (t[0], -t[1]))
+    return min(finite, key=lambda t: (t[0], t[1]))
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping that, in a run resumed by BackupAndRestore, continues from the finished epochs'
+    values (``prior``, from the CSV history) instead of forgetting them: the best value, its epoch
+    and the epochs waited since. Plain EarlyStopping restarts its patience on every resume."""
+
+    def __init__(self, *args: Any, prior: Sequence[float] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prior = list(prior)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        found = best_so_far(self.prior, self.mode)
+        if found is not None:
+            self.best, self.best_epoch = float(found[0]), int(found[1])
+            self.wait = len(self.prior) - 1 - found[1]
 
 
 def stage_for_epoch(schedule: Sequence[tuple[int, str]], epoch: int) -> str:

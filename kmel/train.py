@@ -24,8 +24,10 @@ from kmel import constants as C
 from kmel.callbacks import (
     GroupRecallLogger,
     LearningRateLogger,
+    ResumableEarlyStopping,
     SegmentationImages,
     StagedUnfreezing,
+    best_so_far,
     stage_for_epoch,
     take_numpy,
 )
@@ -40,15 +42,31 @@ def _callbacks(
     name: str, models_dir: Path, logdir: Path, patience: int, extra: list[keras.callbacks.Callback],
     monitor: str = "val_loss", mode: str = "min",
 ) -> tuple[list[keras.callbacks.Callback], Path]:
+    """Backup (resume), extras, checkpoint of the best epoch, early stopping, CSV and TensorBoard.
+
+    A fresh run (no backup folder) first removes a previous run's history and best weights, so
+    they are not mixed with its own. A resumed run starts the checkpoint and early stopping from
+    the best value in the history of its finished epochs.
+    """
     best = models_dir / f".{name}.best.weights.h5"
+    history = models_dir / f"{name}_history.csv"
+    backup = models_dir / f".backup-{name}"
+    prior: list[float] = []
+    if not backup.exists():
+        history.unlink(missing_ok=True)
+        best.unlink(missing_ok=True)
+    else:
+        prior = [row.get(monitor, float("nan")) for row in _history(models_dir, name)]
+    found = best_so_far(prior, mode) if best.exists() else None
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(models_dir / f".backup-{name}")),
+        keras.callbacks.BackupAndRestore(str(backup)),
         *extra,
         LearningRateLogger(),
         keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, mode=mode, save_best_only=True,
-                                        save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience),
-        keras.callbacks.CSVLogger(str(models_dir / f"{name}_history.csv"), append=True),
+                                        save_weights_only=True,
+                                        initial_value_threshold=None if found is None else float(found[0])),
+        ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience, prior=prior),
+        keras.callbacks.CSVLogger(str(history), append=True),
         keras.callbacks.TensorBoard(str(logdir / name), write_graph=False, update_freq="epoch"),
     ]
     return callbacks, best

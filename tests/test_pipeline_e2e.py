@@ -252,20 +252,36 @@ def test_exported_classifier_matches_the_keras_model(pipeline):
     assert len(history) == 2 and np.isfinite(history["loss"]).all()
 
 
-def test_classifier_under_mirrored_strategy_over_two_logical_cpus(pipeline, tmp_path):
+def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_path):
+    """`train cls` over two logical CPUs (MirroredStrategy), SIGKILLed after two of four epochs; the
+    same command again resumes from its backup and ends with every epoch exactly once."""
     import os
     import shutil
+    import signal
     import subprocess
     import sys
+    import time
 
     models = tmp_path / "models"
     shutil.copytree(pipeline["models"], models)  # the segmenter and its crop records are reused
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "cls", str(pipeline["records"]), str(models),
-         str(tmp_path / "runs"), "mirrored", "2", "1", "float32"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "cls", str(pipeline["records"]), str(models),
+           str(tmp_path / "runs"), "mirrored", "2", "4", "float32"]
+    history = models / "classifier_history.csv"
+    history.unlink()  # the copied single-device run's
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and history.read_text().count("\n") >= 3:  # header + epochs 0 and 1
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (models / ".backup-classifier").exists(), "a killed run leaves its backup"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout.split("RESULT ", 1)[1])
     assert result["replicas"] == 2 and result["metrics"]["n"] > 0  # report on the test split
+    assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2, 3], "no epoch repeated or lost across the kill"
+    assert result["epochs_run"] == 4 and not (models / ".backup-classifier").exists()
