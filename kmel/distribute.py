@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -37,12 +38,31 @@ def gpu_count() -> int:
     return len(tf.config.list_logical_devices("GPU"))
 
 
+def read_tf_config() -> dict[str, Any] | None:
+    """The parsed ``TF_CONFIG`` (cluster and task of this worker), or None when it is not set."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        conf = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"TF_CONFIG is not valid JSON: {exc}") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"TF_CONFIG must be a JSON object with 'cluster' and 'task', got {raw[:80]!r}")
+    return conf
+
+
+def multiworker_requested(name: str) -> bool:
+    """Whether ``--strategy name`` means MultiWorkerMirroredStrategy (``auto`` does when TF_CONFIG is set)."""
+    return name == "multiworker" or (name == "auto" and read_tf_config() is not None)
+
+
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """Build the distribution strategy named on the command line."""
     if name not in STRATEGIES:
         raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {name!r}")
     if name == "auto":
-        if os.environ.get("TF_CONFIG"):
+        if read_tf_config() is not None:
             name = "multiworker"
         elif gpu_count() > 1:
             name = "mirrored"
@@ -51,14 +71,10 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multiworker":
-        if not os.environ.get("TF_CONFIG"):
+        if read_tf_config() is None:
             raise ConfigError(
                 "--strategy multiworker needs TF_CONFIG (cluster and task of this worker); see README 'Multi-node'"
             )
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"TF_CONFIG is not valid JSON: {exc}") from None
         patch_keras_for_multiworker()
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
@@ -91,10 +107,9 @@ def worker_index() -> tuple[bool, int]:
 
     The chief is the ``chief`` task, or worker 0 when the cluster names no chief (TensorFlow's rule).
     """
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
+    conf = read_tf_config()
+    if conf is None:
         return True, 0
-    conf = json.loads(raw)
     task = conf.get("task", {})
     kind, index = task.get("type", "worker"), int(task.get("index", 0))
     has_chief = bool(conf.get("cluster", {}).get("chief"))
@@ -158,8 +173,8 @@ def shard_for_workers(dataset: tf.data.Dataset, strat: tf.distribute.Strategy, n
     (auto-sharding by FILE), else every worker reads all files and keeps its share of records (DATA)."""
     if not isinstance(strat, tf.distribute.MultiWorkerMirroredStrategy):
         return dataset
-    conf = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    workers = len(conf.get("worker", [])) + len(conf.get("chief", []))
+    cluster = (read_tf_config() or {}).get("cluster", {})
+    workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
     options = tf.data.Options()
     policy = tf.data.experimental.AutoShardPolicy
     options.experimental_distribute.auto_shard_policy = policy.FILE if n_files >= max(workers, 1) else policy.DATA

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,14 @@ from kmel.callbacks import (
 )
 from kmel.config import Config, save_config, to_plain
 from kmel.data import count_records, make_dataset, steps_per_epoch
-from kmel.distribute import jit_compile_setting, make_strategy, set_precision, shard_for_workers, worker_index
+from kmel.distribute import (
+    jit_compile_setting,
+    make_strategy,
+    multiworker_requested,
+    set_precision,
+    shard_for_workers,
+    worker_index,
+)
 from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
 from kmel.records import load_manifest, shard_paths
 
@@ -103,10 +109,6 @@ def _worker_dirs(strat: tf.distribute.Strategy, models_dir: Path, logdir: Path) 
     scratch = models_dir / f".worker-{index}"
     scratch.mkdir(parents=True, exist_ok=True)
     return scratch, logdir / f"worker-{index}", scratch
-
-
-def _multiworker_requested(strategy: str) -> bool:
-    return strategy == "multiworker" or (strategy == "auto" and bool(os.environ.get("TF_CONFIG")))
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -244,7 +246,7 @@ def fit_classifier(
     cc = config.classifier
     # Several workers must not build the same crop records at once: multi-worker runs need them built first.
     crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress,
-                                    build=not _multiworker_requested(strategy))
+                                    build=not multiworker_requested(strategy))
     keras.utils.set_random_seed(cc.seed)
     policy = set_precision(precision)
     strat = make_strategy(strategy)

@@ -63,3 +63,24 @@ def test_two_workers_train_together_and_agree(tmp_path):
     assert not (tmp_path / "models" / ".worker-1").exists()
     pipeline = json.loads((tmp_path / "models" / "pipeline.json").read_text())
     assert pipeline["segmenter"]["replicas"] == 2
+
+
+def test_tf_config_read_once_with_clear_errors(monkeypatch):
+    from kmel.config import ConfigError
+    from kmel.distribute import make_strategy, multiworker_requested, read_tf_config, worker_index
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert read_tf_config() is None and worker_index() == (True, 0)
+    assert not multiworker_requested("auto") and multiworker_requested("multiworker")
+    with pytest.raises(ConfigError, match="needs TF_CONFIG"):
+        make_strategy("multiworker")
+    cluster = {"chief": ["a:1"], "worker": ["b:1", "c:1"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert multiworker_requested("auto") and not multiworker_requested("default")
+    assert worker_index() == (False, 0)  # a chief exists, so worker 0 is not it
+    monkeypatch.setenv("TF_CONFIG", "{cluster: oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        multiworker_requested("auto")
+    monkeypatch.setenv("TF_CONFIG", "[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        worker_index()
