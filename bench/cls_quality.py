@@ -8,6 +8,9 @@ exported segmenter. Crop records are built with that segmenter (the same code pa
 the classifier trains from scratch (weights none: this machine has no ImageNet file), the threshold
 is chosen on val and the test split is reported: AUC, sensitivity / specificity at the threshold,
 and the per-skin-tone table, with run times. Task: malignant (here MEL vs NV/BKL).
+
+For scale it also prints a model-free floor: logistic regression on 30 colour statistics of the
+same crops (Lab / HSV means, spreads and percentiles, whole crop and centre), fitted on train.
 """
 
 from __future__ import annotations
@@ -19,6 +22,37 @@ import time
 from pathlib import Path
 
 from _common import OUT
+
+
+def colour_baseline(crops_dir: Path, config) -> dict[str, float]:
+    """Test AUC of a logistic regression on colour statistics of the crops (fitted on train)."""
+    import cv2
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from kmel.data import make_dataset
+
+    def features(split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows, targets = [], []
+        for images, target in make_dataset(crops_dir, split, "crop", False, config, batch_size=64):
+            for image in images.numpy().astype(np.uint8):
+                lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+                hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV).reshape(-1, 3).astype(np.float32)
+                q = image.shape[0] // 4
+                centre = lab[q:-q, q:-q].reshape(-1, 3)
+                lab = lab.reshape(-1, 3)
+                rows.append(np.concatenate([lab.mean(0), lab.std(0), np.percentile(lab, [5, 25, 50, 75, 95], 0).ravel(),
+                                            hsv.std(0), centre.mean(0), centre.std(0)]))
+            targets.extend(target.numpy().ravel())
+        return np.array(rows), np.array(targets)
+
+    x_train, y_train = features("train")
+    x_test, y_test = features("test")
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
+    return {"test_auc": round(float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1])), 4)}
 
 
 def main() -> None:
@@ -55,6 +89,7 @@ def main() -> None:
     entry = fit_classifier(records, models, config, out / "runs", verbose=2)
     done = time.perf_counter()
 
+    baseline = colour_baseline(crops, config)
     report = json.loads((models / "report" / "report.json").read_text())
     summary = report["summary"]
     manifest = json.loads((crops / C.MANIFEST).read_text())
@@ -65,6 +100,7 @@ def main() -> None:
         "crop_modes": manifest.get("crop_modes"),
         "test": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()},
         "crop_seconds": round(cropped - start, 1), "train_seconds": round(done - cropped, 1),
+        "colour_statistics_logistic_regression": baseline,
     }
     print(json.dumps(result, indent=2))
     print((models / "report" / "report.md").read_text())
