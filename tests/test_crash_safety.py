@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.processes import kill_after_epochs
 from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,15 +99,7 @@ def test_train_killed_mid_run_resumes_from_last_epoch(tmp_path, model):
         subprocess.run(cmd("seg"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     name = "segmenter" if model == "seg" else "classifier"
     history = models / f"{name}_history.csv"
-    proc = subprocess.Popen(cmd(model), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if history.exists() and history.read_text().count("\n") >= 3:  # header + epochs 0 and 1
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_epochs(cmd(model), history, 2, REPO, env)
     assert (models / f".backup-{name}").exists(), "a killed run leaves its backup"
     rerun = subprocess.run(cmd(model), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -257,10 +257,10 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
     same command again resumes from its backup and ends with every epoch exactly once."""
     import os
     import shutil
-    import signal
     import subprocess
     import sys
-    import time
+
+    from tests.processes import kill_after_epochs
 
     models = tmp_path / "models"
     shutil.copytree(pipeline["models"], models)  # the segmenter and its crop records are reused
@@ -269,15 +269,7 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
            str(tmp_path / "runs"), "mirrored", "2", "4", "float32"]
     history = models / "classifier_history.csv"
     history.unlink()  # the copied single-device run's
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if history.exists() and history.read_text().count("\n") >= 3:  # header + epochs 0 and 1
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_epochs(cmd, history, 2, REPO, env)
     assert (models / ".backup-classifier").exists(), "a killed run leaves its backup"
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
