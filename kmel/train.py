@@ -93,7 +93,11 @@ def _val_data(records_dir: Path, kind: str, config: Config, batch: int, replicas
     if replicas > 1:
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        dataset = dataset.with_options(options)
+        # Repeated: under a distribution strategy Keras (3.15) takes one batch from the previous
+        # epoch's validation iterator to build the model before each evaluation; on a finite
+        # dataset that iterator is spent from the second epoch on and fit dies with StopIteration.
+        # Each evaluation still starts a fresh iterator and reads exactly `steps` batches.
+        dataset = dataset.with_options(options).repeat()
     steps = n // batch if replicas > 1 else -(-n // batch)
     return dataset, max(1, steps)
 
