@@ -39,6 +39,42 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.wait = len(self.prior) - 1 - found[1]
 
 
+def apply_precise_batchnorm(model: keras.Model, batches: Sequence[np.ndarray]) -> int:
+    """Reset the moving statistics of every *trainable* BatchNormalization layer to the plain average
+    of their batch statistics over ``batches`` (forward passes in training mode; no weight changes).
+
+    "Precise BN": from scratch, a few hundred steps are too few for moving averages to catch up with
+    fast-moving weights, and inference-mode outputs can saturate to a constant. Frozen (pretrained)
+    BatchNorm layers are left alone. Returns the number of layers recalibrated.
+    """
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+              and layer.trainable]
+    if not layers or not len(batches):
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for k, batch in enumerate(batches):
+            for layer in layers:
+                layer.momentum = k / (k + 1.0)  # running mean of the batch statistics seen so far
+            model(batch, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return len(layers)
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Before each validation, recompute trainable BatchNorm statistics on fixed training batches
+    (see :func:`apply_precise_batchnorm`); the best-epoch checkpoint then holds those statistics."""
+
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+        super().__init__()
+        self.batches = list(batches)
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        apply_precise_batchnorm(self.model, self.batches)
+
+
 def stage_for_epoch(schedule: Sequence[tuple[int, str]], epoch: int) -> str:
     """The unfreezing stage in force at ``epoch`` (the last entry whose start ≤ epoch)."""
     ordered = sorted(schedule, key=lambda s: int(s[0]))

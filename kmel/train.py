@@ -23,6 +23,7 @@ from kmel import constants as C
 from kmel.callbacks import (
     GroupRecallLogger,
     LearningRateLogger,
+    PreciseBatchNorm,
     ResumableEarlyStopping,
     SegmentationImages,
     StagedUnfreezing,
@@ -285,10 +286,15 @@ def fit_classifier(
         )
     val_meta = make_dataset(crops_dir, "val", "crop", False, config, batch_size=batch, with_groups=True)
     v_images, v_targets, v_groups = take_numpy(val_meta, 256)
+    extra: list[keras.callbacks.Callback] = []
+    if not freeze_bn:  # from scratch: BatchNorm statistics recomputed before each validation
+        n_bn = max(1, min(8, 128 // cc.batch_size))
+        bn_source = make_dataset(crops_dir, "train", "crop", True, config, batch_size=cc.batch_size)
+        extra.append(PreciseBatchNorm([images for images, _ in bn_source.take(n_bn).as_numpy_iterator()]))
     callbacks, best = _callbacks(
         "classifier", models_dir, logdir, cc.early_stopping_patience,
         [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
-         GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups)],
+         *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups)],
         # Ranking, not loss: training is resampled (more malignant than in val), so the val loss
         # mostly measures the calibration shift and favours the earliest, most timid epoch.
         monitor="val_auc", mode="max",

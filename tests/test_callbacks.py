@@ -53,3 +53,23 @@ def test_resumed_run_keeps_best_value_and_patience(tmp_path):
     assert not stopping.model.stop_training
     stopping.on_epoch_end(4, {"val_auc": 0.68})  # third epoch without improvement: patience 3 is used up
     assert stopping.model.stop_training and stopping.stopped_epoch == 4
+
+
+def test_precise_batchnorm_averages_batch_statistics_and_skips_frozen_layers():
+    from kmel.callbacks import apply_precise_batchnorm
+
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization(momentum=0.99, name="bn_train")(inputs)
+    outputs = keras.layers.BatchNormalization(momentum=0.99, name="bn_frozen")(x)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("bn_frozen").trainable = False
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=k, scale=1 + k, size=(64, 4)).astype("float32") for k in range(3)]
+    assert apply_precise_batchnorm(model, batches) == 1
+    bn = model.get_layer("bn_train")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean([b.mean(0) for b in batches], axis=0), atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean([b.var(0) for b in batches], axis=0), rtol=1e-3)
+    assert bn.momentum == 0.99  # restored
+    frozen = model.get_layer("bn_frozen")
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), np.zeros(4))
+    np.testing.assert_array_equal(frozen.moving_variance.numpy(), np.ones(4))
