@@ -149,7 +149,7 @@ def _train_options(fn: Callable) -> Callable:
         click.option("--steps-per-epoch", type=int, default=None, help="Steps per epoch (0: one pass) [profile]."),
         click.option("--image-size", type=int, default=None, help="Model input side in pixels [profile]."),
         click.option("--backbone", default=None,
-                     help="seg: resnet34|resnet18; cls: efficientnet_b0..efficientnet_b7 [profile]."),
+                     help="seg: resnet34|resnet18; cls: efficientnet_b0..efficientnet_b7 or efficientnet_lite0..efficientnet_lite4 (ImageNet weights offline for lite0-2) [profile]."),
         click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
                      default="auto", show_default=True,
                      help="auto: multiworker if TF_CONFIG is set, mirrored on several GPUs, else default."),

