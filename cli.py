@@ -156,8 +156,11 @@ def _train_options(fn: Callable) -> Callable:
         click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
                      default="auto", show_default=True, help="auto: mixed_float16 on GPUs, float32 on CPUs."),
         click.option("--weights", default=None,
-                     help="imagenet (needs the weights file in the Keras cache), none, or a path to a weights "
-                          "file [profile: none]."),
+                     help="imagenet (downloaded once, verified and kept in the Keras cache ~/.keras/models; "
+                          "Lite0-2 come with pip packages), none, or a path to a weights file [profile: none]."),
+        click.option("--weights-mirror", default=None, metavar="URL",
+                     help="Fetch ImageNet files from URL/NAME instead of the public URLs (a flat folder on any "
+                          "static web server, or a local folder path) [profile; env KMEL_WEIGHTS_MIRROR]."),
         click.option("--logdir", default="runs", show_default=True, type=click.Path(file_okay=False),
                      help="TensorBoard log folder."),
         click.option("--seed", type=int, default=None, help="Random seed [profile]."),
@@ -173,7 +176,8 @@ def _train_options(fn: Callable) -> Callable:
 @_train_options
 def train(model: str, records: str, out: str, profile: str, epochs: int | None, batch_size: int | None,
           steps_per_epoch: int | None, image_size: int | None, backbone: str | None, strategy: str,
-          precision: str, weights: str | None, logdir: str, seed: int | None, quiet: bool) -> None:
+          precision: str, weights: str | None, weights_mirror: str | None, logdir: str, seed: int | None,
+          quiet: bool) -> None:
     """Train the segmenter (seg) or the classifier (cls) and export it as a SavedModel.
 
     cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision
@@ -186,6 +190,7 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
         overrides = {f"{section}.{k}": v for k, v in dict(
             epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,
             backbone=backbone, weights=weights, seed=seed).items()}
+        overrides.update({"segmenter.weights_mirror": weights_mirror, "classifier.weights_mirror": weights_mirror})
         config = _config(profile, overrides, records=records)
         verbose = 2 if quiet else "auto"
         if model == "seg":

@@ -63,6 +63,9 @@ class SegmenterConfig:
     unfreeze: tuple[tuple[int, str], ...] = ((0, "4"), (3, "3"), (6, "all"))
     augment: bool = True
     weights: str = "none"  # imagenet | none | PATH
+    # Base URL (or folder) serving the ImageNet files flat, as MIRROR/NAME; "" = $KMEL_WEIGHTS_MIRROR, else the
+    # public URLs. See kmel/models/download.py.
+    weights_mirror: str = ""
     seed: int = 42
 
 
@@ -93,7 +96,7 @@ class CropsConfig:
 class ClassifierConfig:
     """EfficientNet classifier, balancing, training and threshold choice."""
 
-    backbone: str = "efficientnet_b4"  # efficientnet_b0 ... efficientnet_b7
+    backbone: str = "efficientnet_b4"  # efficientnet_b0 ... efficientnet_b7, efficientnet_lite0 ... lite4
     image_size: int = 512
     dropout: float = 0.4
     # BatchNorm moving-average momentum; 0: Keras' 0.99 with pretrained weights, 0.9 from scratch
@@ -109,17 +112,22 @@ class ClassifierConfig:
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     unfreeze: tuple[tuple[int, str], ...] = ((0, "head"), (2, "top"), (5, "all"))
+    # Learning-rate multiplier for each unfreeze stage, in the same order (empty: 1 for every stage).
+    # Fine-tuning wants a high rate for a new head and a low one once pretrained layers train.
+    unfreeze_lr_scale: tuple[float, ...] = ()
     early_stopping_patience: int = 5
     # Balancing: fraction of malignant samples per epoch (0: keep natural rate) and how far
     # rare skin-tone groups are raised towards the largest (0: not at all, 1: equal counts).
     target_malignant_fraction: float = 0.38
     skin_tone_balance: float = 0.5
     augment: bool = True
+    augment_policy: str = "strong"  # strong (from scratch) | light (fine-tuning pretrained weights)
     threshold_method: str = "f1_group_floor"  # f1_group_floor | f1 | youden | sensitivity
     min_group_recall: float = 0.7
     target_sensitivity: float = 0.9
     bootstrap: int = 1000
     weights: str = "none"
+    weights_mirror: str = ""  # as SegmenterConfig.weights_mirror
     seed: int = 42
 
 

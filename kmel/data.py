@@ -191,7 +191,7 @@ def make_dataset(
             augment = make_seg_augmenter(seed)
             ds = ds.map(lambda i, b: augment(b[0], b[1], i), num_parallel_calls=tf.data.AUTOTUNE)
         else:
-            augment_cls = make_cls_augmenter(seed)
+            augment_cls = make_cls_augmenter(seed, config.classifier.augment_policy)
             ds = ds.map(lambda i, b: (augment_cls(b[0], i), b[1]), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 

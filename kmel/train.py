@@ -173,7 +173,7 @@ def fit_segmenter(
 
     with strat.scope():
         model = build_segmenter(sc, sync_batchnorm=replicas > 1)
-        load_encoder_weights(model, sc.weights)
+        load_encoder_weights(model, sc.weights, mirror=sc.weights_mirror)
         optimizer = keras.optimizers.AdamW(sc.learning_rate, weight_decay=sc.weight_decay)
         optimizer.build(model.trainable_variables)
         set_trainable_stages(model, stage_for_epoch(sc.unfreeze, 0))
@@ -270,7 +270,7 @@ def fit_classifier(
     with strat.scope():
         model = build_classifier(cc)
         schedule = OneCycleSchedule(cc.max_learning_rate, total_steps=steps * cc.epochs,
-                                    warmup_fraction=cc.warmup_fraction)
+                                    warmup_fraction=cc.warmup_fraction, **stage_lr_scales(cc, steps))
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=cc.weight_decay)
         optimizer.build(model.trainable_variables)
         set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0), freeze_bn)
@@ -342,6 +342,21 @@ def fit_classifier(
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry
+
+
+def stage_lr_scales(cc: Any, steps: int) -> dict[str, tuple]:
+    """``OneCycleSchedule`` arguments for ``classifier.unfreeze_lr_scale`` (one factor per unfreeze stage)."""
+    from kmel.config import ConfigError
+
+    scales = tuple(cc.unfreeze_lr_scale)
+    if not scales:
+        return {}
+    if len(scales) != len(cc.unfreeze) or any(not 0 < s <= 10 for s in scales):
+        raise ConfigError(f"classifier unfreeze_lr_scale {list(scales)} needs one factor in (0, 10] per unfreeze "
+                          f"stage {[list(u) for u in cc.unfreeze]}")
+    starts = [int(epoch) for epoch, _ in cc.unfreeze]
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    return {"stage_steps": tuple(starts[i] * steps for i in order), "stage_scales": tuple(scales[i] for i in order)}
 
 
 def balance_table(manifest: dict[str, Any], config: Config) -> str:
