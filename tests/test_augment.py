@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from kmel.augment import (
@@ -161,3 +162,20 @@ def test_pixel_noise_zero_mean_bounded_std():
     diff = out - images
     stds = diff.std(axis=(1, 2, 3))
     assert abs(diff.mean()) < 0.2 and stds.max() <= 8.3 and stds.max() > 2.0
+
+
+def test_light_cls_policy_keeps_hue_and_texture():
+    """``light`` (fine-tuning): geometry and brightness/contrast only — no hue rotation, noise or dropout."""
+    from kmel.config import ConfigError
+
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    grey = np.repeat(image.mean(-1, keepdims=True), 3, axis=-1)  # a grey image has no chroma to rotate
+    batch = tf.constant(np.repeat(grey, 16, axis=0))
+    light = make_cls_augmenter(seed=3, policy="light")(batch, tf.constant(0, tf.int64)).numpy()
+    strong = make_cls_augmenter(seed=3, policy="strong")(batch, tf.constant(0, tf.int64)).numpy()
+    chroma = lambda x: np.abs(x - x.mean(-1, keepdims=True)).max()  # noqa: E731
+    assert chroma(light) < 1e-2  # stays grey: brightness/contrast/saturation cannot colour a grey image
+    assert chroma(strong) > 1.0  # pixel noise is drawn per channel
+    with pytest.raises(ConfigError, match="augment_policy"):
+        make_cls_augmenter(policy="medium")
