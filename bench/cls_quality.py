@@ -1,13 +1,15 @@
-"""Classifier quality on real data: cpu-small EfficientNet-B0 on crops made by the benchmark segmenter.
+"""Classifier quality on real data: a profile's classifier on crops made by the benchmark segmenter.
 
-usage: python bench/cls_quality.py [--epochs N] [--profile cpu-small] [--seg bench/out/seg] [--out bench/out/cls]
+usage: python bench/cls_quality.py [--profile cpu-pretrained|cpu-small] [--epochs N] [--patience N]
+                                   [--seg bench/out/seg] [--out bench/out/cls] [--fresh]
 
 Needs ``bench/seg_quality.py`` first: it reuses that run's records (the fixed 1,600 / 400 / 594 split
 of ../shared/data/isic2018-task1-256, labels from the official ISIC 2019 ground truth) and its
-exported segmenter. Crop records are built with that segmenter (the same code path as `train cls`),
-the classifier trains from scratch (weights none: this machine has no ImageNet file), the threshold
-is chosen on val and the test split is reported: AUC, sensitivity / specificity at the threshold,
-and the per-skin-tone table, with run times. Task: malignant (here MEL vs NV/BKL).
+exported segmenter. Crop records are built with that segmenter (the same code path as `train cls`)
+at the profile's classifier size. ``cpu-small`` trains EfficientNet-B0 from scratch; ``cpu-pretrained``
+fine-tunes EfficientNet-Lite0 from the ImageNet weights that kmel's install brings. The threshold is
+chosen on val and the test split is reported: AUC, average precision, sensitivity / specificity at
+the threshold, and the per-skin-tone table, with run times. Task: malignant (here MEL vs NV/BKL).
 
 For scale it also prints a model-free floor: logistic regression on 30 colour statistics of the
 same crops (Lab / HSV means, spreads and percentiles, whole crop and centre), fitted on train.
