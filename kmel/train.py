@@ -79,19 +79,22 @@ def _callbacks(
     return callbacks, best
 
 
-def _val_data(records_dir: Path, kind: str, config: Config, batch: int, replicas: int) -> tuple[Any, int]:
+def _val_data(records_dir: Path, kind: str, config: Config, batch: int,
+              strat: tf.distribute.Strategy) -> tuple[Any, int]:
     """Validation dataset for ``fit`` and its exact number of batches.
 
     With several replicas the batch is a multiple of them that the data can fill and the ragged
     last batch is dropped (it cannot be split evenly); the final metrics use every image. Passing
     the step count keeps Keras from reading past the end (its "ran out of data" warning).
     """
+    replicas = strat.num_replicas_in_sync
     n = count_records(records_dir, kind, "val")
     if replicas > 1:
         batch = replicas * max(1, min(batch // replicas, n // replicas))
     dataset = make_dataset(records_dir, "val", kind, False, config, drop_remainder=replicas > 1, batch_size=batch)
-    # Every worker validates on all of it (OFF): the val step count above is for the whole split.
-    if replicas > 1:
+    # Any distribution strategy, one replica included (MirroredStrategy on one GPU or CPU).
+    if isinstance(strat, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        # Every worker validates on all of it (OFF): the val step count above is for the whole split.
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         # Repeated: under a distribution strategy Keras (3.15) takes one batch from the previous
@@ -168,7 +171,7 @@ def fit_segmenter(
     batch = sc.batch_size * replicas
     train_ds = make_dataset(records_dir, "train", "seg", True, config, batch_size=batch)
     train_ds = shard_for_workers(train_ds, strat, len(shard_paths(records_dir, "seg", "train")))
-    val_ds, val_steps = _val_data(records_dir, "seg", config, batch, replicas)
+    val_ds, val_steps = _val_data(records_dir, "seg", config, batch, strat)
     steps = steps_per_epoch(records_dir, "seg", "train", batch, sc.steps_per_epoch)
 
     with strat.scope():
@@ -262,7 +265,7 @@ def fit_classifier(
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
     train_ds = shard_for_workers(train_ds, strat, len(shard_paths(crops_dir, "crop", "train")))
-    val_ds, val_steps = _val_data(crops_dir, "crop", config, batch, replicas)
+    val_ds, val_steps = _val_data(crops_dir, "crop", config, batch, strat)
     steps = steps_per_epoch(crops_dir, "crop", "train", batch, cc.steps_per_epoch)
 
     # Pretrained BatchNorm statistics stay frozen; from scratch they must be learned.

@@ -118,3 +118,15 @@ def test_mirrored_strategy_over_two_logical_cpus(records, tmp_path):
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["replicas"] == 2
     assert np.isfinite(result["metrics"]["val"]["loss"])
+
+
+def test_mirrored_strategy_with_one_replica_runs_several_epochs(records, tmp_path):
+    """MirroredStrategy on one device (a user's single GPU, or this CPU) goes past epoch 1: the
+    validation data must be repeated under any distribution strategy, not only with two replicas."""
+    from kmel.train import fit_segmenter
+
+    entry = fit_segmenter(records, tmp_path / "m", tiny_config(epochs=2), tmp_path / "runs", "mirrored", "float32",
+                          verbose=0)
+    assert entry["replicas"] == 1
+    epochs = pd.read_csv(tmp_path / "m" / "segmenter_history.csv")["epoch"].tolist()
+    assert epochs == [0, 1]
