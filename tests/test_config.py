@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -52,8 +54,11 @@ def test_user_profile_path_and_unknown_profile(tmp_path):
 
 def test_config_is_frozen_and_round_trips(tmp_path):
     config = load_config("cpu-small", {"records.task": "melanoma"})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.records.task = "keratosis"  # type: ignore[misc]
+    assert config.records.task == "melanoma"
     save_config(config, tmp_path / "c.yaml")
-    assert config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text())) == config
-    assert isinstance(config, Config)
+    again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
+    assert again == config and again.records.task == "melanoma"
+    assert again.classifier.unfreeze == config.classifier.unfreeze  # tuples of tuples survive YAML lists
+    assert again != Config()  # equality compares values: a default config is not this one
