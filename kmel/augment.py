@@ -267,6 +267,13 @@ def make_seg_augmenter(seed: int = 0) -> Callable[[tf.Tensor, tf.Tensor, tf.Tens
 CLS_AUGMENT_POLICIES = ("strong", "light")
 
 
+def resolve_cls_policy(policy: str, weights: str) -> str:
+    """``auto``: ``light`` when fine-tuning pretrained weights, ``strong`` from scratch (``weights: none``)."""
+    if policy == "auto":
+        return "strong" if weights in ("none", "", None) else "light"
+    return policy
+
+
 def make_cls_augmenter(seed: int = 0, policy: str = "strong") -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """``fn(images, batch_index) -> images`` for classifier batches (crops).
 

@@ -121,7 +121,8 @@ class ClassifierConfig:
     target_malignant_fraction: float = 0.38
     skin_tone_balance: float = 0.5
     augment: bool = True
-    augment_policy: str = "strong"  # strong (from scratch) | light (fine-tuning pretrained weights)
+    # strong | light | auto (light when fine-tuning pretrained weights, strong from scratch)
+    augment_policy: str = "auto"
     threshold_method: str = "f1_group_floor"  # f1_group_floor | f1 | youden | sensitivity
     min_group_recall: float = 0.7
     target_sensitivity: float = 0.9

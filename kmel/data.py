@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import tensorflow as tf
 
 from kmel import constants as C
-from kmel.augment import make_cls_augmenter, make_seg_augmenter
+from kmel.augment import make_cls_augmenter, make_seg_augmenter, resolve_cls_policy
 from kmel.config import Config
 from kmel.records import DataError, load_manifest, shard_paths
 from kmel.tfrecord import parse_example
@@ -191,7 +191,8 @@ def make_dataset(
             augment = make_seg_augmenter(seed)
             ds = ds.map(lambda i, b: augment(b[0], b[1], i), num_parallel_calls=tf.data.AUTOTUNE)
         else:
-            augment_cls = make_cls_augmenter(seed, config.classifier.augment_policy)
+            augment_cls = make_cls_augmenter(
+                seed, resolve_cls_policy(config.classifier.augment_policy, config.classifier.weights))
             ds = ds.map(lambda i, b: (augment_cls(b[0], i), b[1]), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
