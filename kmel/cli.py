@@ -1,0 +1,333 @@
+"""kmel command line: each command parses, builds the config, calls one library function, reports.
+
+Installed as the ``kmel`` console script and as ``python -m kmel``; ``python cli.py`` in a clone
+runs the same group. Exit codes: 0 done; 1 done, with skipped inputs reported; 2 usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import click  # noqa: E402
+
+from kmel.config import ConfigError, list_profiles, load_config  # noqa: E402
+
+PROFILE_HELP = (
+    f"Settings profile: a shipped name ({', '.join(list_profiles())}) or a path to your own YAML. "
+    "Flags override it; the resolved config is written next to every output."
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kmel.records import DataError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, DataError]
+    try:
+        from kmel.models import WeightsError
+
+        errors.append(WeightsError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def run(fn: Callable[[], int | None]) -> None:
+    """Run a command body; user errors print one clear line and exit 2 (no stack trace)."""
+    try:
+        code = fn() or 0
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        raise
+    sys.exit(code)
+
+
+def _config(profile: str, overrides: dict[str, Any], records: str | None = None):
+    """Profile + flags; the records section comes from the record set when one is given."""
+    from kmel.config import config_from_dict
+
+    config = load_config(profile, overrides)
+    if records is not None:
+        from kmel.records import load_manifest
+
+        manifest = load_manifest(records)
+        data = config.to_dict()
+        data["records"] = manifest["config"]["records"]
+        config = config_from_dict(data)
+    return config
+
+
+def _installed_version(*distributions: str) -> str:
+    """Version of the first installed distribution of ``distributions`` (no import of the package)."""
+    from importlib import metadata
+
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def version_line() -> str:
+    """kmel's version and the TensorFlow and Keras it runs with."""
+    import kmel
+
+    tf = _installed_version("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly")
+    return f"kmel {kmel.__version__} (TensorFlow {tf}, Keras {_installed_version('keras')}, Python {sys.version.split()[0]})"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the versions of kmel, TensorFlow, Keras and Python, then exit.")
+def cli() -> None:
+    """kmel: fair melanoma detection in dermoscopic images (Keras 3 / TensorFlow).
+
+    Typical run: make-synthetic (or your ISIC download) -> build-records -> train seg -> train cls
+    -> predict / evaluate. `demo` does all of it on synthetic data. `tensorboard --logdir runs`
+    shows the trainings.
+    """
+
+
+@cli.command("make-synthetic")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n-images", default=120, show_default=True, help="Number of labelled images to draw.")
+@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--predict-images", default=0, show_default=True,
+              help="Also write this many held-out images to OUT/predict/ with OUT/predict/truth.csv.")
+def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images: int) -> None:
+    """Write a synthetic data folder laid out like an ISIC download (2019 + 2020 CSVs, images, masks)."""
+
+    def body() -> int:
+        from kmel.synthetic import make_prediction_folder, make_synthetic_dataset
+
+        summary = make_synthetic_dataset(Path(out), n_images=n_images, seed=seed, size=size)
+        click.echo(f"wrote {out}: {summary}")
+        if predict_images:
+            make_prediction_folder(Path(out) / "predict", n_images=predict_images, seed=seed + 1, size=size)
+            click.echo(f"wrote {predict_images} held-out images to {Path(out) / 'predict'}")
+        return 0
+
+    run(body)
+
+
+@cli.command("build-records")
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="Folder with the official CSVs, images (any sub-folder) and masks/ (any depth).")
+@click.option("--out", default="tfrecords", show_default=True, type=click.Path(file_okay=False),
+              help="Where the shards, metadata.csv, skipped.csv and manifest.json go.")
+@click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP)
+@click.option("--task", type=click.Choice(["malignant", "melanoma", "keratosis"]), default=None,
+              help="Label to learn [profile: malignant].")
+@click.option("--workers", type=int, default=None, help="Processes for decoding (0: one per core) [profile].")
+@click.option("--stage", type=click.Choice(["images", "crops"]), default="images", show_default=True,
+              help="images: records from the data folder; crops: lesion crops from trained segmenter.")
+@click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="With --stage crops: folder of the exported segmenter.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, workers: int | None, stage: str,
+                      models: str, quiet: bool) -> None:
+    """Clean the metadata, drop duplicates, label, split by patient and write sharded TFRecords."""
+
+    def body() -> int:
+        if stage == "crops":
+            from kmel.crops import build_crop_records
+
+            config = _config(profile, {"crops.workers": workers}, records=out)
+            path = build_crop_records(out, models, config, progress=not quiet)
+            click.echo(f"crop records in {path}")
+            return 0
+        from kmel.records import build_records, format_counts
+
+        config = _config(profile, {"records.task": task, "records.workers": workers})
+        manifest = build_records(data_dir, out, config, progress=not quiet)
+        click.echo(format_counts(manifest))
+        click.echo(f"records, metadata.csv, skipped.csv and manifest.json in {out}")
+        problems = manifest["skipped"] or manifest["mask_issues"] or manifest["cleaning"]["masks_without_image"]
+        return 1 if problems else 0
+
+    run(body)
+
+
+def _train_options(fn: Callable) -> Callable:
+    options = [
+        click.option("--records", default="tfrecords", show_default=True, type=click.Path(file_okay=False),
+                     help="Record set made by build-records."),
+        click.option("--out", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+                     help="Where the exported model, .keras file, pipeline.json and report go."),
+        click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP),
+        click.option("--epochs", type=int, default=None, help="Training epochs [profile]."),
+        click.option("--batch-size", type=int, default=None, help="Batch size per replica [profile]."),
+        click.option("--steps-per-epoch", type=int, default=None, help="Steps per epoch (0: one pass) [profile]."),
+        click.option("--image-size", type=int, default=None, help="Model input side in pixels [profile]."),
+        click.option("--backbone", default=None,
+                     help="seg: resnet34|resnet18; cls: efficientnet_b0..efficientnet_b7 or efficientnet_lite0..efficientnet_lite4 (ImageNet weights offline for lite0-2) [profile]."),
+        click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
+                     default="auto", show_default=True,
+                     help="auto: multiworker if TF_CONFIG is set, mirrored on several GPUs, else default."),
+        click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+                     default="auto", show_default=True, help="auto: mixed_float16 on GPUs, float32 on CPUs."),
+        click.option("--weights", default=None,
+                     help="imagenet (downloaded once, verified and kept in the Keras cache ~/.keras/models; "
+                          "Lite0-2 come with pip packages), none, or a path to a weights file [profile: none]."),
+        click.option("--weights-mirror", default=None, metavar="URL",
+                     help="Fetch ImageNet files from URL/NAME instead of the public URLs (a flat folder on any "
+                          "static web server, or a local folder path) [profile; env KMEL_WEIGHTS_MIRROR]."),
+        click.option("--logdir", default="runs", show_default=True, type=click.Path(file_okay=False),
+                     help="TensorBoard log folder."),
+        click.option("--seed", type=int, default=None, help="Random seed [profile]."),
+        click.option("--quiet", is_flag=True, help="One line per epoch, no progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command("train")
+@click.argument("model", type=click.Choice(["seg", "cls"]))
+@_train_options
+def train(model: str, records: str, out: str, profile: str, epochs: int | None, batch_size: int | None,
+          steps_per_epoch: int | None, image_size: int | None, backbone: str | None, strategy: str,
+          precision: str, weights: str | None, weights_mirror: str | None, logdir: str, seed: int | None,
+          quiet: bool) -> None:
+    """Train the segmenter (seg) or the classifier (cls) and export it as a SavedModel.
+
+    cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision
+    threshold on the validation split and writes the fairness report for the test split to OUT/report/.
+    A killed run resumes from its last finished epoch when the same command is run again.
+    """
+
+    def body() -> int:
+        section = "segmenter" if model == "seg" else "classifier"
+        overrides = {f"{section}.{k}": v for k, v in dict(
+            epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,
+            backbone=backbone, weights=weights, seed=seed).items()}
+        overrides.update({"segmenter.weights_mirror": weights_mirror, "classifier.weights_mirror": weights_mirror})
+        config = _config(profile, overrides, records=records)
+        verbose = 2 if quiet else "auto"
+        if model == "seg":
+            from kmel.train import fit_segmenter
+
+            entry = fit_segmenter(records, out, config, logdir, strategy, precision, verbose=verbose)
+            click.echo(f"segmenter exported to {Path(out) / 'segmenter'}; metrics: {entry['metrics']}")
+        else:
+            from kmel.train import fit_classifier
+
+            entry = fit_classifier(records, out, config, logdir, strategy, precision, verbose=verbose,
+                                   progress=not quiet)
+            click.echo(f"classifier exported to {Path(out) / 'classifier'}; threshold {entry['threshold']:.4f} "
+                       f"(chosen on val); {entry['report_split']} metrics: {entry['metrics']}")
+            click.echo(f"report: {Path(out) / 'report' / 'report.md'}")
+        return 0
+
+    run(body)
+
+
+@cli.command("predict")
+@click.argument("input_dir", type=click.Path(file_okay=False))
+@click.argument("out_csv", type=click.Path(dir_okay=False))
+@click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Folder with segmenter/, classifier/ and pipeline.json.")
+@click.option("--batch-size", type=int, default=None, help="Images per model batch [pipeline: predict.batch_size].")
+@click.option("--explain", "explain_dir", default=None, type=click.Path(file_okay=False),
+              help="Write Grad-CAM overlays (crop | heat map) as PNGs into this folder.")
+@click.option("--tta", is_flag=True, help="Average the classifier over flips (noted in the CSV's tta column).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def predict(input_dir: str, out_csv: str, models: str, batch_size: int | None, explain_dir: str | None,
+            tta: bool, quiet: bool) -> None:
+    """Classify every image under INPUT_DIR (recursive) into OUT_CSV, one row per file.
+
+    Rerunning the same command resumes a killed run: files already in OUT_CSV are skipped.
+    """
+
+    def body() -> int:
+        from kmel.predict import predict_folder
+
+        s = predict_folder(input_dir, out_csv, models, batch_size, tta, explain_dir, progress=not quiet)
+        click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_malignant} predicted positive "
+                   f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {out_csv}")
+        for path, reason in s.errors[:20]:
+            click.echo(f"  skipped {path}: {reason}", err=True)
+        return 1 if s.n_error else 0
+
+    run(body)
+
+
+@cli.command("evaluate")
+@click.option("--records", default="tfrecords", show_default=True, type=click.Path(file_okay=False))
+@click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for report.json, report.md, predictions.csv and the PNG plots.")
+@click.option("--predictions", default=None, type=click.Path(dir_okay=False),
+              help="Evaluate a predict CSV instead of records (needs --truth).")
+@click.option("--truth", default=None, type=click.Path(dir_okay=False), help="CSV with columns image,target.")
+@click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evaluate(records: str, models: str, split: str, out: str, predictions: str | None, truth: str | None,
+             profile: str, quiet: bool) -> None:
+    """Metrics at the stored threshold and per-skin-tone fairness (with bootstrap intervals) and plots."""
+
+    def body() -> int:
+        from kmel.evaluate import evaluate_exported, evaluate_predictions
+
+        if (predictions is None) != (truth is None):
+            raise ConfigError("--predictions and --truth go together")
+        if predictions:
+            report = evaluate_predictions(predictions, truth, out, load_config(profile))
+        else:
+            from kmel.predict import load_pipeline_config
+
+            config, _ = load_pipeline_config(models)
+            report = evaluate_exported(records, models, split, out, config, progress=not quiet)
+        summary = report.get("summary", {})
+        click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
+        click.echo(f"report in {Path(out) / 'report.md'}")
+        return 0
+
+    run(body)
+
+
+@cli.command("demo")
+@click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for everything the demo makes (data, records, models, runs, reports).")
+@click.option("--n-images", default=240, show_default=True, help="Synthetic labelled images.")
+@click.option("--quick", is_flag=True, help="Tiny sizes and one epoch each (a smoke test, not a result).")
+def demo(out: str, n_images: int, quick: bool) -> None:
+    """Synthetic data end to end: make data, build records, train seg, crops, train cls, predict, evaluate."""
+
+    def body() -> int:
+        from kmel.demo import run_demo
+
+        result = run_demo(Path(out), n_images=n_images, quick=quick)
+        for key, value in result.items():
+            click.echo(f"{key}: {value}")
+        return 0
+
+    run(body)
+
+
+def main() -> None:
+    """Console-script entry point (``kmel``)."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()
