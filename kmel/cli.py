@@ -271,9 +271,12 @@ def predict(input_dir: str, out_csv: str, models: str, batch_size: int | None, e
 
 
 @cli.command("evaluate")
-@click.option("--records", default="tfrecords", show_default=True, type=click.Path(file_okay=False))
-@click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False))
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--records", default="tfrecords", show_default=True, type=click.Path(file_okay=False),
+              help="Record set made by build-records (its crop records are built for the segmenter if missing).")
+@click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Folder with the exported segmenter/, classifier/ and pipeline.json.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True,
+              help="Which split of the records to score.")
 @click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
               help="Folder for report.json, report.md, predictions.csv and the PNG plots.")
 @click.option("--predictions", default=None, type=click.Path(dir_okay=False),
@@ -310,13 +313,14 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
               help="Folder for everything the demo makes (data, records, models, runs, reports).")
 @click.option("--n-images", default=240, show_default=True, help="Synthetic labelled images.")
 @click.option("--quick", is_flag=True, help="Tiny sizes and one epoch each (a smoke test, not a result).")
-def demo(out: str, n_images: int, quick: bool) -> None:
+@click.option("--quiet", is_flag=True, help="No progress bars (one line per stage and per epoch).")
+def demo(out: str, n_images: int, quick: bool, quiet: bool) -> None:
     """Synthetic data end to end: make data, build records, train seg, crops, train cls, predict, evaluate."""
 
     def body() -> int:
         from kmel.demo import run_demo
 
-        result = run_demo(Path(out), n_images=n_images, quick=quick)
+        result = run_demo(Path(out), n_images=n_images, quick=quick, progress=not quiet)
         for key, value in result.items():
             click.echo(f"{key}: {value}")
         return 0

@@ -22,7 +22,9 @@ def demo_config(quick: bool = False) -> Config:
     })
 
 
-def run_demo(out: Path, n_images: int = 240, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+def run_demo(
+    out: Path, n_images: int = 240, quick: bool = False, seed: int = 0, progress: bool = True
+) -> dict[str, Any]:
     """make-synthetic → build-records → train seg → crops → train cls → predict → evaluate."""
     from kmel.evaluate import evaluate_predictions
     from kmel.predict import predict_folder
@@ -47,16 +49,16 @@ def run_demo(out: Path, n_images: int = 240, quick: bool = False, seed: int = 0)
     make_synthetic_dataset(data, n_images=n_images, seed=seed, size=size)
     truth = make_prediction_folder(out / "predict_images", n_images=24 if not quick else 8, seed=seed + 1, size=size)
     lap("make-synthetic")
-    build_records(data, records, config)
+    build_records(data, records, config, progress=progress)
     lap("build-records")
     fit_segmenter(records, models, config, runs, verbose=2)
     lap("train seg")
-    entry = fit_classifier(records, models, config, runs, verbose=2)
+    entry = fit_classifier(records, models, config, runs, verbose=2, progress=progress)
     lap("crops + train cls")
     csv = out / "predictions.csv"
     if csv.exists():
         csv.unlink()
-    summary = predict_folder(out / "predict_images", csv, models)
+    summary = predict_folder(out / "predict_images", csv, models, progress=progress)
     lap("predict")
     report = evaluate_predictions(csv, out / "predict_images" / "truth.csv", out / "reports", config)
     lap("evaluate")

@@ -29,16 +29,19 @@ def as_score_fn(model: Any) -> ScoreFn:
 
 
 def predict_records(
-    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int = 32
+    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int = 32, progress: bool = False
 ) -> pd.DataFrame:
     """One row per crop record: id, source, target, probability, skin tone, ITA category, crop mode."""
     import tensorflow as tf
+    from tqdm.auto import tqdm
 
     from kmel.data import _decode_image, make_record_dataset
-    from kmel.records import shard_paths
+    from kmel.records import load_manifest, shard_paths
 
     score = as_score_fn(model)
-    files = shard_paths(records_dir, "crop", split)
+    manifest = load_manifest(records_dir)
+    files = shard_paths(records_dir, "crop", split, manifest)
+    total = manifest.get("n_records", {}).get("crop", {}).get(split)
     size = config.classifier.image_size
     ds = make_record_dataset(files, training=False, seed=0).map(
         lambda r: (_decode_image(r, size), {k: r[k] for k in (C.F_IMAGE_ID, C.F_SOURCE, C.F_TARGET, C.F_SKIN_TONE,
@@ -46,6 +49,7 @@ def predict_records(
         num_parallel_calls=tf.data.AUTOTUNE,
     ).batch(batch_size).prefetch(2)
     frames = []
+    bar = tqdm(total=total, desc=f"score {split}", unit="img", disable=not progress, dynamic_ncols=True)
     for images, meta in ds:
         meta = {k: v.numpy() for k, v in meta.items()}
         frames.append(pd.DataFrame({
@@ -58,6 +62,8 @@ def predict_records(
             "ita_category_name": [C.ITA_CATEGORIES[g] for g in meta[C.F_ITA_CATEGORY]],
             "crop_mode": [C.CROP_MODES[m] for m in meta[C.F_CROP_MODE]],
         }))
+        bar.update(len(frames[-1]))
+    bar.close()
     if not frames:
         return pd.DataFrame(columns=[C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_TARGET, "probability",
                                      C.COL_SKIN_TONE_NAME, C.COL_ITA, "ita_category_name", "crop_mode"])
@@ -86,9 +92,9 @@ def report_from_table(
 
 def write_split_report(
     model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int, threshold: float,
-    out_dir: str | Path, meta: Mapping[str, Any] | None = None,
+    out_dir: str | Path, meta: Mapping[str, Any] | None = None, progress: bool = False,
 ) -> dict[str, Any]:
-    table = predict_records(model, records_dir, split, config, batch_size)
+    table = predict_records(model, records_dir, split, config, batch_size, progress)
     meta = {"split": split, "records": str(records_dir), "n": len(table), **(meta or {})}
     return report_from_table(table, threshold, out_dir, config, meta)
 
@@ -108,7 +114,8 @@ def evaluate_exported(
     model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
     threshold = float(pipeline["classifier"]["threshold"])
     return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
-                              meta={"threshold_from": "pipeline.json (chosen on val)", "models": str(models_dir)})
+                              meta={"threshold_from": "pipeline.json (chosen on val)", "models": str(models_dir)},
+                              progress=progress)
 
 
 def evaluate_predictions(

@@ -77,3 +77,32 @@ def test_wheel_installs_the_kmel_command(tmp_path):
                            "--size", "32"], **run)
     assert made.returncode == 0, made.stderr
     assert list((tmp_path / "data").glob("*.csv")), made.stdout
+
+
+def _commands(group, prefix: str = ""):
+    """(name, command) for every command in the click tree, groups included."""
+    import click
+
+    yield prefix or group.name, group
+    if isinstance(group, click.Group):
+        for name, command in group.commands.items():
+            yield from _commands(command, f"{prefix} {name}".strip())
+
+
+def test_every_option_of_every_command_has_help_text():
+    import click
+
+    from kmel.cli import cli
+
+    missing = [f"{name or 'kmel'} {param.opts[0]}" for name, command in _commands(cli)
+               for param in command.params if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert not missing, f"options without help text: {missing}"
+    undocumented = [name for name, command in _commands(cli) if not (command.help or "").strip()]
+    assert not undocumented, f"commands without a description: {undocumented}"
+
+
+def test_long_commands_take_quiet():
+    from kmel.cli import cli
+
+    for name in ("build-records", "train", "predict", "evaluate", "demo"):
+        assert "quiet" in {p.name for p in cli.commands[name].params}, name

@@ -150,8 +150,9 @@ def test_predict_tta_and_gradcam(pipeline, tmp_path):
 
 def test_evaluate_records_and_truth_csv(pipeline, tmp_path):
     result = _invoke("evaluate", "--records", str(pipeline["records"]), "--models", str(pipeline["models"]),
-                     "--split", "test", "--out", str(tmp_path / "rep"), "--quiet")
+                     "--split", "test", "--out", str(tmp_path / "rep"))
     assert result.exit_code == 0, result.output
+    assert "score test" in result.output, "evaluate shows a progress bar unless --quiet"
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["meta"]["split"] == "test"
     folder = pipeline["tmp"] / "data" / "predict"
