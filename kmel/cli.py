@@ -1,8 +1,9 @@
 """kmel command line: each command parses, builds the config, calls one library function, reports.
 
 Installed as the ``kmel`` console script and as ``python -m kmel``; ``python cli.py`` in a clone
-runs the same group. Exit codes: 0 done; 1 done, with skipped inputs reported; 2 usage or
-configuration error.
+runs the same group. Exit codes, the same for every command: 0 every input that could be used was
+used (harmless leftovers are reported, not errors); 1 some file could not be read or a mask could
+not be used (or, with ``--strict``, anything was reported); 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
+
+
+STRICT_HELP = ("Exit 1 when anything is reported (orphan masks, rows without an image, CSVs not "
+               "recognised...), not only when a file could not be read.")
+
+
+def exit_code(n_errors: int, n_notes: int, strict: bool) -> int:
+    """The one rule: 1 when a file or mask could not be used (or anything was reported, strict), else 0."""
+    return 1 if n_errors or (strict and n_notes) else 0
 
 
 def run(fn: Callable[[], int | None]) -> None:
@@ -141,9 +151,10 @@ def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images
               help="images: records from the data folder; crops: lesion crops from trained segmenter.")
 @click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
               help="With --stage crops: folder of the exported segmenter.")
+@click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, workers: int | None, stage: str,
-                      models: str, quiet: bool) -> None:
+                      models: str, strict: bool, quiet: bool) -> None:
     """Clean the metadata, drop duplicates, label, split by patient and write sharded TFRecords."""
 
     def body() -> int:
@@ -160,8 +171,8 @@ def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, w
         manifest = build_records(data_dir, out, config, progress=not quiet)
         click.echo(format_counts(manifest))
         click.echo(f"records, metadata.csv, skipped.csv and manifest.json in {out}")
-        problems = manifest["skipped"] or manifest["mask_issues"] or manifest["cleaning"]["masks_without_image"]
-        return 1 if problems else 0
+        problems = manifest["problems"]
+        return exit_code(sum(problems["errors"].values()), sum(problems["notes"].values()), strict)
 
     run(body)
 
@@ -281,11 +292,14 @@ def predict(input_dir: str, out_csv: str, models: str, batch_size: int | None, e
               help="Folder for report.json, report.md, predictions.csv and the PNG plots.")
 @click.option("--predictions", default=None, type=click.Path(dir_okay=False),
               help="Evaluate a predict CSV instead of records (needs --truth).")
-@click.option("--truth", default=None, type=click.Path(dir_okay=False), help="CSV with columns image,target.")
+@click.option("--truth", default=None, type=click.Path(dir_okay=False),
+              help="CSV with columns image,target (or relpath,target to match predict's relpath column).")
 @click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP)
+@click.option("--strict", is_flag=True,
+              help="With --predictions: exit 1 when truth rows are unmatched or predictions hold error rows.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate(records: str, models: str, split: str, out: str, predictions: str | None, truth: str | None,
-             profile: str, quiet: bool) -> None:
+             profile: str, strict: bool, quiet: bool) -> None:
     """Metrics at the stored threshold and per-skin-tone fairness (with bootstrap intervals) and plots."""
 
     def body() -> int:
@@ -303,7 +317,12 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
         summary = report.get("summary", {})
         click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
         click.echo(f"report in {Path(out) / 'report.md'}")
-        return 0
+        meta = report.get("meta", {})
+        notes = meta.get("unmatched_truth_rows", 0) + meta.get("prediction_rows_not_ok", 0)
+        if notes:
+            click.echo(f"not scored: {meta.get('unmatched_truth_rows', 0)} truth rows without an ok prediction, "
+                       f"{meta.get('prediction_rows_not_ok', 0)} prediction rows that are not ok")
+        return exit_code(0, notes, strict)
 
     run(body)
 

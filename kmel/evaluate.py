@@ -121,22 +121,32 @@ def evaluate_exported(
 def evaluate_predictions(
     predictions_csv: str | Path, truth_csv: str | Path, out_dir: str | Path, config: Config
 ) -> dict[str, Any]:
-    """Report for a ``predict`` output against a user's ``image,target`` CSV."""
+    """Report for a ``predict`` output (CSV or JSONL) against a user's ``image,target`` CSV.
+
+    With a ``relpath`` column (as in the predictions) instead of ``image``, rows are matched on it:
+    the way to tell apart files with the same name in different folders.
+    """
     from kmel.config import ConfigError
 
-    pred = pd.read_csv(predictions_csv, dtype={"image": str})
-    truth = pd.read_csv(truth_csv, dtype={"image": str})
-    missing = {"image", "target"} - set(truth.columns)
+    predictions_csv = Path(predictions_csv)
+    if predictions_csv.suffix.lower() in (".jsonl", ".ndjson"):
+        pred = pd.read_json(predictions_csv, lines=True, dtype={"image": str, "relpath": str})
+    else:
+        pred = pd.read_csv(predictions_csv, dtype={"image": str, "relpath": str})
+    truth = pd.read_csv(truth_csv, dtype={"image": str, "relpath": str})
+    key = "relpath" if "relpath" in truth.columns and "relpath" in pred.columns else "image"
+    missing = {key, "target"} - set(truth.columns)
     if missing:
-        raise ConfigError(f"{truth_csv} must have columns image,target (missing: {sorted(missing)})")
+        raise ConfigError(f"{truth_csv} must have columns image,target or relpath,target (missing: {sorted(missing)})")
+    n_not_ok = int((pred["status"] != "ok").sum())
     pred = pred[pred["status"] == "ok"]
-    table = pred.merge(truth[["image", "target"]], on="image", how="inner")
+    table = pred.merge(truth[[key, "target"]], on=key, how="inner")
     if table.empty:
-        raise ConfigError(f"no image in {truth_csv} matches an ok row of {predictions_csv}")
+        raise ConfigError(f"no {key} in {truth_csv} matches an ok row of {predictions_csv}")
     table = table.rename(columns={"image": C.COL_IMAGE_ID, "skin_tone_group": C.COL_SKIN_TONE_NAME,
                                   "ita_category": "ita_category_name"})
     table[C.COL_TARGET] = table["target"].astype(int)
     threshold = float(table["threshold"].iloc[0])
-    meta = {"predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table),
-            "unmatched_truth_rows": int(len(truth) - len(table))}
+    meta = {"predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table), "matched_on": key,
+            "unmatched_truth_rows": int(len(truth) - len(table)), "prediction_rows_not_ok": n_not_ok}
     return report_from_table(table, threshold, out_dir, config, meta)

@@ -280,6 +280,7 @@ def build_records(
         "cleaning": report,
         "config": config.to_dict(),
     }
+    manifest["problems"] = records_problems(manifest)
     tmp = out_dir / (C.MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=_json_default))
     os.replace(tmp, out_dir / C.MANIFEST)
@@ -310,6 +311,30 @@ def shard_paths(records_dir: str | Path, kind: str, split: str, manifest: dict |
     manifest = manifest or load_manifest(records_dir)
     entries = manifest.get("shards", {}).get(kind, {}).get(split, [])
     return [Path(records_dir) / e["file"] for e in entries]
+
+
+def records_problems(manifest: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """What a record set reports, sorted by the exit-code rule (counts; the details are in the manifest).
+
+    ``errors``: an image file could not be read or a mask could not be used (exit 1).
+    ``notes``: inputs not usable as given but harmless — labelled rows without an image, masks without a
+    labelled image, CSVs not recognised, rows without a usable label, label conflicts (exit 0; 1 with
+    ``--strict``).
+    """
+    cleaning = manifest.get("cleaning", {})
+    errors = {
+        "unreadable images": len(manifest.get("skipped", [])),
+        "unusable masks": len(manifest.get("mask_issues", [])),
+    }
+    notes = {
+        "labelled rows without an image": sum(cleaning.get("missing_images", {}).values()),
+        "masks without a labelled image": len(cleaning.get("masks_without_image", [])),
+        "CSV files not recognised": len(cleaning.get("unrecognised_files", [])),
+        "rows without a usable label": sum(n for reason, n in cleaning.get("dropped", {}).items()
+                                           if reason.startswith("no usable label")),
+        "label conflicts": len(cleaning.get("conflicts", [])),
+    }
+    return {"errors": {k: v for k, v in errors.items() if v}, "notes": {k: v for k, v in notes.items() if v}}
 
 
 def format_counts(manifest: dict[str, Any]) -> str:

@@ -106,3 +106,63 @@ def test_long_commands_take_quiet():
 
     for name in ("build-records", "train", "predict", "evaluate", "demo"):
         assert "quiet" in {p.name for p in cli.commands[name].params}, name
+
+
+# === Exit codes: 0 all usable input used, 1 a file or mask unusable (or anything reported, --strict), 2 usage ===
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory) -> Path:
+    import yaml
+
+    path = tmp_path_factory.mktemp("profile") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"records": {"image_size": 48, "seg_size": 32, "shard_size": 32, "workers": 1}}))
+    return path
+
+
+def _tiny_data(root: Path) -> Path:
+    from kmel.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(root, n_images=16, seed=3, size=48)
+    return root
+
+
+def _build(data: Path, out: Path, profile: Path, *extra: str):
+    return _invoke("build-records", "--data-dir", str(data), "--out", str(out), "--profile", str(profile),
+                   "--quiet", *extra)
+
+
+def test_build_records_orphan_mask_and_missing_image_exit_0_and_1_when_strict(tmp_path, tiny_profile):
+    import json
+
+    import cv2
+    import numpy as np
+
+    data = _tiny_data(tmp_path / "data")
+    cv2.imwrite(str(data / "masks" / "ISIC_0000001_segmentation.png"), np.full((48, 48), 255, np.uint8))
+    next((data / "images").rglob("*.jpg")).unlink()  # a labelled row without its image
+    result = _build(data, tmp_path / "rec", tiny_profile)
+    assert result.exit_code == 0, result.output
+    assert "masks without a labelled image: 1" in result.output and "labelled rows without an image: 1" in result.output
+    problems = json.loads((tmp_path / "rec" / "manifest.json").read_text())["problems"]
+    assert problems == {"errors": {}, "notes": {"labelled rows without an image": 1,
+                                                "masks without a labelled image": 1}}
+    assert _build(data, tmp_path / "rec", tiny_profile, "--strict").exit_code == 1
+
+
+def test_build_records_corrupt_image_exits_1(tmp_path, tiny_profile):
+    data = _tiny_data(tmp_path / "data")
+    victim = sorted((data / "images").rglob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    result = _build(data, tmp_path / "rec", tiny_profile)
+    assert result.exit_code == 1, result.output
+    assert "skipped (unreadable) images: 1" in result.output
+
+
+def test_configuration_errors_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("records:\n  imagesize: 64\n")
+    result = _invoke("build-records", "--data-dir", str(tmp_path), "--profile", str(bad))
+    assert result.exit_code == 2 and "imagesize" in result.output and "Traceback" not in result.output
+    assert _invoke("build-records", "--no-such-flag").exit_code == 2
+    assert _invoke("evaluate", "--predictions", str(tmp_path / "p.csv")).exit_code == 2  # needs --truth
