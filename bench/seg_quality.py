@@ -3,6 +3,7 @@
 
 usage: python bench/seg_quality.py [--epochs N] [--profile cpu-small] [--out bench/out/seg]
        [--backbone efficientnet_lite0] [--weights imagenet] [--image-size 128]
+       [--set segmenter.unfreeze='[[0, "4"], [2, "all"]]' ...]
 (the overrides go over the profile's segmenter settings; --image-size also sets the records' seg_size)
 The fixed train/val/test partition of labels.csv is used (not kmel's own split), so numbers are
 comparable across runs and with the model-free Otsu mask of kmel.lesion (measured on the same
@@ -17,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
 from _common import OUT, stage_isic2018_as_2019
 
 
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="imagenet | none | PATH (default: the profile's)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="segmenter input side; the seg records are written at this size too")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                        help="any other config override, value read as YAML; repeatable")
     args = parser.parse_args()
     from kmel.config import load_config
     from kmel.train import fit_segmenter
@@ -70,6 +74,7 @@ def main() -> None:
     config = load_config(args.profile, {
         "segmenter.epochs": args.epochs, "segmenter.backbone": args.backbone, "segmenter.weights": args.weights,
         "segmenter.image_size": args.image_size, "records.seg_size": args.image_size,
+        **{key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)},
     })
     start = time.perf_counter()
     records = out / "records"
@@ -92,6 +97,8 @@ def main() -> None:
         "test": {k: round(v, 4) for k, v in entry["metrics"].get("test", {}).items()},
         "records_seconds": round(built - start, 1), "train_seconds": round(done - built, 1),
     }
+    if args.set:
+        result["overrides"] = args.set
     print(json.dumps(result, indent=2))
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
