@@ -151,10 +151,12 @@ def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images
               help="images: records from the data folder; crops: lesion crops from trained segmenter.")
 @click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
               help="With --stage crops: folder of the exported segmenter.")
+@click.option("--max-file-mb", type=int, default=None,
+              help="Larger image and mask files are refused unread (skipped.csv) [profile: 256].")
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, workers: int | None, stage: str,
-                      models: str, strict: bool, quiet: bool) -> None:
+                      models: str, max_file_mb: int | None, strict: bool, quiet: bool) -> None:
     """Clean the metadata, drop duplicates, label, split by patient and write sharded TFRecords."""
 
     def body() -> int:
@@ -167,7 +169,8 @@ def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, w
             return 0
         from kmel.records import build_records, format_counts
 
-        config = _config(profile, {"records.task": task, "records.workers": workers})
+        config = _config(profile, {"records.task": task, "records.workers": workers,
+                                   "records.max_file_mb": max_file_mb})
         manifest = build_records(data_dir, out, config, progress=not quiet)
         click.echo(format_counts(manifest))
         click.echo(f"records, metadata.csv, skipped.csv and manifest.json in {out}")
@@ -251,32 +254,65 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
     run(body)
 
 
+OUTPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+
+
+def _inputs_and_out(paths: tuple[str, ...], out: str | None) -> tuple[list[str], str]:
+    """``INPUT... OUT`` or ``INPUT... --out OUT``; a last argument taken as OUT must look like one."""
+    if out is not None:
+        inputs = list(paths)
+    elif len(paths) >= 2 and Path(paths[-1]).suffix.lower() in OUTPUT_SUFFIXES:
+        inputs, out = list(paths[:-1]), paths[-1]
+    else:
+        raise click.UsageError("give the output file last (a .csv or .jsonl name) or with --out OUT "
+                               "(the last argument is never taken as an output unless it ends in .csv or .jsonl)")
+    if not inputs:
+        raise click.UsageError("no input: give image files, folders, or - to read paths from standard input")
+    return inputs, out
+
+
 @cli.command("predict")
-@click.argument("input_dir", type=click.Path(file_okay=False))
-@click.argument("out_csv", type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, metavar="INPUT... [OUT]")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Output file; without it the last argument is the output (it must end in .csv or .jsonl).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
+              help="Output format [default: jsonl for .jsonl/.ndjson files, else csv].")
 @click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
               help="Folder with segmenter/, classifier/ and pipeline.json.")
 @click.option("--batch-size", type=int, default=None, help="Images per model batch [pipeline: predict.batch_size].")
 @click.option("--explain", "explain_dir", default=None, type=click.Path(file_okay=False),
-              help="Write Grad-CAM overlays (crop | heat map) as PNGs into this folder.")
-@click.option("--tta", is_flag=True, help="Average the classifier over flips (noted in the CSV's tta column).")
+              help="Write Grad-CAM overlays (crop | heat map) as PNGs into this folder, at each file's "
+                   "relpath + _gradcam.png.")
+@click.option("--tta", is_flag=True, help="Average the classifier over flips (noted in the output's tta column).")
+@click.option("--max-file-mb", type=int, default=None,
+              help="Larger input files get an error row, unread [predict.max_file_mb: 256].")
+@click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def predict(input_dir: str, out_csv: str, models: str, batch_size: int | None, explain_dir: str | None,
-            tta: bool, quiet: bool) -> None:
-    """Classify every image under INPUT_DIR (recursive) into OUT_CSV, one row per file.
+def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: str, batch_size: int | None,
+            explain_dir: str | None, tta: bool, max_file_mb: int | None, strict: bool, quiet: bool) -> None:
+    """Classify image files into a CSV or JSONL file, one row per input file.
 
-    Rerunning the same command resumes a killed run: files already in OUT_CSV are skipped.
+    INPUT is any mix of image files and folders (searched recursively), or - to read paths from
+    standard input, one per line: `kmel predict scans/ out.csv`, `kmel predict a.jpg b.png scans/
+    --out out.jsonl`, `find . -name '*.jpg' | kmel predict - out.csv`. Each row names its file by
+    relpath (relative to the input folder; with several inputs, to their common folder). Rerunning
+    the same command resumes a killed run: files already in the output are skipped.
     """
 
     def body() -> int:
-        from kmel.predict import predict_folder
+        from kmel.predict import predict_files
 
-        s = predict_folder(input_dir, out_csv, models, batch_size, tta, explain_dir, progress=not quiet)
-        click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_malignant} predicted positive "
-                   f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {out_csv}")
+        inputs, target = _inputs_and_out(paths, out)
+        stdin = click.get_text_stream("stdin") if "-" in inputs else None
+        s = predict_files(inputs, target, models, batch_size, tta, explain_dir, fmt, stdin, max_file_mb,
+                          progress=not quiet)
+        click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_skipped} skipped, {s.n_malignant} predicted positive "
+                   f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {target}")
         for path, reason in s.errors[:20]:
-            click.echo(f"  skipped {path}: {reason}", err=True)
-        return 1 if s.n_error else 0
+            click.echo(f"  not read {path}: {reason}", err=True)
+        if len(s.errors) > 20:
+            click.echo(f"  ... and {len(s.errors) - 20} more (status=error rows in {target})", err=True)
+        return exit_code(s.n_error, s.n_skipped, strict)
 
     run(body)
 

@@ -38,6 +38,7 @@ class RecordsConfig:
     workers: int = 0  # 0: one per CPU core
     sources: tuple[str, ...] = ()  # restrict to these sources; empty: all found
     duplicate_lists: tuple[str, ...] = ()  # extra duplicate-list files; *duplicate*.txt in data dir always read
+    max_file_mb: int = 256  # larger image files are refused unread (listed in skipped.csv)
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,12 @@ class ClassifierConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
+    """How predict reads its inputs and batches them."""
+
     batch_size: int = 16
     tta: bool = False
     workers: int = 0
+    max_file_mb: int = 256  # larger input files get an error row, unread
 
 
 @dataclass(frozen=True)

@@ -67,4 +67,12 @@ CLASSIFIER_DIR = "classifier"
 SEGMENTER_KERAS = "segmenter.keras"
 CLASSIFIER_KERAS = "classifier.keras"
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# Decoded (Pillow; GIF and WebP: first frame), in order of preference when one id has several files.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Named like images but not decoded: such a file gets an error naming its format, never a silent skip
+# (the file's first bytes name the format when they can: a JPEG saved as .heic is decoded).
+UNSUPPORTED_IMAGE_EXTENSIONS = {
+    ".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL",
+    ".jp2": "JPEG 2000", ".j2k": "JPEG 2000", ".jpf": "JPEG 2000", ".jpx": "JPEG 2000",
+    ".dcm": "DICOM", ".dicom": "DICOM", ".psd": "Photoshop PSD", ".svg": "SVG",
+}

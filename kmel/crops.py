@@ -40,13 +40,16 @@ class PreparedCrop:
     original_size: tuple[int, int]  # (height, width)
 
 
-def make_segment_fn(models_dir: str | Path) -> tuple[SegmentFn, int]:
-    """The exported segmenter's ``serve`` function and its input size (from pipeline.json)."""
+def make_segment_fn(
+    models_dir: str | Path, pipeline: dict[str, Any] | None = None
+) -> tuple[SegmentFn, int]:
+    """The exported segmenter's ``serve`` function and its input size (from ``pipeline``, the
+    contents of pipeline.json, read from ``models_dir`` when not given)."""
     import tensorflow as tf
 
     from kmel.export import load_serving, read_pipeline
 
-    pipeline = read_pipeline(models_dir)
+    pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
     if "segmenter" not in pipeline:
         raise FileNotFoundError(
             f"{Path(models_dir) / C.PIPELINE_JSON} has no segmenter: run `python cli.py train seg` first"
@@ -94,7 +97,7 @@ class CropPipeline:
             top, bottom, left, right = pad
             side = h + top + bottom
             prob_sq = cv2.resize(prob.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-            prob_small = prob_sq[top : top + h, left : left + w]
+            prob_small = prob_sq[:h, :w]
         result = prepare_crop(small, prob_small, self.config.classifier.image_size, self.config.crops)
         scale_y = image.shape[0] / small.shape[0]
         scale_x = image.shape[1] / small.shape[1]

@@ -8,7 +8,7 @@ gradient-weighted channel sum, scaled to [0, 1], resized to the input size).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import keras
@@ -37,11 +37,12 @@ def make_gradcam_graph_fn(model: keras.Model, last_conv: str) -> Callable[[tf.Te
     return gradcam
 
 
-def make_gradcam_fn(models_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """Load the exported classifier's ``gradcam`` endpoint as a NumPy function."""
+def make_gradcam_fn(models_dir: str | Path, loaded: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The exported classifier's ``gradcam`` endpoint as a NumPy function (``loaded``: the classifier
+    SavedModel when the caller has it already)."""
     from kmel.export import load_serving
 
-    loaded = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
+    loaded = load_serving(Path(models_dir) / C.CLASSIFIER_DIR) if loaded is None else loaded
     if "gradcam" not in loaded.signatures:
         raise FileNotFoundError(f"{models_dir}/{C.CLASSIFIER_DIR} was exported without a gradcam endpoint")
     fn = loaded.signatures["gradcam"]

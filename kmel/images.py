@@ -2,29 +2,143 @@
 
 :func:`load_image` turns whatever a folder holds into RGB uint8 or raises :class:`ImageReadError`
 with the file and the reason: EXIF orientation is applied, grayscale / palette / CMYK converted,
-transparency composited over white, 16-bit data scaled (÷257, not clipped); empty, truncated,
-non-image and oversized files are refused.
+transparency composited over white, 16-bit data scaled (÷257, not clipped), GIF and WebP read at
+their first frame; empty, truncated, non-image and oversized files are refused, and formats that
+are not decoded (HEIC, JPEG 2000, DICOM...) are named.
+
+Files are checked before they are opened (:func:`check_file`): only regular files (after
+following symlinks) are read, and only up to a size bound, so a FIFO, ``/dev/zero`` or a
+multi-gigabyte file named ``x.jpg`` costs one error, not a hung or killed run.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from kmel.constants import IMAGE_EXTENSIONS
+from kmel.constants import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 
 DEFAULT_MAX_PIXELS = 200_000_000
+MIB = 1 << 20
+DEFAULT_MAX_BYTES = 256 * MIB
 EXIF_ORIENTATION = 0x0112
+SNIFF_BYTES = 132  # DICOM's magic sits at offset 128
+DECODED_FORMATS = ("JPEG", "PNG", "GIF", "WebP", "BMP", "TIFF")
 
 
 class ImageReadError(Exception):
     """A file that cannot be used as an image; the message names the file and the reason."""
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format a file's first bytes (:data:`SNIFF_BYTES` of them) announce, or None."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:2] == b"BM" and len(head) >= 26 and head[6:10] == b"\0\0\0\0":  # reserved bytes are zero
+        return "BMP"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return "TIFF"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIC"
+    if head.startswith(b"\0\0\0\x0cjP  \r\n\x87\n") or head.startswith(b"\xff\x4f\xff\x51"):
+        return "JPEG 2000"
+    if head.startswith(b"\0\0\0\x0cJXL \r\n\x87\n") or head.startswith(b"\xff\x0a"):
+        return "JPEG XL"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    if head.startswith(b"8BPS"):
+        return "Photoshop PSD"
+    return None
+
+
+def unsupported_format(head: bytes, name: str = "") -> str | None:
+    """The format of an image kmel does not decode, from its bytes or else its extension; None otherwise."""
+    found = sniff_format(head)
+    if found is not None:
+        return None if found in DECODED_FORMATS else found
+    return UNSUPPORTED_IMAGE_EXTENSIONS.get(os.path.splitext(name)[1].lower())
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words."""
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return f"{size / MIB:,.1f} MiB, over the {max_bytes / MIB:,.0f} MiB limit (max_file_mb): not read"
+
+
+def check_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str | None:
+    """Why ``path`` must not be read (None: a regular file within ``max_bytes``). Never opens it."""
+    try:
+        info = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        return "broken symlink" if os.path.islink(path) else "no such file"
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        kind = file_kind(info.st_mode)
+        return "is a directory, not an image file" if kind == "directory" else f"is a {kind}, not a regular file: not opened"
+    if info.st_size > max_bytes:
+        return _too_large(info.st_size, max_bytes)
+    return None
+
+
+def _open_readonly(path: str | Path) -> int:
+    # O_NONBLOCK: a FIFO swapped in after check_file cannot block the open.
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+def read_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else raises :class:`ImageReadError`."""
+    reason = check_file(path, max_bytes)
+    if reason:
+        raise ImageReadError(f"{path}: {reason}")
+    try:
+        fd = _open_readonly(path)
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)  # the file that was opened, whatever the name pointed to a moment ago
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageReadError(f"{path}: is a {file_kind(info.st_mode)}, not a regular file: not read")
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 24, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:  # grew after the check
+            raise ImageReadError(f"{path}: {_too_large(total, max_bytes)}")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -73,12 +187,16 @@ def _decode(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     if not data:
         raise ImageReadError(f"{name}: empty file (0 bytes)")
+    unsupported = unsupported_format(data[:SNIFF_BYTES], name)
+    if unsupported:
+        raise ImageReadError(f"{name}: {unsupported} image: format not supported (kmel decodes "
+                             f"{', '.join(DECODED_FORMATS)}); convert it to JPEG or PNG")
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # an animated GIF or WebP: its first frame
             if img.width * img.height > max_pixels:
                 raise ImageReadError(
                     f"{name}: {img.width}x{img.height} is larger than the {max_pixels:,} pixel limit"
@@ -124,16 +242,14 @@ def load_image_reduced(
     return _decode(data, name, max_pixels, min_long_side)
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image file as RGB uint8 H×W×3; raises :class:`ImageReadError` naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a directory, not an image file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    return load_image_bytes(data, name=str(path), max_pixels=max_pixels)
+def load_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
+    """Read an image file as RGB uint8 H×W×3; raises :class:`ImageReadError` naming the file.
+
+    Only a regular file of at most ``max_bytes`` is opened (see :func:`read_file`).
+    """
+    return load_image_bytes(read_file(path, max_bytes), name=str(path), max_pixels=max_pixels)
 
 
 def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
@@ -175,15 +291,42 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def list_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Image files under ``folder`` (recursive, any-case extensions, sorted) and skipped entries.
+@dataclass(frozen=True)
+class Found:
+    """One entry of a folder walk: an image file to read, or something reported in its place.
 
-    Symlinked folders are followed once (a symlink loop cannot hang the walk); a directory
-    named like an image (``x.jpg``) is reported as skipped, not returned.
+    ``status``: ``file`` (to be read), ``error`` (named like an image but cannot be one: a directory,
+    FIFO, device, socket or broken symlink; never opened) or ``skipped`` (a folder reached a second
+    time through a symlink: walked once, reported, not an error).
+    """
+
+    path: Path
+    status: str = "file"
+    reason: str = ""
+
+
+def _looks_like_image(entry: os.DirEntry) -> bool:
+    """By extension (decoded or not), else by the first bytes of a regular file."""
+    suffix = os.path.splitext(entry.name)[1].lower()
+    if suffix in IMAGE_EXTENSIONS or suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return True
+    try:
+        if not entry.is_file(follow_symlinks=True):  # never open a FIFO or device to sniff it
+            return False
+        with open(entry.path, "rb") as handle:
+            return sniff_format(handle.read(SNIFF_BYTES)) is not None
+    except OSError:
+        return False
+
+
+def walk_images(folder: str | Path) -> list[Found]:
+    """Every image-like entry under ``folder`` (recursive, sorted), each once.
+
+    Image-like: a decoded or known-but-unsupported extension in any case, or (for regular files)
+    image magic bytes. Symlinked folders are followed once, so a symlink loop cannot hang the walk.
     """
     folder = Path(folder)
-    files: list[Path] = []
-    skipped: list[tuple[Path, str]] = []
+    found: list[Found] = []
     seen: set[str] = set()
     stack = [folder]
     while stack:
@@ -194,28 +337,31 @@ def list_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]
             continue
         if real in seen:
             if current != folder:
-                skipped.append((current, "symlink loop or repeated folder: walked once"))
+                found.append(Found(current, "skipped", "symlink loop or repeated folder: walked once"))
             continue
         seen.add(real)
         try:
             entries = list(os.scandir(current))
         except OSError as exc:
-            skipped.append((current, f"cannot list folder ({exc.strerror or exc})"))
+            found.append(Found(current, "error", f"cannot list folder ({exc.strerror or exc})"))
             continue
         for entry in entries:
             path = Path(entry.path)
-            is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
             if is_dir:
-                if is_image_name:
-                    skipped.append((path, "is a directory, not an image file"))
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(Found(path, "error", "is a directory, not an image file"))
                 stack.append(path)
-            elif is_image_name:
-                if entry.is_symlink() and not path.exists():
-                    skipped.append((path, "broken symlink"))
-                else:
-                    files.append(path)
-    return sorted(files, key=str), sorted(skipped, key=lambda s: str(s[0]))
+            elif _looks_like_image(entry):
+                reason = check_file(path, max_bytes=1 << 62)  # the size bound is the reader's
+                found.append(Found(path, "error", reason) if reason else Found(path))
+    return sorted(found, key=lambda f: str(f.path))
+
+
+def list_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files under ``folder`` and the entries reported instead, with reasons (see :func:`walk_images`)."""
+    found = walk_images(folder)
+    return [f.path for f in found if f.status == "file"], [(f.path, f.reason) for f in found if f.status != "file"]

@@ -314,8 +314,12 @@ def load_metadata(
 
 
 def find_images(data_dir: Path) -> dict[str, Path]:
-    """Image id (file stem) → path, for images anywhere under ``data_dir`` (not under masks/)."""
-    preference = {".jpg": 0, ".jpeg": 1, ".png": 2, ".bmp": 3, ".tif": 4, ".tiff": 5}
+    """Image id (file stem) → path, for images anywhere under ``data_dir`` (not under masks/).
+
+    Formats kmel does not decode (HEIC, JPEG 2000, ...) are found too, last in preference, so a
+    labelled image in such a format is listed in skipped.csv with its format instead of counted missing.
+    """
+    preference = {ext: i for i, ext in enumerate((*C.IMAGE_EXTENSIONS, *C.UNSUPPORTED_IMAGE_EXTENSIONS))}
     found: dict[str, Path] = {}
     for dirpath, dirs, files in os.walk(data_dir, followlinks=True):
         dirs[:] = sorted(d for d in dirs if d.lower() != "masks")

@@ -1,34 +1,42 @@
-"""``predict INPUT_DIR OUT_CSV``: exported models over a folder of images, one CSV row per file.
+"""``predict``: the exported models over image files, one row per input file (CSV or JSONL).
 
-Only what was exported is loaded (two SavedModels and ``pipeline.json``). Each image goes through
-the same :class:`kmel.crops.CropPipeline` as the training crops (segment → crop → hair removal →
-skin tone), then the classifier. Rows are appended and flushed batch by batch; rerunning the same
-command resumes: files already in the CSV are skipped, so a killed run loses nothing and writes
-no duplicates. Unreadable files get a row with ``status=error`` and the reason.
+Two parts:
+
+- :class:`Predictor` holds the exported models and the pipeline settings, loaded once
+  (``pipeline.json`` is read once): RGB images in, :class:`Prediction` records out. Each image goes
+  through the same :class:`kmel.crops.CropPipeline` as the training crops (segment → crop → hair
+  removal → skin tone), then the classifier. It knows nothing of files, so ``evaluate`` or a web or
+  batch service can reuse it.
+- :func:`predict_files` is the runner: it resolves the inputs (files, folders, ``-`` for paths on
+  standard input) to one :class:`InputFile` each, identified by its ``relpath``; decodes one batch
+  ahead; and appends rows batch by batch, flushed to disk. Rerunning the same command resumes: files
+  whose ``relpath`` is already in the output are skipped, so a killed run loses nothing and writes no
+  duplicates. A file that cannot be used gets a row with ``status=error`` and the reason.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from kmel import constants as C
-from kmel.config import Config, config_from_dict
-from kmel.images import ImageReadError, list_images, load_image
+from kmel.config import Config, ConfigError, config_from_dict
+from kmel.images import MIB, Found, ImageReadError, check_file, load_image, walk_images
 
 COLUMNS = (
-    "image", "path", "probability", "prediction", "label", "threshold", "skin_tone_group", "ita",
+    "image", "relpath", "path", "probability", "prediction", "label", "threshold", "skin_tone_group", "ita",
     "ita_category", "crop_mode", "box_x0", "box_y0", "box_x1", "box_y1", "tta", "status", "error",
 )
+FORMATS = ("csv", "jsonl")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -50,10 +58,273 @@ def escape_cell(value: Any) -> Any:
     return value
 
 
+# === Models: images in, predictions out ===
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the models say about one image; boxes are in the image's own pixels."""
+
+    probability: float
+    prediction: int
+    label: str
+    threshold: float
+    skin_tone_group: str
+    ita: float
+    ita_category: str
+    crop_mode: str
+    box: tuple[int, int, int, int]
+    tta: bool
+    crop: np.ndarray = field(repr=False)  # the classifier's input, RGB uint8
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM in [0, 1] when explaining
+
+    def columns(self) -> dict[str, Any]:
+        """The model's columns of an output row."""
+        x0, y0, x1, y1 = self.box
+        return {
+            "probability": round(self.probability, 6), "prediction": self.prediction, "label": self.label,
+            "threshold": self.threshold, "skin_tone_group": self.skin_tone_group, "ita": round(self.ita, 2),
+            "ita_category": self.ita_category, "crop_mode": self.crop_mode,
+            "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "tta": self.tta,
+        }
+
+
+def config_from_pipeline(pipeline: dict[str, Any], models_dir: str | Path = "saved_models") -> Config:
+    """The config the exported models were trained with (preprocessing must match it)."""
+    for part in ("segmenter", "classifier"):
+        if part not in pipeline:
+            raise FileNotFoundError(
+                f"{Path(models_dir) / C.PIPELINE_JSON} has no {part}: train it first (`kmel train "
+                f"{'seg' if part == 'segmenter' else 'cls'}`) or pass --models pointing at exported models"
+            )
+    seg = pipeline["segmenter"]
+    return config_from_dict({"records": seg["records"], "crops": seg["crops"], "segmenter": seg["config"],
+                             "classifier": pipeline["classifier"]["config"]})
+
+
+def load_pipeline_config(models_dir: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The training config and the contents of ``models_dir/pipeline.json``."""
+    from kmel.export import read_pipeline
+
+    pipeline = read_pipeline(models_dir)
+    return config_from_pipeline(pipeline, models_dir), pipeline
+
+
+def _classify_fn(serve: Any, tta: bool) -> Any:
+    import tensorflow as tf
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = tf.constant(batch, tf.float32)
+        views = [x] if not tta else [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+        probs = [next(iter(serve(v).values())).numpy().reshape(-1) for v in views]
+        return np.mean(probs, axis=0)
+
+    return run
+
+
+def make_classify_fn(models_dir: str | Path, tta: bool) -> Any:
+    """The exported classifier as ``fn(float32 [N, S, S, 3] 0–255) -> [N]`` (flip-averaged with ``tta``)."""
+    from kmel.export import load_serving
+
+    return _classify_fn(load_serving(Path(models_dir) / C.CLASSIFIER_DIR).signatures["serve"], tta)
+
+
+class Predictor:
+    """The exported segmenter and classifier with their pipeline settings, loaded once.
+
+    ``predict(images)`` takes RGB uint8 images of any size and returns one :class:`Prediction` each.
+    Use it as a context manager (or call :meth:`close`) to stop its worker threads.
+    """
+
+    def __init__(self, models_dir: str | Path = "saved_models", tta: bool = False, explain: bool = False,
+                 workers: int | None = None):
+        from kmel.crops import CropPipeline, make_segment_fn
+        from kmel.export import load_serving, read_pipeline
+
+        self.models_dir = Path(models_dir)
+        self.pipeline = read_pipeline(self.models_dir)  # the one read of pipeline.json
+        self.config = config_from_pipeline(self.pipeline, self.models_dir)
+        classifier = self.pipeline["classifier"]
+        self.threshold = float(classifier["threshold"])
+        self.class_names = list(classifier.get("class_names", ["benign", "malignant"]))
+        self.tta = tta
+        segment, seg_size = make_segment_fn(self.models_dir, self.pipeline)
+        loaded = load_serving(self.models_dir / C.CLASSIFIER_DIR)
+        self._classify = _classify_fn(loaded.signatures["serve"], tta)
+        self._explain = None
+        if explain:
+            from kmel.explain import make_gradcam_fn
+
+            self._explain = make_gradcam_fn(self.models_dir, loaded)
+        workers = self.config.predict.workers if workers is None else workers
+        self.crops = CropPipeline(segment, seg_size, self.config, workers)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """One prediction per image, in order (an empty list for no images)."""
+        if not len(images):
+            return []
+        prepared = self.crops.run(list(images))
+        batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
+        probs = self._classify(batch)
+        heat = self._explain(batch) if self._explain is not None else [None] * len(prepared)
+        out = []
+        for prep, prob, cam in zip(prepared, probs, heat):
+            pred = int(prob >= self.threshold)
+            tone = prep.result.skin_tone
+            out.append(Prediction(
+                probability=float(prob), prediction=pred, label=self.class_names[pred], threshold=self.threshold,
+                skin_tone_group=tone.group_name, ita=float(tone.ita), ita_category=tone.ita_category_name,
+                crop_mode=prep.result.crop_mode, box=tuple(int(v) for v in prep.box), tta=self.tta,
+                crop=prep.result.crop, heatmap=cam,
+            ))
+        return out
+
+    def close(self) -> None:
+        self.crops.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# === Inputs: files, folders and standard input, one row each ===
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file and its identity in the output.
+
+    ``relpath``: the path relative to the folder it was found in — with several inputs, relative to
+    their common folder, so two ``ISIC_1.jpg`` in two folders stay two rows. ``status``: ``file`` (to
+    read), ``error`` (cannot be read; the reason says why) or ``skipped`` (reported, not an error).
+    """
+
+    path: Path
+    relpath: str
+    status: str = "file"
+    reason: str = ""
+
+
+def collect_inputs(inputs: Sequence[str | Path], stdin: Iterable[str] | None = None) -> list[InputFile]:
+    """Every input file once, in order: each file named, every image-like file under each folder, and
+    for ``-`` each path read from ``stdin`` (one per line).
+
+    A path named on the command line that does not exist is a usage error (``FileNotFoundError``);
+    one read from ``stdin`` gets an error row.
+    """
+    named: list[Path] = []
+    for item in inputs:
+        if str(item) == "-":
+            if stdin is None:
+                raise ConfigError("'-' reads the paths to predict from standard input, and none was given")
+            named += [Path(line.rstrip("\r\n")) for line in stdin if line.strip()]
+        elif not os.path.lexists(item):
+            raise FileNotFoundError(f"input {item} does not exist")
+        else:
+            named.append(Path(item))
+    found: list[tuple[str, Found]] = []  # (the folder its relpath is taken from, entry)
+    for path in named:
+        if path.is_dir():
+            found += [(os.path.abspath(path), f) for f in walk_images(path)]
+        else:
+            reason = check_file(path, max_bytes=1 << 62)  # the size bound is the reader's
+            found.append((os.path.dirname(os.path.abspath(path)), Found(path, "error", reason) if reason else Found(path)))
+    if not found:
+        return []
+    common = os.path.commonpath([base for base, _ in found])
+    files, seen = [], set()
+    for _, entry in found:
+        absolute = os.path.abspath(entry.path)
+        if absolute in seen:
+            continue
+        seen.add(absolute)
+        relpath = Path(os.path.relpath(absolute, common)).as_posix()
+        files.append(InputFile(entry.path, relpath, entry.status, entry.reason))
+    return files
+
+
+# === Output: CSV or JSONL rows, appended batch by batch ===
+
+
+def format_for(path: str | Path) -> str:
+    """``jsonl`` for ``.jsonl`` / ``.ndjson`` files, else ``csv``."""
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "csv"
+
+
+class RowsFile:
+    """An output file of predict rows (CSV or JSONL), appended and fsynced batch by batch."""
+
+    def __init__(self, path: str | Path, fmt: str | None = None):
+        self.path = Path(path)
+        self.fmt = fmt or format_for(self.path)
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"unknown output format {self.fmt!r}; known: {', '.join(FORMATS)}")
+        self._handle: Any = None
+        self._csv: Any = None
+
+    def done(self) -> set[str]:
+        """The ``relpath`` of every row an earlier (possibly killed) run wrote; a torn last line is cut off."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return set()
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            self.path.write_bytes(data)
+        wrong = ConfigError(f"{self.path} exists and is not a kmel predict {self.fmt.upper()} of this version: "
+                            "choose another output file or delete it")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise wrong from None
+        if self.fmt == "csv":
+            reader = csv.DictReader(text.splitlines())
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise wrong
+            return {row["relpath"] for row in reader}
+        done = set()
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise wrong from None
+            if not isinstance(row, dict) or "relpath" not in row:
+                raise wrong
+            done.add(row["relpath"])
+        return done
+
+    def __enter__(self) -> "RowsFile":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._handle = open(self.path, "a", newline="", encoding="utf-8")
+        if self.fmt == "csv":
+            self._csv = csv.DictWriter(self._handle, fieldnames=COLUMNS)
+            if new:
+                self._csv.writeheader()
+        return self
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        for row in rows:
+            if self.fmt == "csv":
+                self._csv.writerow({k: escape_cell(row.get(k, "")) for k in COLUMNS})
+            else:
+                self._handle.write(json.dumps({k: row.get(k) for k in COLUMNS}, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.close()
+
+
+# === The runner ===
+
+
 @dataclass
 class PredictSummary:
     n_ok: int = 0
     n_error: int = 0
+    n_skipped: int = 0  # reported only (a folder reached twice through a symlink)
     n_malignant: int = 0
     n_resumed: int = 0
     seconds: float = 0.0
@@ -64,66 +335,105 @@ class PredictSummary:
         return (self.n_ok + self.n_error) / self.seconds if self.seconds else 0.0
 
 
-def load_pipeline_config(models_dir: str | Path) -> tuple[Config, dict[str, Any]]:
-    """The config the exported models were trained with (preprocessing must match it)."""
-    from kmel.export import read_pipeline
-
-    pipeline = read_pipeline(models_dir)
-    for part in ("segmenter", "classifier"):
-        if part not in pipeline:
-            raise FileNotFoundError(
-                f"{Path(models_dir) / C.PIPELINE_JSON} has no {part}: train it first (`python cli.py train "
-                f"{'seg' if part == 'segmenter' else 'cls'}`) or pass --models pointing at exported models"
-            )
-    seg = pipeline["segmenter"]
-    config = config_from_dict({"records": seg["records"], "crops": seg["crops"], "segmenter": seg["config"],
-                               "classifier": pipeline["classifier"]["config"]})
-    return config, pipeline
-
-
-def _done_paths(out_csv: Path) -> set[str]:
-    """Paths already written by an earlier (possibly killed) run; a torn last line is cut off."""
-    if not out_csv.exists() or out_csv.stat().st_size == 0:
-        return set()
-    data = out_csv.read_bytes()
-    if not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        out_csv.write_bytes(data)
-    with open(out_csv, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise ValueError(f"{out_csv} exists and is not a kmel predict CSV: choose another OUT_CSV or delete it")
-        return {row["path"] for row in reader}
-
-
-def _load(path: Path) -> tuple[np.ndarray | None, str]:
+def _load(item: InputFile, max_bytes: int) -> tuple[np.ndarray | None, str]:
+    if item.status != "file":
+        return None, item.reason
     try:
-        return load_image(path), ""
+        return load_image(item.path, max_bytes=max_bytes), ""
     except ImageReadError as exc:
         return None, str(exc)
     except Exception as exc:  # an unexpected decoder failure is still one bad file, not the end of the run
-        return None, f"{path}: {type(exc).__name__}: {exc}"
+        return None, f"{item.path}: {type(exc).__name__}: {exc}"
 
 
-def _batches(items: list[Any], n: int) -> Iterable[list[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+def _decoded_batches(
+    items: Sequence[InputFile], batch_size: int, pool: ThreadPoolExecutor, max_bytes: int
+) -> Iterator[tuple[list[InputFile], list[tuple[np.ndarray | None, str]]]]:
+    """Batches with their decoded images; the next batch decodes while the caller works on this one
+    (one batch of look-ahead keeps memory flat in the number of files)."""
+    pending: tuple[list[InputFile], list[Future]] | None = None
+    for start in range(0, len(items), batch_size):
+        batch = list(items[start : start + batch_size])
+        futures = [pool.submit(_load, item, max_bytes) for item in batch]
+        if pending is not None:
+            yield pending[0], [f.result() for f in pending[1]]
+        pending = (batch, futures)
+    if pending is not None:
+        yield pending[0], [f.result() for f in pending[1]]
 
 
-def make_classify_fn(models_dir: str | Path, tta: bool) -> Any:
-    import tensorflow as tf
+def overlay_path(explain_dir: str | Path, relpath: str) -> Path:
+    """Where the Grad-CAM overlay of the file at ``relpath`` goes: the same relative path, so none collide."""
+    return Path(explain_dir) / f"{relpath}_gradcam.png"
 
-    from kmel.export import load_serving
 
-    serve = load_serving(Path(models_dir) / C.CLASSIFIER_DIR).signatures["serve"]
+def run_predictions(
+    predictor: Predictor, items: Sequence[InputFile], rows_file: RowsFile, batch_size: int | None = None,
+    explain_dir: str | Path | None = None, max_file_mb: int | None = None, progress: bool = True,
+    done: set[str] | None = None,
+) -> PredictSummary:
+    """Predict ``items`` whose ``relpath`` is not in ``rows_file`` yet (``done``: its relpaths, when
+    the caller has read them already) and append their rows."""
+    done = rows_file.done() if done is None else done
+    summary = PredictSummary(n_resumed=len(done))
+    todo = [item for item in items if item.relpath not in done]
+    batch_size = batch_size or predictor.config.predict.batch_size
+    max_bytes = (max_file_mb if max_file_mb is not None else predictor.config.predict.max_file_mb) * MIB
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    with rows_file, ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as loader:
+        for batch, loaded in _decoded_batches(todo, batch_size, loader, max_bytes):
+            good = [i for i, (image, _) in enumerate(loaded) if image is not None]
+            predictions = dict(zip(good, predictor.predict([loaded[i][0] for i in good])))
+            rows = []
+            for i, item in enumerate(batch):
+                row = {"image": item.path.stem, "relpath": item.relpath, "path": str(item.path), "tta": predictor.tta}
+                if i in predictions:
+                    result = predictions[i]
+                    row.update(result.columns(), status="ok", error="")
+                    summary.n_ok += 1
+                    summary.n_malignant += result.prediction
+                    if explain_dir is not None and result.heatmap is not None:
+                        from kmel.explain import save_overlay
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        x = tf.constant(batch, tf.float32)
-        views = [x] if not tta else [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
-        probs = [next(iter(serve(v).values())).numpy().reshape(-1) for v in views]
-        return np.mean(probs, axis=0)
+                        target = overlay_path(explain_dir, item.relpath)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        save_overlay(target, result.crop, result.heatmap)
+                elif item.status == "skipped":
+                    row.update(status="skipped", error=item.reason)
+                    summary.n_skipped += 1
+                else:
+                    row.update(status="error", error=loaded[i][1])
+                    summary.n_error += 1
+                    summary.errors.append((str(item.path), loaded[i][1]))
+                rows.append(row)
+            rows_file.write(rows)
+            bar.update(len(rows))
+            bar.set_postfix(ok=summary.n_ok, errors=summary.n_error)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
 
-    return run
+
+def predict_files(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    models_dir: str | Path = "saved_models",
+    batch_size: int | None = None,
+    tta: bool = False,
+    explain_dir: str | Path | None = None,
+    fmt: str | None = None,
+    stdin: Iterable[str] | None = None,
+    max_file_mb: int | None = None,
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every input file (files, folders, ``-`` for paths on ``stdin``) into ``out``
+    (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output."""
+    rows_file = RowsFile(out, fmt)
+    done = rows_file.done()  # a wrong output file is a usage error before the models load
+    items = collect_inputs(inputs, stdin)
+    with Predictor(models_dir, tta, explain=explain_dir is not None) as predictor:
+        return run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
 
 
 def predict_folder(
@@ -135,98 +445,7 @@ def predict_folder(
     explain_dir: str | Path | None = None,
     progress: bool = True,
 ) -> PredictSummary:
-    """Predict every image under ``input_dir`` into ``out_csv`` (resuming a partial CSV)."""
-    from kmel.crops import CropPipeline, make_segment_fn
-
-    input_dir, out_csv = Path(input_dir), Path(out_csv)
-    if not input_dir.is_dir():
+    """Predict every image under ``input_dir`` into ``out_csv`` (see :func:`predict_files`)."""
+    if not Path(input_dir).is_dir():
         raise FileNotFoundError(f"input folder {input_dir} does not exist")
-    config, pipeline = load_pipeline_config(models_dir)
-    threshold = float(pipeline["classifier"]["threshold"])
-    class_names = pipeline["classifier"].get("class_names", ["benign", "malignant"])
-    batch_size = batch_size or config.predict.batch_size
-    segment, seg_size = make_segment_fn(models_dir)
-    classify = make_classify_fn(models_dir, tta)
-    explainer = None
-    if explain_dir is not None:
-        from kmel.explain import make_gradcam_fn
-
-        explainer = make_gradcam_fn(models_dir)
-        Path(explain_dir).mkdir(parents=True, exist_ok=True)
-
-    files, skipped = list_images(input_dir)
-    done = _done_paths(out_csv)
-    summary = PredictSummary(n_resumed=len(done))
-    todo = [p for p in files if str(p) not in done]
-    bad = [(p, reason) for p, reason in skipped if str(p) not in done]
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not out_csv.exists() or out_csv.stat().st_size == 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo) + len(bad), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    with open(out_csv, "a", newline="", encoding="utf-8") as handle, \
-            CropPipeline(segment, seg_size, config, config.predict.workers) as crops, \
-            ThreadPoolExecutor(max(1, (os.cpu_count() or 1))) as loader:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        if new_file:
-            writer.writeheader()
-
-        def emit(rows: list[dict[str, Any]]) -> None:
-            for row in rows:
-                writer.writerow({k: escape_cell(row.get(k, "")) for k in COLUMNS})
-            handle.flush()
-            os.fsync(handle.fileno())
-            bar.update(len(rows))
-            bar.set_postfix(ok=summary.n_ok, errors=summary.n_error)
-
-        def error_row(path: Path, reason: str) -> dict[str, Any]:
-            summary.n_error += 1
-            summary.errors.append((str(path), reason))
-            return {"image": path.stem, "path": str(path), "tta": tta, "status": "error", "error": reason}
-
-        emit([error_row(p, r) for p, r in bad])
-        # One batch of look-ahead: the next batch decodes while this one is segmented and classified,
-        # and memory stays flat in the number of images.
-        queue: deque[tuple[list[Path], list[Any]]] = deque()
-        batch_iter = _batches(todo, batch_size)
-
-        def submit_next() -> None:
-            paths = next(batch_iter, None)
-            if paths is not None:
-                queue.append((paths, [loader.submit(_load, p) for p in paths]))
-
-        submit_next()
-        while queue:
-            paths, futures = queue.popleft()
-            submit_next()
-            loaded = [f.result() for f in futures]
-            rows: list[dict[str, Any]] = [None] * len(paths)  # type: ignore[list-item]
-            good = [i for i, (img, _) in enumerate(loaded) if img is not None]
-            for i, (img, reason) in enumerate(loaded):
-                if img is None:
-                    rows[i] = error_row(paths[i], reason)
-            if good:
-                prepared = crops.run([loaded[i][0] for i in good])
-                batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
-                probs = classify(batch)
-                if explainer is not None:
-                    from kmel.explain import save_overlay
-
-                    for i, prep, heat in zip(good, prepared, explainer(batch)):
-                        save_overlay(Path(explain_dir) / f"{paths[i].stem}_gradcam.png", prep.result.crop, heat)
-                for i, prep, prob in zip(good, prepared, probs):
-                    pred = int(prob >= threshold)
-                    summary.n_ok += 1
-                    summary.n_malignant += pred
-                    tone = prep.result.skin_tone
-                    rows[i] = {
-                        "image": paths[i].stem, "path": str(paths[i]), "probability": f"{float(prob):.6f}",
-                        "prediction": pred, "label": class_names[pred], "threshold": threshold,
-                        "skin_tone_group": tone.group_name, "ita": f"{tone.ita:.2f}",
-                        "ita_category": tone.ita_category_name, "crop_mode": prep.result.crop_mode,
-                        "box_x0": prep.box[0], "box_y0": prep.box[1], "box_x1": prep.box[2],
-                        "box_y1": prep.box[3], "tta": tta, "status": "ok", "error": "",
-                    }
-            emit(rows)
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return predict_files([input_dir], out_csv, models_dir, batch_size, tta, explain_dir, progress=progress)

@@ -24,11 +24,13 @@ import numpy as np
 
 from kmel.config import CropsConfig, RecordsConfig
 from kmel.images import (
+    MIB,
     ImageReadError,
     encode_jpeg,
     encode_png,
     load_image_reduced,
     pad_to_square,
+    read_file,
     resize_long_side,
 )
 from kmel.lesion import estimate_skin_tone, model_free_lesion_mask
@@ -82,13 +84,17 @@ def read_prepared(cache_dir: str | Path, image_id: str) -> tuple[dict[str, Any],
 
 
 def _load_mask(
-    mask_path: str, full_shape: tuple[int, int], shape: tuple[int, int]
+    mask_path: str, full_shape: tuple[int, int], shape: tuple[int, int], max_bytes: int
 ) -> tuple[np.ndarray | None, str]:
     """Binary 0/1 mask at ``shape`` (the decoded image's size) or (None, reason it was not used).
 
     ``full_shape`` is the image file's own size: the mask must have its aspect ratio.
     """
-    raw = cv2.imread(mask_path, cv2.IMREAD_UNCHANGED)
+    try:
+        data = read_file(mask_path, max_bytes)
+    except ImageReadError as exc:
+        return None, f"mask {exc}"
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if raw is None:
         return None, f"mask {mask_path}: cannot be read"
     if raw.ndim == 3:
@@ -116,9 +122,11 @@ def prepare_image(task: PrepareTask) -> dict[str, Any]:
         except (OSError, ValueError, KeyError):
             pass  # damaged cache file: prepare again
     try:
-        data = Path(task.image_path).read_bytes()
-    except OSError as exc:
-        return {"image_id": task.image_id, "error": f"{task.image_path}: cannot read file ({exc.strerror or exc})"}
+        # Only a regular file within the size bound is opened: a FIFO or /dev/zero named like an image
+        # is one skipped row, not a hung or killed run.
+        data = read_file(task.image_path, task.records.max_file_mb * MIB)
+    except ImageReadError as exc:
+        return {"image_id": task.image_id, "error": str(exc)}
     try:
         # Nothing downstream needs more than the larger record size: large JPEGs decode reduced.
         need = max(task.records.image_size, task.records.seg_size)
@@ -135,7 +143,7 @@ def prepare_image(task: PrepareTask) -> dict[str, Any]:
     }
     mask = None
     if task.mask_path:
-        mask, note = _load_mask(task.mask_path, (h, w), image.shape[:2])
+        mask, note = _load_mask(task.mask_path, (h, w), image.shape[:2], task.records.max_file_mb * MIB)
         result["mask_note"] = note
 
     small = resize_long_side(image, task.records.image_size)

@@ -166,3 +166,50 @@ def test_configuration_errors_exit_2(tmp_path):
     assert result.exit_code == 2 and "imagesize" in result.output and "Traceback" not in result.output
     assert _invoke("build-records", "--no-such-flag").exit_code == 2
     assert _invoke("evaluate", "--predictions", str(tmp_path / "p.csv")).exit_code == 2  # needs --truth
+
+
+def test_build_records_checks_files_before_reading_them(tmp_path, tiny_profile):
+    """A FIFO, /dev/zero, an oversized and a HEIC file labelled like images: each one skipped row, no hang;
+    WebP and GIF images become records."""
+    import json
+    import signal
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from kmel.synthetic import make_lesion_image
+
+    data = tmp_path / "data"
+    (data / "photos").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        image, _ = make_lesion_image(rng, size=48, malignant=i % 3 == 0, skin_tone=i % 5)
+        name = f"img_{i:02d}" + (".webp" if i == 0 else ".gif" if i == 1 else ".jpg")
+        Image.fromarray(image).save(data / "photos" / name)
+        rows.append((Path(name).stem, "malignant" if i % 3 == 0 else "benign"))
+    os.mkfifo(data / "photos" / "fifo.jpg")
+    (data / "photos" / "zero.jpg").symlink_to("/dev/zero")
+    (data / "photos" / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 40)
+    (data / "photos" / "big.jpg").write_bytes((data / "photos" / "img_05.jpg").read_bytes() + b"\0" * (2 << 20))
+    rows += [("fifo", "benign"), ("zero", "benign"), ("phone", "malignant"), ("big", "benign")]
+    pd.DataFrame(rows, columns=["image_id", "label"]).to_csv(data / "labels.csv", index=False)
+
+    def hung(*_):
+        raise TimeoutError("build-records still running after 120 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        result = _build(data, tmp_path / "rec", tiny_profile, "--max-file-mb", "1")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.exit_code == 1, result.output
+    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
+    skipped = {s["image_id"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {"fifo", "zero", "phone", "big"}
+    assert "FIFO" in skipped["fifo"] and "character device" in skipped["zero"]
+    assert "HEIC image: format not supported" in skipped["phone"] and "over the 1 MiB limit" in skipped["big"]
+    assert sum(manifest["n_records"]["img"].values()) == 12  # the WebP and the GIF included

@@ -199,10 +199,10 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "locked.jpg"
     path.write_bytes(_jpeg(_gradient()))
 
-    def denied(self):  # chmod 0 does not stop root, so the OS error is simulated
-        raise PermissionError(13, "Permission denied", str(self))
+    def denied(path):  # chmod 0 does not stop root, so the OS error is simulated
+        raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr("kmel.images._open_readonly", denied)
     with pytest.raises(ImageReadError, match="cannot read file \\(Permission denied\\)"):
         load_image(path)
 
@@ -246,3 +246,80 @@ def test_real_full_resolution_images_load(shared_data):
         img = load_image(path)
         row = sizes.loc[path.stem]
         assert img.shape[2] == 3 and {img.shape[0], img.shape[1]} == {int(row["width"]), int(row["height"])}
+
+
+# === Files checked before they are read ===
+
+
+def test_fifo_device_and_oversize_files_are_refused_unread(tmp_path):
+    import os
+
+    from kmel.images import check_file
+
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    (tmp_path / "big.jpg").write_bytes(_jpeg(_gradient()))
+    # Each would block or read without bound if opened; each fails at once, naming what it is.
+    with pytest.raises(ImageReadError, match="is a FIFO \\(named pipe\\), not a regular file"):
+        load_image(tmp_path / "fifo.jpg")
+    with pytest.raises(ImageReadError, match="is a character device"):
+        load_image(tmp_path / "zero.jpg")
+    size = (tmp_path / "big.jpg").stat().st_size
+    with pytest.raises(ImageReadError, match="over the 0 MiB limit"):
+        load_image(tmp_path / "big.jpg", max_bytes=size - 1)
+    assert load_image(tmp_path / "big.jpg", max_bytes=size).shape == (40, 60, 3)
+    assert check_file(tmp_path / "missing.jpg") == "no such file"
+
+
+def test_read_file_refuses_a_fifo_swapped_in_after_the_check(tmp_path, monkeypatch):
+    import os
+
+    from kmel import images
+
+    os.mkfifo(tmp_path / "swapped.jpg")
+    monkeypatch.setattr(images, "check_file", lambda path, max_bytes: None)  # the check saw a regular file
+    with pytest.raises(ImageReadError, match="FIFO"):  # O_NONBLOCK open, then fstat: no hang
+        images.read_file(tmp_path / "swapped.jpg")
+
+
+def test_webp_and_gif_first_frame_are_decoded(tmp_path):
+    rgb = _gradient()
+    Image.fromarray(rgb).save(tmp_path / "x.webp", lossless=True)
+    assert np.array_equal(load_image(tmp_path / "x.webp"), rgb)
+    frames = [Image.new("RGB", (30, 20), c) for c in ((200, 10, 10), (10, 200, 10))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    first = load_image(tmp_path / "anim.gif")
+    assert first.shape == (20, 30, 3) and tuple(first[0, 0]) == (200, 10, 10)
+
+
+@pytest.mark.parametrize("name, data, fmt", [
+    ("photo.heic", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "HEIC"),
+    ("fake.heic", b"not really anything", "HEIC"),  # by its extension
+    ("scan.jp2", b"\0\0\0\x0cjP  \r\n\x87\n" + b"\0" * 32, "JPEG 2000"),
+    ("renamed.jpg", b"\0\0\0\x0cjP  \r\n\x87\n" + b"\0" * 32, "JPEG 2000"),  # by its bytes
+    ("slice.dcm", b"\0" * 128 + b"DICM" + b"\0" * 32, "DICOM"),
+])
+def test_unsupported_formats_are_named(tmp_path, name, data, fmt):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ImageReadError, match=f"{fmt} image: format not supported"):
+        load_image(tmp_path / name)
+
+
+def test_walk_lists_every_image_like_entry_and_names_what_cannot_be_read(tmp_path):
+    import os
+
+    from kmel.images import walk_images
+
+    (tmp_path / "a.webp").write_bytes(b"x")
+    (tmp_path / "b.gif").write_bytes(b"x")
+    (tmp_path / "c.HEIC").write_bytes(b"x")
+    (tmp_path / "no_extension").write_bytes(_jpeg(_gradient()))  # a JPEG by its bytes
+    (tmp_path / "notes.txt").write_text("text")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.mkfifo(tmp_path / "plain_fifo")  # not named like an image and never opened: not listed
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    found = {f.path.name: (f.status, f.reason) for f in walk_images(tmp_path)}
+    assert set(found) == {"a.webp", "b.gif", "c.HEIC", "no_extension", "fifo.jpg", "zero.jpg"}
+    assert found["fifo.jpg"][0] == "error" and "FIFO" in found["fifo.jpg"][1]
+    assert found["zero.jpg"][0] == "error" and "character device" in found["zero.jpg"][1]
+    assert found["no_extension"] == ("file", "")
