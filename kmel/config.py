@@ -45,7 +45,7 @@ class RecordsConfig:
 class SegmenterConfig:
     """U-Net / ResNet encoder segmenter and its training."""
 
-    backbone: str = "resnet34"  # resnet34 | resnet18
+    backbone: str = "resnet34"  # resnet34 | resnet18 | efficientnet_lite0 (lite1, lite2)
     image_size: int = 256
     decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
     dropout: float = 0.2
