@@ -348,8 +348,8 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
         else:
             from kmel.predict import load_pipeline_config
 
-            config, _ = load_pipeline_config(models)
-            report = evaluate_exported(records, models, split, out, config, progress=not quiet)
+            config, pipeline = load_pipeline_config(models)
+            report = evaluate_exported(records, models, split, out, config, progress=not quiet, pipeline=pipeline)
         summary = report.get("summary", {})
         click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
         click.echo(f"report in {Path(out) / 'report.md'}")

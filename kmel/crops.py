@@ -164,19 +164,24 @@ def _batched(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
 
 
 def build_crop_records(
-    records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True
+    records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True,
+    pipeline: dict[str, Any] | None = None,
 ) -> Path:
-    """Run the exported segmenter over every img- record and write crop records; returns their folder."""
+    """Run the exported segmenter over every img- record and write crop records; returns their folder.
+
+    ``pipeline``: the contents of ``models_dir/pipeline.json`` when the caller has read it already.
+    """
     from kmel.export import read_pipeline
     from kmel.records import load_manifest
     from kmel.tfrecord import file_sha256, read_records, write_shard
 
     records_dir = Path(records_dir)
     manifest = load_manifest(records_dir)
-    fingerprint = read_pipeline(models_dir).get("segmenter", {}).get("fingerprint")
+    pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
+    fingerprint = pipeline.get("segmenter", {}).get("fingerprint")
     if not fingerprint:
         raise FileNotFoundError(f"no trained segmenter in {models_dir}: run `python cli.py train seg` first")
-    segment, seg_size = make_segment_fn(models_dir)
+    segment, seg_size = make_segment_fn(models_dir, pipeline)
     out = crops_dir_for(records_dir, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.dumps({"crops": to_plain(config.crops), "size": config.classifier.image_size,
@@ -243,13 +248,16 @@ def build_crop_records(
 
 
 def ensure_crop_records(
-    records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True, build: bool = True
+    records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True, build: bool = True,
+    pipeline: dict[str, Any] | None = None,
 ) -> Path:
     """Crop records for the current segmenter: reused when complete, (re)built otherwise
-    (``build=False``: an error instead, for multi-worker training where one machine builds them first)."""
+    (``build=False``: an error instead, for multi-worker training where one machine builds them first).
+    ``pipeline``: the contents of ``models_dir/pipeline.json`` when the caller has read it already."""
     from kmel.export import read_pipeline
 
-    fingerprint = read_pipeline(models_dir).get("segmenter", {}).get("fingerprint")
+    pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
+    fingerprint = pipeline.get("segmenter", {}).get("fingerprint")
     if not fingerprint:
         raise FileNotFoundError(f"no trained segmenter in {models_dir}: run `python cli.py train seg` first")
     out = crops_dir_for(records_dir, fingerprint)
@@ -267,4 +275,4 @@ def ensure_crop_records(
             f"crop records for this segmenter are missing or stale under {out}: build them once with "
             f"`python cli.py build-records --stage crops --out {records_dir}` before multi-worker training"
         )
-    return build_crop_records(records_dir, models_dir, config, progress)
+    return build_crop_records(records_dir, models_dir, config, progress, pipeline)

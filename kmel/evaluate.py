@@ -101,16 +101,19 @@ def write_split_report(
 
 def evaluate_exported(
     records_dir: str | Path, models_dir: str | Path, split: str, out_dir: str | Path, config: Config,
-    progress: bool = True,
+    progress: bool = True, pipeline: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score ``split`` with the exported pipeline (segmenter crops + classifier) and write the report."""
+    """Score ``split`` with the exported pipeline (segmenter crops + classifier) and write the report.
+
+    ``pipeline``: the contents of ``models_dir/pipeline.json`` when the caller has read it already.
+    """
     from kmel.crops import ensure_crop_records
     from kmel.export import load_serving, read_pipeline
 
-    pipeline = read_pipeline(models_dir)
+    pipeline = dict(read_pipeline(models_dir) if pipeline is None else pipeline)
     if "classifier" not in pipeline:
-        raise FileNotFoundError(f"{Path(models_dir) / C.PIPELINE_JSON} has no classifier: run `python cli.py train cls`")
-    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress)
+        raise FileNotFoundError(f"{Path(models_dir) / C.PIPELINE_JSON} has no classifier: run `kmel train cls`")
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline)
     model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
     threshold = float(pipeline["classifier"]["threshold"])
     return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,

@@ -148,11 +148,17 @@ def test_predict_tta_and_gradcam(pipeline, tmp_path):
     assert image.shape == (64, 128, 3)  # crop | overlay at the classifier size
 
 
-def test_evaluate_records_and_truth_csv(pipeline, tmp_path):
+def test_evaluate_records_and_truth_csv(pipeline, tmp_path, monkeypatch):
+    import kmel.export
+
+    reads = []
+    read_pipeline = kmel.export.read_pipeline
+    monkeypatch.setattr(kmel.export, "read_pipeline", lambda d: reads.append(d) or read_pipeline(d))
     result = _invoke("evaluate", "--records", str(pipeline["records"]), "--models", str(pipeline["models"]),
                      "--split", "test", "--out", str(tmp_path / "rep"))
     assert result.exit_code == 0, result.output
     assert "score test" in result.output, "evaluate shows a progress bar unless --quiet"
+    assert len(reads) == 1, "pipeline.json is read once per run"
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["meta"]["split"] == "test"
     folder = pipeline["tmp"] / "data" / "predict"
