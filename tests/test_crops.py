@@ -104,20 +104,34 @@ def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeyp
 
 
 def test_crop_pipeline_matches_prepare_crop_directly(setup):
-    """CropPipeline adds only resizing/segmentation around kmel.lesion.prepare_crop (no second path)."""
+    """CropPipeline adds only resizing, padding and box rescaling around kmel.lesion.prepare_crop.
+
+    A landscape 150×240 image (records at 96 px: 60×96, padded by 18 rows above and below to the
+    segmenter's square) with a lesion at rows 45–105, cols 60–180: every step is a real transform.
+    """
     from kmel.crops import CropPipeline
     from kmel.lesion import prepare_crop
 
     config = setup["config"]
+    assert config.records.image_size == 96
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    image = rng.integers(0, 255, (150, 240, 3), dtype=np.uint8)
     prob = np.zeros((64, 64), np.float32)
-    prob[16:48, 20:44] = 1.0
+    prob[24:40, 16:48] = 1.0  # the lesion in the padded 64 px square: (45-105, 60-180) × 0.4, +18 rows, × 2/3
 
     with CropPipeline(lambda batch: np.stack([prob] * len(batch)), 64, config, workers=1) as pipeline:
         got = pipeline.run([image])[0]
-    prob_full = cv2.resize(prob, (96, 96), interpolation=cv2.INTER_LINEAR)
-    want = prepare_crop(image, prob_full, config.classifier.image_size, config.crops)
+    # By hand: the records-size image, the probability un-padded onto it, prepare_crop, box × 2.5.
+    small = cv2.resize(image, (96, 60), interpolation=cv2.INTER_AREA)
+    prob_small = cv2.resize(prob, (96, 96), interpolation=cv2.INTER_LINEAR)[18:78]
+    want = prepare_crop(small, prob_small, config.classifier.image_size, config.crops)
     np.testing.assert_array_equal(got.result.crop, want.crop)
     assert got.result.crop_mode == want.crop_mode == "lesion"
-    assert got.box == want.box
+    assert got.box == tuple(int(round(v * 2.5)) for v in want.box)
+    assert got.original_size == (150, 240)
+    # And in the original's pixels the box frames the lesion, centred on it, with a margin.
+    x0, y0, x1, y1 = got.box
+    assert x0 <= 60 and y0 <= 45 and x1 >= 180 and y1 >= 105
+    assert abs((x0 + x1) / 2 - 120) <= 4 and abs((y0 + y1) / 2 - 75) <= 4
+    assert x1 - x0 <= 1.6 * 120  # a square box around the long side plus margin, clipped to the image
+    assert 0 <= x0 and 0 <= y0 and x1 <= 240 and y1 <= 150
