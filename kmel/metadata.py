@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from kmel import constants as C
+from kmel.images import check_file
 
 STANDARD_COLUMNS = [
     C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_YEAR, C.COL_DIAGNOSIS, C.COL_MALIGNANT, C.COL_MELANOMA, C.COL_KERATOSIS,
@@ -205,6 +206,10 @@ def load_metadata(
     for path in _walk_files(data_dir, lambda n: n.lower().endswith(".csv")):
         if path.name in kmel_outputs:
             continue
+        problem = check_file(path, max_bytes=1 << 62)  # a FIFO named x.csv would block the reader
+        if problem:
+            report["unrecognised_files"].append(f"{path}: {problem}")
+            continue
         try:
             parsed = read_metadata_csv(path)
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
@@ -282,6 +287,10 @@ def load_metadata(
     lists = _walk_files(data_dir, lambda n: n.lower().endswith(".txt") and "duplicate" in n.lower())
     listed: set[tuple[int | None, str]] = set()
     for path in [*lists, *map(Path, extra_duplicate_lists)]:
+        problem = check_file(path, max_bytes=1 << 62)
+        if problem:
+            report["unrecognised_files"].append(f"{path}: {problem}")
+            continue
         entries = read_duplicate_list(path)
         listed.update(entries)
         report["files"][str(path)] = {"kind": "duplicate_list", "rows": len(entries)}

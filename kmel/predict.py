@@ -17,6 +17,7 @@ Two parts:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -279,12 +280,12 @@ class RowsFile:
         except UnicodeDecodeError:
             raise wrong from None
         if self.fmt == "csv":
-            reader = csv.DictReader(text.splitlines())
+            reader = csv.DictReader(io.StringIO(text, newline=""))
             if tuple(reader.fieldnames or ()) != COLUMNS:
                 raise wrong
             return {row["relpath"] for row in reader}
         done = set()
-        for line in text.splitlines():
+        for line in text.split("\n")[:-1]:  # not splitlines(): U+2028 may sit inside a JSON string
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

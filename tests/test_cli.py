@@ -190,6 +190,7 @@ def test_build_records_checks_files_before_reading_them(tmp_path, tiny_profile):
         Image.fromarray(image).save(data / "photos" / name)
         rows.append((Path(name).stem, "malignant" if i % 3 == 0 else "benign"))
     os.mkfifo(data / "photos" / "fifo.jpg")
+    os.mkfifo(data / "pipe.csv")  # a table that would block pandas
     (data / "photos" / "zero.jpg").symlink_to("/dev/zero")
     (data / "photos" / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 40)
     (data / "photos" / "big.jpg").write_bytes((data / "photos" / "img_05.jpg").read_bytes() + b"\0" * (2 << 20))
@@ -213,3 +214,4 @@ def test_build_records_checks_files_before_reading_them(tmp_path, tiny_profile):
     assert "FIFO" in skipped["fifo"] and "character device" in skipped["zero"]
     assert "HEIC image: format not supported" in skipped["phone"] and "over the 1 MiB limit" in skipped["big"]
     assert sum(manifest["n_records"]["img"].values()) == 12  # the WebP and the GIF included
+    assert any("pipe.csv: is a FIFO" in f for f in manifest["cleaning"]["unrecognised_files"])
