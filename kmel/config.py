@@ -113,9 +113,9 @@ class ClassifierConfig:
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     unfreeze: tuple[tuple[int, str], ...] = ((0, "head"), (2, "top"), (5, "all"))
-    # Learning-rate multiplier for each unfreeze stage, in the same order (empty: 1 for every stage).
-    # Fine-tuning wants a high rate for a new head and a low one once pretrained layers train.
-    unfreeze_lr_scale: tuple[float, ...] = ()
+    # Learning rate of the backbone's layers as a fraction of the head's (1: one rate for all). A new
+    # head needs ~1e-3; pretrained layers lose their features at that rate under Adam.
+    backbone_lr_scale: float = 1.0
     early_stopping_patience: int = 5
     # Balancing: fraction of malignant samples per epoch (0: keep natural rate) and how far
     # rare skin-tone groups are raised towards the largest (0: not at all, 1: equal counts).

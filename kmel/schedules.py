@@ -1,5 +1,4 @@
-"""One-cycle learning rate (Smith & Topin, 2018) as a graph-safe Keras schedule, optionally scaled per
-training stage (staged unfreezing: a new head learns fast, pretrained layers slowly)."""
+"""One-cycle learning rate (Smith & Topin, 2018) as a graph-safe Keras schedule."""
 
 from __future__ import annotations
 
@@ -12,25 +11,15 @@ from keras import ops
 @keras.saving.register_keras_serializable(package="kmel")
 class OneCycleSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Cosine warm-up from ``max_lr / div_factor`` to ``max_lr`` over ``warmup_fraction`` of the steps,
-    then cosine annealing to ``max_lr / (div_factor · final_div_factor)`` at ``total_steps``; constant after.
-
-    ``stage_steps`` / ``stage_scales``: from step ``stage_steps[i]`` on, the rate is multiplied by
-    ``stage_scales[i]`` (steps before the first entry: 1). A pure function of the step, so a run
-    resumed from a backup gets the same rate as an uninterrupted one.
-    """
+    then cosine annealing to ``max_lr / (div_factor · final_div_factor)`` at ``total_steps``; constant after."""
 
     def __init__(self, max_lr: float, total_steps: int, warmup_fraction: float = 0.3, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4, stage_steps: tuple[int, ...] = (),
-                 stage_scales: tuple[float, ...] = ()):
-        if len(stage_steps) != len(stage_scales):
-            raise ValueError(f"stage_steps {stage_steps} and stage_scales {stage_scales} differ in length")
+                 final_div_factor: float = 1e4):
         self.max_lr = float(max_lr)
         self.total_steps = max(1, int(total_steps))
         self.warmup_fraction = float(warmup_fraction)
         self.div_factor = float(div_factor)
         self.final_div_factor = float(final_div_factor)
-        self.stage_steps = tuple(int(s) for s in stage_steps)
-        self.stage_scales = tuple(float(s) for s in stage_scales)
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
@@ -42,13 +31,8 @@ class OneCycleSchedule(keras.optimizers.schedules.LearningRateSchedule):
         down = ops.clip((step - warm) / rest, 0.0, 1.0)
         warm_lr = start + (self.max_lr - start) * (1 - ops.cos(math.pi * up)) / 2
         anneal_lr = end + (self.max_lr - end) * (1 + ops.cos(math.pi * down)) / 2
-        lr = ops.where(step < warm, warm_lr, anneal_lr)
-        scale = ops.ones_like(lr)
-        for start, factor in sorted(zip(self.stage_steps, self.stage_scales)):
-            scale = ops.where(step >= start, factor * ops.ones_like(lr), scale)
-        return lr * scale
+        return ops.where(step < warm, warm_lr, anneal_lr)
 
     def get_config(self):
         return {"max_lr": self.max_lr, "total_steps": self.total_steps, "warmup_fraction": self.warmup_fraction,
-                "div_factor": self.div_factor, "final_div_factor": self.final_div_factor,
-                "stage_steps": list(self.stage_steps), "stage_scales": list(self.stage_scales)}
+                "div_factor": self.div_factor, "final_div_factor": self.final_div_factor}

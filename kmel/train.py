@@ -248,6 +248,8 @@ def fit_classifier(
     from kmel.evaluate import predict_records, write_split_report
     from kmel.fairness import choose_threshold
     from kmel.models import CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
+    from kmel.models.classifier import HEAD_LAYERS
+    from kmel.optimizers import LayerScaledAdamW
     from kmel.schedules import OneCycleSchedule
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
@@ -273,8 +275,10 @@ def fit_classifier(
     with strat.scope():
         model = build_classifier(cc)
         schedule = OneCycleSchedule(cc.max_learning_rate, total_steps=steps * cc.epochs,
-                                    warmup_fraction=cc.warmup_fraction, **stage_lr_scales(cc, steps))
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cc.weight_decay)
+                                    warmup_fraction=cc.warmup_fraction)
+        # Pretrained layers learn at backbone_lr_scale × the head's rate (kmel/optimizers.py says why).
+        optimizer = LayerScaledAdamW(schedule, weight_decay=cc.weight_decay, full_rate_layers=HEAD_LAYERS,
+                                     scale=cc.backbone_lr_scale)
         optimizer.build(model.trainable_variables)
         set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0), freeze_bn)
         model.compile(
@@ -345,21 +349,6 @@ def fit_classifier(
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry
-
-
-def stage_lr_scales(cc: Any, steps: int) -> dict[str, tuple]:
-    """``OneCycleSchedule`` arguments for ``classifier.unfreeze_lr_scale`` (one factor per unfreeze stage)."""
-    from kmel.config import ConfigError
-
-    scales = tuple(cc.unfreeze_lr_scale)
-    if not scales:
-        return {}
-    if len(scales) != len(cc.unfreeze) or any(not 0 < s <= 10 for s in scales):
-        raise ConfigError(f"classifier unfreeze_lr_scale {list(scales)} needs one factor in (0, 10] per unfreeze "
-                          f"stage {[list(u) for u in cc.unfreeze]}")
-    starts = [int(epoch) for epoch, _ in cc.unfreeze]
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    return {"stage_steps": tuple(starts[i] * steps for i in order), "stage_scales": tuple(scales[i] for i in order)}
 
 
 def balance_table(manifest: dict[str, Any], config: Config) -> str:

@@ -94,21 +94,3 @@ def test_one_cycle_values():
     again = OneCycleSchedule.from_config(s.get_config())
     assert float(again(42)) == float(s(42))
 
-
-def test_one_cycle_stage_scales_and_config_validation():
-    from kmel.config import ConfigError, load_config
-    from kmel.train import stage_lr_scales
-
-    config = load_config("cpu-pretrained").classifier  # unfreeze at epochs 0 / 1 / 3, scales 1 / 0.3 / 0.1
-    kwargs = stage_lr_scales(config, steps=10)
-    assert kwargs == {"stage_steps": (0, 10, 30), "stage_scales": (1.0, 0.3, 0.1)}
-    plain = OneCycleSchedule(1e-3, total_steps=100, warmup_fraction=0.1)
-    staged = OneCycleSchedule(1e-3, total_steps=100, warmup_fraction=0.1, **kwargs)
-    for step, factor in ((0, 1.0), (9, 1.0), (10, 0.3), (29, 0.3), (30, 0.1), (99, 0.1)):
-        assert float(staged(step)) == pytest.approx(factor * float(plain(step)), rel=1e-6), step
-    again = OneCycleSchedule.from_config(staged.get_config())
-    assert float(again(35)) == float(staged(35))
-    assert stage_lr_scales(load_config("cpu-small").classifier, 10) == {}  # no scales: plain one-cycle
-    wrong = load_config("cpu-pretrained", {"classifier.unfreeze_lr_scale": [1.0, 0.1]}).classifier
-    with pytest.raises(ConfigError, match="one factor in"):
-        stage_lr_scales(wrong, 10)
