@@ -97,7 +97,7 @@ class CropPipeline:
             top, bottom, left, right = pad
             side = h + top + bottom
             prob_sq = cv2.resize(prob.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-            prob_small = prob_sq[:h, :w]
+            prob_small = prob_sq[top : top + h, left : left + w]
         result = prepare_crop(small, prob_small, self.config.classifier.image_size, self.config.crops)
         scale_y = image.shape[0] / small.shape[0]
         scale_x = image.shape[1] / small.shape[1]
