@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -31,48 +32,63 @@ def _profile(tmp: Path) -> Path:
     return path
 
 
-def _build(data: Path, out: Path, profile: Path, kill_after: float | None = None) -> int:
-    cmd = [sys.executable, str(REPO / "cli.py"), "build-records", "--data-dir", str(data), "--out", str(out),
-           "--profile", str(profile), "--quiet"]
+def _build_cmd(data: Path, out: Path, profile: Path) -> list[str]:
+    return [sys.executable, str(REPO / "cli.py"), "build-records", "--data-dir", str(data), "--out", str(out),
+            "--profile", str(profile), "--quiet"]
+
+
+def _build(data: Path, out: Path, profile: Path) -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if kill_after is None:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err.decode()[-2000:]
-        return proc.returncode
-    time.sleep(kill_after)
+    proc = subprocess.run(_build_cmd(data, out, profile), cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def _kill_when(cmd: list[str], progressed: Callable[[], bool], timeout: float = 600) -> None:
+    """Start ``cmd`` and SIGKILL it the moment ``progressed()`` is true; fail if it ended before that."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not progressed():
+        time.sleep(0.002)
+    alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return proc.returncode
+    assert alive, "build-records ended before the kill point: " + proc.stderr.read().decode()[-2000:]
 
 
 def test_build_records_killed_and_rerun_gives_identical_manifest(tmp_path):
     from kmel.synthetic import make_synthetic_dataset
+    from kmel.tfrecord import file_sha256
 
     data = tmp_path / "data"
     make_synthetic_dataset(data, n_images=64, seed=11, size=96)
     profile = _profile(tmp_path)
     _build(data, tmp_path / "clean", profile)
     reference = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    whole = {e["file"]: e["sha256"] for kind in ("img", "seg") for es in reference["shards"][kind].values() for e in es}
 
     out = tmp_path / "killed"
-    # Kill at several points: during start-up, while preparing images, while writing shards.
-    for delay in (2.0, 5.0, 7.5):
-        _build(data, out, profile, kill_after=delay)
-        if (out / "manifest.json").exists():
-            break
-        # Whatever a killed run left, no shard is ever half-written under its final name.
+
+    def preparing() -> bool:  # some images prepared (cache files), no shard started yet
+        return any(out.glob(".prepare-*/*.prep"))
+
+    def writing() -> bool:  # a shard being written (temporary name) or finished
+        return any(out.glob("*.tfrecord*"))
+
+    for progressed in (preparing, writing):
+        _kill_when(_build_cmd(data, out, profile), progressed)
+        assert not (out / "manifest.json").exists(), "killed before the end: no manifest"
+        # A shard under its final name is whole: byte-identical to the clean run's shard.
         for shard in out.glob("*.tfrecord"):
-            assert not shard.name.endswith(".tmp")
+            assert file_sha256(shard) == whole[shard.name], f"{shard.name} half-written under its final name"
+    assert any(out.glob(".prepare-*/*.prep")), "the kills left prepared images to reuse"
+
     _build(data, out, profile)
     resumed = json.loads((out / "manifest.json").read_text())
     assert resumed == reference
-    from kmel.tfrecord import file_sha256
-
-    for kind in ("img", "seg"):
-        for entries in resumed["shards"][kind].values():
-            for entry in entries:
-                assert file_sha256(out / entry["file"]) == entry["sha256"]
+    assert sorted(p.name for p in out.glob("*.tfrecord*")) == sorted(whole), "no temporary or stale shard left"
+    for name, sha in whole.items():
+        assert file_sha256(out / name) == sha
 
 
 @pytest.mark.parametrize("model", ["seg"])  # cls: tests/test_pipeline_e2e.py, under MirroredStrategy
