@@ -24,11 +24,13 @@ never by their name, so renamed copies work. Every kind is normalised to the sam
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,13 +38,17 @@ import pandas as pd
 from kmel import constants as C
 from kmel.images import check_file
 
+# Fitzpatrick type as I-II / III-IV / V-VI: the only resolution DDI publishes, filled for every annotated source.
+COL_FITZPATRICK_GROUP = "fitzpatrick_group"
+# Why a reader rejects a row it read (indeterminate, not dermoscopic); dropped and counted by load_metadata.
+COL_DROP_REASON = "drop_reason"
 STANDARD_COLUMNS = [
     C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_YEAR, C.COL_DIAGNOSIS, C.COL_MALIGNANT, C.COL_MELANOMA, C.COL_KERATOSIS,
-    C.COL_PATIENT, C.COL_LESION, C.COL_AGE, C.COL_SEX, C.COL_SITE, C.COL_FITZPATRICK, "base_id",
+    C.COL_PATIENT, C.COL_LESION, C.COL_AGE, C.COL_SEX, C.COL_SITE, C.COL_FITZPATRICK, COL_FITZPATRICK_GROUP, "base_id",
 ]
 TASKS = {"malignant": C.COL_MALIGNANT, "melanoma": C.COL_MELANOMA, "keratosis": C.COL_KERATOSIS}
 YEARS = {"isic2016": 2016, "isic2017": 2017, "isic2018": 2018, "ham10000": 2018, "isic2019": 2019,
-         "isic2020": 2020, "fitzpatrick17k": 2021, "custom": 2100}
+         "isic2020": 2020, "fitzpatrick17k": 2021, "ddi": 2021, "isic_archive": 2024, "custom": 2100}
 # Tie-break among sources of one year: the more specific one wins (HAM10000 carries lesion ids).
 SOURCE_PRIORITY = {"ham10000": 0, "isic2018": 1}
 MALIGNANT_2018 = {"MEL", "BCC", "AKIEC", "AK"}
@@ -53,20 +59,29 @@ DIAGNOSIS_2020 = {
     "unknown": "UNK",
 }
 HAM_DX = {"mel": "MEL", "nv": "NV", "bcc": "BCC", "akiec": "AK", "bkl": "BKL", "df": "DF", "vasc": "VASC"}
+# ISIC Archive diagnosis names (old ``diagnosis`` and the ``diagnosis_2..5`` hierarchy) to codes; the
+# first fragment found in the most specific name wins.
+ARCHIVE_DX = (
+    ("melanoma", "MEL"), ("basal cell", "BCC"), ("squamous cell", "SCC"), ("actinic", "AK"), ("solar keratosis", "AK"),
+    ("seborrheic", "SK"), ("nevus", "NV"), ("nevi", "NV"), ("dermatofibroma", "DF"), ("lentigo", "BKL"),
+    ("lichen", "BKL"), ("angioma", "VASC"), ("vascular", "VASC"), ("pyogenic", "VASC"),
+)
+FITZPATRICK_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
+# Fitzpatrick types in the three bands DDI publishes (12 / 34 / 56), for every annotated source.
+FITZPATRICK_GROUPS = ("I-II", "III-IV", "V-VI")
+DDI_SKIN_TONE = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
+# Sources used only for evaluation unless asked otherwise (clinical photographs, not dermoscopy).
+EVAL_ONLY_SOURCES = ("ddi",)
 ISIC_ID = re.compile(r"^ISIC_\d+")
 YEAR_IN_PATH = re.compile(r"[/\\](20\d\d)[/\\]")
-
-
-def _header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
-        first = handle.readline()
-    return [c.strip() for c in first.strip().split(",")]
-
+# Folders kmel writes (records, saved models) hold one of these, with a "kmel_version" in it.
+KMEL_OUTPUT_MARKERS = (C.MANIFEST, "pipeline.json")
 
 def _frame(**columns: Any) -> pd.DataFrame:
     n = max((len(v) for v in columns.values() if isinstance(v, (list, np.ndarray, pd.Series))), default=0)
     data = {}
-    for name in STANDARD_COLUMNS:
+    names = STANDARD_COLUMNS + ([COL_DROP_REASON] if COL_DROP_REASON in columns else [])
+    for name in names:
         value = columns.get(name, np.nan)
         data[name] = list(value) if isinstance(value, (list, np.ndarray, pd.Series)) else [value] * n
     df = pd.DataFrame(data)
@@ -81,96 +96,456 @@ def _onehot(df: pd.DataFrame, classes: list[str]) -> pd.Series:
     return diag
 
 
+# === Reading a CSV: encoding, delimiter, bad lines ===
+
+
+@dataclass
+class CsvTable:
+    """A delimited text file read leniently: its header, its well-formed rows, and what was lost."""
+
+    path: Path
+    header: list[str]
+    rows: pd.DataFrame  # data rows as text (NaN where empty), columns = header
+    encoding: str = "utf-8"
+    delimiter: str = ","
+    bad_lines: list[dict[str, Any]] = field(default_factory=list)
+
+    def with_header_as_row(self, names: Sequence[str]) -> pd.DataFrame:
+        """Header-less files: the first line is data too; columns renamed to ``names``."""
+        first = pd.DataFrame([self.header], columns=self.rows.columns)
+        out = pd.concat([first, self.rows], ignore_index=True)
+        out.columns = list(names)
+        return out
+
+
+def _decode(data: bytes) -> tuple[str, str]:
+    """Text and the encoding that read it: UTF-8, else Windows-1252 (spreadsheet exports), else Latin-1."""
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding), "utf-8" if encoding == "utf-8-sig" else encoding
+        except UnicodeDecodeError:
+            continue
+    return data.decode("latin-1"), "latin-1"
+
+
+def _sniff_delimiter(first_line: str) -> str:
+    counts = {d: first_line.count(d) for d in (",", ";", "\t")}
+    best = max(counts, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] else ","
+
+
+def _split(line: str, delimiter: str) -> list[str] | None:
+    """Fields of one record, or None when a quote is left open."""
+    if '"' not in line:
+        return line.split(delimiter)
+    if line.count('"') % 2:
+        return None
+    return next(csv.reader([line], delimiter=delimiter))
+
+
+def read_csv_table(path: Path) -> CsvTable | None:
+    """Read ``path`` line by line; lines that do not fit the header are listed, not fatal.
+
+    A record may span several lines inside quotes; a quote left open, or a line with more or fewer
+    fields than the header, is skipped and listed with its line number. Returns None for an empty file.
+    """
+    path = Path(path)
+    text, encoding = _decode(path.read_bytes())
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    start = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if start is None:
+        return None
+    delimiter = _sniff_delimiter(lines[start])
+    header = _split(lines[start], delimiter)
+    if header is None:
+        return None
+    header = [h.strip() for h in header]
+    width = len(header)
+    good, bad = [], []
+    i = start + 1
+    while i < len(lines):
+        line, number = lines[i], i + 1
+        i += 1
+        if not line.strip() or not line.strip(delimiter + " "):
+            continue
+        fields = _split(line, delimiter)
+        joined = 0
+        while fields is None and joined < 5 and i + joined < len(lines):
+            joined += 1  # a quoted field with line breaks
+            fields = _split("\n".join(lines[i - 1: i + joined]), delimiter)
+        if fields is None:
+            bad.append({"line": number, "reason": "quote not closed"})
+            continue
+        if len(fields) != width:
+            bad.append({"line": number, "reason": f"{len(fields)} fields, header has {width}"})
+            continue
+        i += joined
+        good.append(fields)
+    rows = pd.DataFrame(good, columns=[f"_{k}" for k in range(width)], dtype=object) if good else \
+        pd.DataFrame(columns=[f"_{k}" for k in range(width)], dtype=object)
+    # pandas' own missing-value rules, so every format reads as it did through pd.read_csv.
+    rows = rows.mask(rows.isin(_NA_VALUES))
+    rows.columns = header
+    return CsvTable(path, header, rows, encoding, delimiter, bad)
+
+
+# pandas' default missing-value strings (read_csv's na_values).
+_NA_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+
+# === Formats: one reader per kind, registered with the header that identifies it ===
+
+
+@dataclass(frozen=True)
+class CsvFormat:
+    """A known metadata CSV: the header that identifies it and the function that normalises it.
+
+    ``match``: ``exact`` (same column set), ``subset`` (these columns among others), ``prefix`` (the
+    header starts with these columns in order), or a function of the header. ``role``: ``labels``
+    (rows with labels), ``meta`` (age/sex/site to merge), ``unused`` (known, nothing to take),
+    ``duplicates`` (pairs), ``kmel_output`` (a file kmel wrote: never read as data).
+    """
+
+    kind: str
+    columns: tuple[str, ...]
+    match: str | Callable[[list[str]], bool]
+    role: str
+    read: Callable[[CsvTable], pd.DataFrame]
+    about: str
+
+    def matches(self, header: list[str]) -> bool:
+        if callable(self.match):
+            return self.match(header)
+        cols = set(header)
+        if self.match == "exact":
+            return cols == set(self.columns)
+        if self.match == "subset":
+            return set(self.columns) <= cols
+        return tuple(header[: len(self.columns)]) == self.columns
+
+
+FORMATS: dict[str, CsvFormat] = {}
+
+
+def register_format(
+    kind: str, columns: Sequence[str], match: str | Callable[[list[str]], bool] = "exact",
+    role: str = "labels", about: str = "",
+) -> Callable[[Callable[[CsvTable], pd.DataFrame]], Callable[[CsvTable], pd.DataFrame]]:
+    """Decorator: register ``read`` for CSVs whose header matches; formats are tried in registration order."""
+
+    def decorator(read: Callable[[CsvTable], pd.DataFrame]) -> Callable[[CsvTable], pd.DataFrame]:
+        if kind in FORMATS:
+            raise ValueError(f"format {kind!r} registered twice")
+        FORMATS[kind] = CsvFormat(kind, tuple(columns), match, role, read, about or (read.__doc__ or "").strip())
+        return read
+
+    return decorator
+
+
+def identify_format(header: list[str]) -> CsvFormat | None:
+    """The first registered format whose header signature matches, or None."""
+    return next((f for f in FORMATS.values() if f.matches(header)), None)
+
+
+def resembles(header: list[str], min_similarity: float = 0.5) -> str | None:
+    """For an unknown header: which known format it is closest to, and what differs (None if none is close)."""
+    got = {h.strip().lower() for h in header}
+    best, score = None, 0.0
+    for fmt in FORMATS.values():
+        want = {c.lower() for c in fmt.columns}
+        if not want:
+            continue
+        similarity = len(got & want) / len(got | want)
+        if similarity > score:
+            best, score = fmt, similarity
+    if best is None or score < min_similarity:
+        return None
+    want = {c.lower(): c for c in best.columns}
+    exact = set(header)
+    missing = [c for c in best.columns if c not in exact]
+    extra = [h for h in header if h not in set(best.columns)]
+    detail = f"missing {missing}" + (f", unexpected {extra}" if extra else "")
+    if missing and {m.lower() for m in missing} <= got:
+        detail += " (same names in another letter case)"
+    return f"resembles {best.kind} ({best.about}): {detail}"
+
+
+def _is_2016(header: list[str]) -> bool:
+    return bool(ISIC_ID.match(header[0])) and len(header) == 2
+
+
+@register_format("isic2016", ("ISIC_0000000", "benign|malignant|0|1"), _is_2016,
+                 about="ISIC 2016 ground truth, no header: id,benign|malignant or id,0.0|1.0")
+def _read_2016(t: CsvTable) -> pd.DataFrame:
+    raw = t.with_header_as_row(["image_id", "label"])
+    label = raw["label"].str.strip().str.lower()
+    if label.isin(["benign", "malignant"]).all():
+        malignant = label.map({"benign": 0.0, "malignant": 1.0})
+    else:
+        malignant = pd.to_numeric(label, errors="coerce")
+        malignant = malignant.where(malignant.isin([0.0, 1.0]))
+    return _frame(image_id=raw["image_id"].str.strip(), source="isic2016", year=2016,
+                  diagnosis=np.where(malignant == 1, "MEL", "BEN"), malignant=malignant, melanoma=malignant)
+
+
+@register_format("isic2017", ("image_id", "melanoma", "seborrheic_keratosis"), about="ISIC 2017 Part 3 ground truth")
+def _read_2017(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    mel = pd.to_numeric(df["melanoma"], errors="coerce")
+    sk = pd.to_numeric(df["seborrheic_keratosis"], errors="coerce")
+    diag = np.where(mel == 1, "MEL", np.where(sk == 1, "SK", "NV"))
+    return _frame(image_id=df["image_id"], source="isic2017", year=2017, diagnosis=diag,
+                  malignant=mel, melanoma=mel, keratosis=sk)
+
+
+@register_format("isic2017_meta", ("image_id", "age_approximate", "sex"), role="meta", about="ISIC 2017 metadata")
+def _read_2017_meta(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    return _frame(image_id=df["image_id"], source="isic2017", year=2017,
+                  age=pd.to_numeric(df["age_approximate"], errors="coerce"), sex=df["sex"])
+
+
+@register_format("isic2018", ("image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"),
+                 lambda h: h == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"],
+                 about="ISIC 2018 Task 3 ground truth (one-hot)")
+def _read_2018(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    diag = _onehot(df, t.header[1:])
+    mal = diag.isin(MALIGNANT_2018).astype(float).where(diag.notna())
+    return _frame(image_id=df["image"], source="isic2018", year=2018, diagnosis=diag.replace({"AKIEC": "AK"}),
+                  malignant=mal, melanoma=(diag == "MEL").astype(float).where(diag.notna()))
+
+
+@register_format("ham10000", ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"),
+                 lambda h: {"lesion_id", "image_id", "dx", "dx_type"} <= set(h), about="HAM10000 metadata")
+def _read_ham(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    diag = df["dx"].str.strip().str.lower().map(HAM_DX)
+    mal = diag.isin(MALIGNANT_2019).astype(float).where(diag.notna())
+    return _frame(image_id=df["image_id"], source="ham10000", year=2018, diagnosis=diag, malignant=mal,
+                  melanoma=(diag == "MEL").astype(float).where(diag.notna()), lesion_id=df["lesion_id"],
+                  age=pd.to_numeric(df.get("age"), errors="coerce"), sex=df.get("sex"), site=df.get("localization"))
+
+
+@register_format("isic2019", ("image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"), "prefix",
+                 about="ISIC 2019 ground truth (one-hot)")
+def _read_2019(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    diag = _onehot(df, t.header[1:10])
+    known = diag.notna() & (diag != "UNK")
+    return _frame(image_id=df["image"], source="isic2019", year=2019, diagnosis=diag,
+                  malignant=diag.isin(MALIGNANT_2019).astype(float).where(known),
+                  melanoma=(diag == "MEL").astype(float).where(known))
+
+
+@register_format("isic2019_meta", ("image", "age_approx", "anatom_site_general", "lesion_id", "sex"), role="meta",
+                 about="ISIC 2019 training metadata")
+def _read_2019_meta(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    return _frame(image_id=df["image"], source="isic2019", year=2019, age=pd.to_numeric(df["age_approx"], errors="coerce"),
+                  sex=df["sex"], site=df["anatom_site_general"], lesion_id=df["lesion_id"])
+
+
+@register_format("isic2019_test_meta", ("image", "age_approx", "anatom_site_general", "sex"), role="unused",
+                 about="ISIC 2019 test metadata (no labels)")
+def _read_2019_test_meta(t: CsvTable) -> pd.DataFrame:
+    return _frame(image_id=t.rows["image"], source="isic2019", year=2019)
+
+
+def _read_2020(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    target = pd.to_numeric(df["target"], errors="coerce")
+    target = target.where(target.isin([0.0, 1.0]))
+    diag = df["diagnosis"].fillna("unknown").str.strip().str.lower().map(DIAGNOSIS_2020).fillna("UNK")
+    return _frame(image_id=df["image_name"], source="isic2020", year=2020, diagnosis=diag, malignant=target,
+                  melanoma=target, keratosis=(diag == "SK").astype(float).where(diag != "UNK"),
+                  patient_id=df["patient_id"], lesion_id=df.get("lesion_id"),
+                  age=pd.to_numeric(df["age_approx"], errors="coerce"), sex=df["sex"],
+                  site=df["anatom_site_general_challenge"])
+
+
+_COLUMNS_2020 = ("image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis",
+                 "benign_malignant", "target")
+register_format("isic2020_v2", _COLUMNS_2020 + ("lesion_id",), "subset", about="ISIC 2020 ground truth v2")(_read_2020)
+register_format("isic2020_v1", _COLUMNS_2020, "subset", about="ISIC 2020 ground truth")(_read_2020)
+
+
+@register_format("duplicates2020", ("image_name_1", "image_name_2"), lambda h: h == ["image_name_1", "image_name_2"],
+                 role="duplicates", about="ISIC 2020 duplicate pairs")
+def _read_2020_duplicates(t: CsvTable) -> pd.DataFrame:
+    return pd.DataFrame({"keep": t.rows["image_name_1"], "drop": t.rows["image_name_2"]})
+
+
+@register_format("fitzpatrick17k", ("md5hash", "fitzpatrick_scale", "three_partition_label", "label"), "subset",
+                 about="Fitzpatrick17k")
+def _read_fitzpatrick17k(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    three = df["three_partition_label"].str.strip().str.lower()
+    mal = (three == "malignant").astype(float).where(three.notna() & (three != ""))
+    label = df["label"].fillna("").str.strip().str.lower()
+    fitz = pd.to_numeric(df["fitzpatrick_scale"], errors="coerce")
+    fitz = fitz.where(fitz.between(1, 6), -1).fillna(-1).astype(int)
+    return _frame(image_id=df["md5hash"], source="fitzpatrick17k", year=2021, diagnosis=label, malignant=mal,
+                  melanoma=label.str.contains("melanoma").astype(float),
+                  keratosis=(label == "seborrheic keratosis").astype(float), fitzpatrick=fitz)
+
+
+def _archive_code(name: pd.Series) -> pd.Series:
+    lower = name.fillna("").str.lower()
+    code = pd.Series("UNK", index=name.index, dtype=object)
+    for fragment, value in reversed(ARCHIVE_DX):  # earlier fragments win
+        code[lower.str.contains(fragment, regex=False)] = value
+    return code
+
+
+@register_format("isic_archive", ("isic_id", "diagnosis_1", "benign_malignant", "image_type", "patient_id", "lesion_id",
+                                  "age_approx", "sex", "anatom_site_general", "fitzpatrick_skin_type"),
+                 lambda h: "isic_id" in h and bool({"diagnosis_1", "benign_malignant"} & set(h)),
+                 about="ISIC Archive export (isic-cli metadata.csv)")
+def _read_isic_archive(t: CsvTable) -> pd.DataFrame:
+    """ISIC Archive export: ``diagnosis_1`` (Benign/Malignant/Indeterminate) or older ``benign_malignant``."""
+    df = t.rows
+    empty = pd.Series(np.nan, index=df.index, dtype=object)
+    if "diagnosis_1" in df:
+        verdict = df["diagnosis_1"].str.strip().str.lower()
+        older = df.get("benign_malignant", empty).str.strip().str.lower()
+        verdict = verdict.where(verdict.notna(), older)
+    else:
+        verdict = df["benign_malignant"].str.strip().str.lower()
+    malignant = verdict.map({"benign": 0.0, "malignant": 1.0})
+    # The most specific diagnosis named: diagnosis_5 .. diagnosis_2, else the older diagnosis column.
+    name = empty.copy()
+    for col in ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis_2", "diagnosis"):
+        if col in df:
+            name = name.where(name.notna(), df[col])
+    diag = _archive_code(name)
+    known = diag != "UNK"
+    melanoma = (diag == "MEL").astype(float).where(known | (malignant == 0))
+    image_type = df.get("image_type", empty).str.strip().str.lower()
+    reason = pd.Series(np.nan, index=df.index, dtype=object)
+    reason[verdict.fillna("").str.startswith("indeterminate")] = "indeterminate diagnosis (ISIC archive)"
+    reason[image_type.notna() & (image_type != "dermoscopic")] = "not dermoscopic (ISIC archive image_type)"
+    fitz = df.get("fitzpatrick_skin_type", empty).str.strip().str.upper()
+    fitz = fitz.map(FITZPATRICK_ROMAN).fillna(pd.to_numeric(fitz, errors="coerce"))
+    fitz = fitz.where(fitz.between(1, 6), -1).fillna(-1).astype(int)
+    return _frame(image_id=df["isic_id"], source="isic_archive", year=YEARS["isic_archive"],
+                  diagnosis=diag.where(malignant.notna() | (diag != "UNK"), "UNK"), malignant=malignant,
+                  melanoma=melanoma.where(malignant.notna()),
+                  keratosis=(diag == "SK").astype(float).where(known), patient_id=df.get("patient_id"),
+                  lesion_id=df.get("lesion_id"), age=pd.to_numeric(df.get("age_approx"), errors="coerce"),
+                  sex=df.get("sex"), site=df.get("anatom_site_general"), fitzpatrick=fitz, drop_reason=reason)
+
+
+@register_format("ddi", ("DDI_file", "skin_tone", "malignant", "disease"), "subset",
+                 about="Diverse Dermatology Images (Stanford), clinical photographs")
+def _read_ddi(t: CsvTable) -> pd.DataFrame:
+    df = t.rows
+    malignant = df["malignant"].str.strip().str.lower().map({"true": 1.0, "false": 0.0, "1": 1.0, "0": 0.0})
+    disease = df["disease"].fillna("").str.strip().str.lower()
+    stem = df["DDI_file"].str.strip().str.rsplit(".", n=1).str[0]
+    return _frame(image_id=stem, source="ddi", year=YEARS["ddi"], diagnosis=disease, malignant=malignant,
+                  melanoma=disease.str.contains("melanoma").astype(float).where(malignant.notna()),
+                  fitzpatrick_group=df["skin_tone"].str.strip().map(DDI_SKIN_TONE))
+
+
+def _is_custom(header: list[str]) -> bool:
+    return len(header) == 2 and header[0] in ("image_id", "image") and header[1] in ("label", "target")
+
+
+@register_format("custom", ("image_id", "label"), _is_custom, about="your own image_id,label (or image,target) table")
+def _read_custom(t: CsvTable) -> pd.DataFrame:
+    df, (key, value) = t.rows, t.header
+    label = df[value].fillna("").str.strip().str.lower()
+    mal = label.map({"benign": 0.0, "malignant": 1.0, "0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0})
+    return _frame(image_id=df[key], source="custom", year=YEARS["custom"],
+                  diagnosis=np.where(mal == 1, "MALIGNANT", "BENIGN"), malignant=mal)
+
+
+def _kmel_output(kind: str, columns: Sequence[str], about: str, match: str = "subset") -> None:
+    register_format(kind, columns, match, role="kmel_output", about=f"{about}, written by kmel")(lambda t: pd.DataFrame())
+
+
+# kmel's own tables, known by their columns wherever they are copied to.
+_kmel_output("kmel_records_metadata", ("image_id", "source", "split", "image_path"), "metadata.csv of build-records")
+_kmel_output("kmel_skipped", ("image_id", "path", "reason"), "skipped.csv of build-records", "exact")
+_kmel_output("kmel_predict", ("image", "relpath", "path", "probability", "status"), "the output of predict")
+_kmel_output("kmel_report_predictions", ("image_id", "target", "probability", "prediction"), "a report's predictions.csv")
+_kmel_output("kmel_synthetic_truth", ("image_id", "skin_tone", "malignant", "hair"), "synthetic_truth.csv", "exact")
+
+
+def _in_kmel_output_folder(path: Path, seen: dict[Path, bool]) -> bool:
+    """Whether ``path`` sits in a folder kmel wrote (a records or models folder, by its manifest)."""
+    folder = path.parent
+    if folder not in seen:
+        seen[folder] = False
+        for marker in KMEL_OUTPUT_MARKERS:
+            try:
+                if (folder / marker).is_file() and '"kmel_version"' in (folder / marker).read_text(errors="replace"):
+                    seen[folder] = True
+            except OSError:
+                pass
+    return seen[folder]
+
+
+@dataclass
+class ParsedCsv:
+    """A recognised CSV: its format, its normalised rows, and how it was read."""
+
+    format: CsvFormat
+    frame: pd.DataFrame
+    table: CsvTable
+
+    @property
+    def kind(self) -> str:
+        return self.format.kind
+
+
+def read_metadata_file(path: Path) -> ParsedCsv | str:
+    """Read and recognise one CSV; the parsed file, or why it was not recognised (a line of text)."""
+    table = read_csv_table(path)
+    if table is None or not table.header or not table.header[0]:
+        return "empty or no header"
+    fmt = identify_format(table.header)
+    if fmt is None:
+        return resembles(table.header) or ""
+    return ParsedCsv(fmt, fmt.read(table), table)
+
+
 def read_metadata_csv(path: Path) -> tuple[str, pd.DataFrame] | None:
     """Recognise a CSV by its header; return (kind, normalised frame) or None if unknown.
 
     Label rows are returned with ``malignant`` etc. possibly NaN; callers drop and count those.
     Metadata-only kinds (``isic2017_meta``, ``isic2019_meta``) hold age/sex/site to merge;
-    ``duplicates2020`` holds pairs in ``image_id`` (kept) and ``base_id`` (dropped) — see
-    :func:`load_metadata`; ``isic2019_test_meta`` has no labels.
+    ``duplicates2020`` holds pairs in ``keep`` and ``drop`` — see :func:`load_metadata`.
     """
-    path = Path(path)
-    header = _header(path)
-    if not header or not header[0]:
-        return None
-    cols = set(header)
-    if ISIC_ID.match(header[0]) and len(header) == 2:
-        raw = pd.read_csv(path, header=None, names=["image_id", "label"], dtype=str)
-        label = raw["label"].str.strip().str.lower()
-        if label.isin(["benign", "malignant"]).all():
-            malignant = label.map({"benign": 0.0, "malignant": 1.0})
-        else:
-            malignant = pd.to_numeric(label, errors="coerce")
-            malignant = malignant.where(malignant.isin([0.0, 1.0]))
-        return "isic2016", _frame(image_id=raw["image_id"].str.strip(), source="isic2016", year=2016,
-                                  diagnosis=np.where(malignant == 1, "MEL", "BEN"), malignant=malignant,
-                                  melanoma=malignant)
-    df = pd.read_csv(path, dtype=str)
-    df.columns = [c.strip() for c in df.columns]
-    if cols == {"image_id", "melanoma", "seborrheic_keratosis"}:
-        mel = pd.to_numeric(df["melanoma"], errors="coerce")
-        sk = pd.to_numeric(df["seborrheic_keratosis"], errors="coerce")
-        diag = np.where(mel == 1, "MEL", np.where(sk == 1, "SK", "NV"))
-        return "isic2017", _frame(image_id=df["image_id"], source="isic2017", year=2017, diagnosis=diag,
-                                  malignant=mel, melanoma=mel, keratosis=sk)
-    if cols == {"image_id", "age_approximate", "sex"}:
-        return "isic2017_meta", _frame(image_id=df["image_id"], source="isic2017", year=2017,
-                                       age=pd.to_numeric(df["age_approximate"], errors="coerce"), sex=df["sex"])
-    if header == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]:
-        diag = _onehot(df, header[1:])
-        mal = diag.isin(MALIGNANT_2018).astype(float).where(diag.notna())
-        return "isic2018", _frame(image_id=df["image"], source="isic2018", year=2018,
-                                  diagnosis=diag.replace({"AKIEC": "AK"}), malignant=mal,
-                                  melanoma=(diag == "MEL").astype(float).where(diag.notna()))
-    if {"lesion_id", "image_id", "dx"} <= cols and "dx_type" in cols:
-        diag = df["dx"].str.strip().str.lower().map(HAM_DX)
-        mal = diag.isin(MALIGNANT_2019).astype(float).where(diag.notna())
-        return "ham10000", _frame(image_id=df["image_id"], source="ham10000", year=2018, diagnosis=diag,
-                                  malignant=mal, melanoma=(diag == "MEL").astype(float).where(diag.notna()),
-                                  lesion_id=df["lesion_id"], age=pd.to_numeric(df.get("age"), errors="coerce"),
-                                  sex=df.get("sex"), site=df.get("localization"))
-    if header[:10] == ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]:
-        diag = _onehot(df, header[1:10])
-        mal = diag.isin(MALIGNANT_2019).astype(float).where(diag.notna() & (diag != "UNK"))
-        mel = (diag == "MEL").astype(float).where(diag.notna() & (diag != "UNK"))
-        return "isic2019", _frame(image_id=df["image"], source="isic2019", year=2019, diagnosis=diag,
-                                  malignant=mal, melanoma=mel)
-    if cols == {"image", "age_approx", "anatom_site_general", "lesion_id", "sex"}:
-        return "isic2019_meta", _frame(image_id=df["image"], source="isic2019", year=2019,
-                                       age=pd.to_numeric(df["age_approx"], errors="coerce"), sex=df["sex"],
-                                       site=df["anatom_site_general"], lesion_id=df["lesion_id"])
-    if cols == {"image", "age_approx", "anatom_site_general", "sex"}:
-        return "isic2019_test_meta", _frame(image_id=df["image"], source="isic2019", year=2019)
-    if {"image_name", "patient_id", "target", "benign_malignant", "diagnosis"} <= cols:
-        target = pd.to_numeric(df["target"], errors="coerce")
-        target = target.where(target.isin([0.0, 1.0]))
-        raw_diag = df["diagnosis"].fillna("unknown").str.strip().str.lower()
-        diag = raw_diag.map(DIAGNOSIS_2020).fillna("UNK")
-        keratosis = (diag == "SK").astype(float).where(diag != "UNK")
-        kind = "isic2020_v2" if "lesion_id" in cols else "isic2020_v1"
-        return kind, _frame(image_id=df["image_name"], source="isic2020", year=2020, diagnosis=diag,
-                            malignant=target, melanoma=target, keratosis=keratosis, patient_id=df["patient_id"],
-                            lesion_id=df.get("lesion_id"), age=pd.to_numeric(df["age_approx"], errors="coerce"),
-                            sex=df["sex"], site=df["anatom_site_general_challenge"])
-    if header == ["image_name_1", "image_name_2"]:
-        return "duplicates2020", pd.DataFrame({"keep": df["image_name_1"], "drop": df["image_name_2"]})
-    if {"md5hash", "fitzpatrick_scale", "three_partition_label", "label"} <= cols:
-        three = df["three_partition_label"].str.strip().str.lower()
-        mal = (three == "malignant").astype(float).where(three.notna() & (three != ""))
-        label = df["label"].fillna("").str.strip().str.lower()
-        fitz = pd.to_numeric(df["fitzpatrick_scale"], errors="coerce")
-        fitz = fitz.where(fitz.between(1, 6), -1).fillna(-1).astype(int)
-        return "fitzpatrick17k", _frame(image_id=df["md5hash"], source="fitzpatrick17k", year=2021,
-                                        diagnosis=label, malignant=mal,
-                                        melanoma=label.str.contains("melanoma").astype(float),
-                                        keratosis=(label == "seborrheic keratosis").astype(float),
-                                        fitzpatrick=fitz)
-    if len(header) == 2 and header[0] in ("image_id", "image") and header[1] in ("label", "target"):
-        label = df[header[1]].fillna("").str.strip().str.lower()
-        mal = label.map({"benign": 0.0, "malignant": 1.0, "0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0})
-        return "custom", _frame(image_id=df[header[0]], source="custom", year=YEARS["custom"],
-                                diagnosis=np.where(mal == 1, "MALIGNANT", "BENIGN"), malignant=mal)
-    return None
+    parsed = read_metadata_file(path)
+    return (parsed.kind, parsed.frame) if isinstance(parsed, ParsedCsv) else None
+
+
+def _how_read(table: CsvTable) -> dict[str, Any]:
+    """The manifest's note on how a file was read, when it was not plain UTF-8 and commas."""
+    out: dict[str, Any] = {}
+    if table.encoding != "utf-8":
+        out["encoding"] = f"{table.encoding} (not valid UTF-8)"
+    if table.delimiter != ",":
+        out["delimiter"] = {"\t": "tab"}.get(table.delimiter, table.delimiter)
+    if table.bad_lines:
+        out["bad_lines"] = table.bad_lines
+    return out
+
+
+def _rows_lost(table: CsvTable, frame: pd.DataFrame) -> dict[str, int]:
+    """Rows of one label file that will not reach the table, by reason (before duplicates are resolved)."""
+    lost: dict[str, int] = {}
+    if table.bad_lines:
+        lost["unreadable line"] = len(table.bad_lines)
+    reasons = frame[COL_DROP_REASON] if COL_DROP_REASON in frame else pd.Series(np.nan, index=frame.index)
+    for reason, n in reasons.value_counts().items():
+        lost[str(reason)] = int(n)
+    unlabelled = int((frame[C.COL_MALIGNANT].isna() & reasons.isna()).sum())
+    if unlabelled:
+        lost["no usable label (empty, NaN or unknown value)"] = unlabelled
+    return lost
 
 
 def read_duplicate_list(path: Path) -> list[tuple[int | None, str]]:
@@ -200,36 +575,48 @@ def load_metadata(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read every known CSV and duplicate list under ``data_dir``; one clean table and a report."""
     data_dir = Path(data_dir)
-    report: dict[str, Any] = {"files": {}, "unrecognised_files": [], "dropped": {}, "conflicts": []}
+    report: dict[str, Any] = {"files": {}, "unrecognised_files": [], "kmel_outputs": [], "dropped": {},
+                              "conflicts": []}
     labels, metas, dup_pairs = [], [], []
-    kmel_outputs = {C.METADATA_CSV, C.SKIPPED_CSV, "synthetic_truth.csv", "truth.csv", "predictions.csv"}
+    output_folders: dict[Path, bool] = {}
     for path in _walk_files(data_dir, lambda n: n.lower().endswith(".csv")):
-        if path.name in kmel_outputs:
+        # kmel's own outputs are known by where they are (a records / models folder) or by their
+        # columns (below), never by their name: isic-cli also writes metadata.csv.
+        if _in_kmel_output_folder(path, output_folders):
+            report["kmel_outputs"].append(str(path))
             continue
         problem = check_file(path, max_bytes=1 << 62)  # a FIFO named x.csv would block the reader
         if problem:
             report["unrecognised_files"].append(f"{path}: {problem}")
             continue
         try:
-            parsed = read_metadata_csv(path)
-        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+            parsed = read_metadata_file(path)
+        except (OSError, ValueError, csv.Error) as exc:
             report["unrecognised_files"].append(f"{path}: cannot parse ({exc})")
             continue
-        if parsed is None:
-            report["unrecognised_files"].append(str(path))
+        if isinstance(parsed, str):
+            report["unrecognised_files"].append(f"{path}: {parsed}" if parsed else str(path))
             continue
-        kind, frame = parsed
-        report["files"][str(path.relative_to(data_dir))] = {"kind": kind, "rows": int(len(frame))}
-        if kind == "duplicates2020":
+        role, frame = parsed.format.role, parsed.frame
+        if role == "kmel_output":
+            report["kmel_outputs"].append(str(path))
+            continue
+        entry = report["files"][str(path.relative_to(data_dir))] = {"kind": parsed.kind, "rows": int(len(frame))}
+        entry.update(_how_read(parsed.table))
+        if role == "duplicates":
             dup_pairs.append(frame)
-        elif kind.endswith("_meta"):
-            if kind != "isic2019_test_meta":
-                metas.append(frame)
-        else:
+        elif role == "meta":
+            metas.append(frame)
+        elif role == "labels":
+            lost = _rows_lost(parsed.table, frame)
+            if lost:
+                entry["rows_lost"] = lost
             labels.append(frame)
     if not labels:
         return pd.DataFrame(columns=STANDARD_COLUMNS), report
     table = pd.concat(labels, ignore_index=True)
+    if COL_DROP_REASON not in table:
+        table[COL_DROP_REASON] = np.nan
     for col in (C.COL_MALIGNANT, C.COL_MELANOMA, C.COL_KERATOSIS):
         table[col] = pd.to_numeric(table[col], errors="coerce")
     table[C.COL_IMAGE_ID] = table[C.COL_IMAGE_ID].astype(str).str.strip()
@@ -248,6 +635,9 @@ def load_metadata(
             report["dropped"][reason] = report["dropped"].get(reason, 0) + n
             table = table[~mask].reset_index(drop=True)
 
+    for reason in sorted(table[COL_DROP_REASON].dropna().unique()):
+        drop(table[COL_DROP_REASON] == reason, reason)
+    table = table.drop(columns=COL_DROP_REASON)
     drop(table[C.COL_MALIGNANT].isna(), "no usable label (empty, NaN or unknown value)")
     # Conflicting labels for one image (between sources, or twice in one file), found before any
     # copy is dropped, so a label that disagrees with the kept copy's still counts.
@@ -314,6 +704,8 @@ def load_metadata(
     drop(table.duplicated("base_id", keep="first"), "same image in several sources (newest kept)")
     table = table.drop(columns="_priority").sort_values(C.COL_IMAGE_ID, kind="stable").reset_index(drop=True)
     table[C.COL_FITZPATRICK] = pd.to_numeric(table[C.COL_FITZPATRICK], errors="coerce").fillna(-1).astype(int)
+    banded = table[C.COL_FITZPATRICK].map({1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"})
+    table[COL_FITZPATRICK_GROUP] = table[COL_FITZPATRICK_GROUP].where(table[COL_FITZPATRICK_GROUP].notna(), banded)
     table[C.COL_YEAR] = table[C.COL_YEAR].astype(int)
     report["rows_per_source"] = {k: int(v) for k, v in table[C.COL_SOURCE].value_counts().sort_index().items()}
     report["malignant_per_source"] = {
