@@ -776,8 +776,14 @@ def apply_task(table: pd.DataFrame, task: str) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def split_table(table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+def split_table(
+    table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
+    eval_only_sources: Sequence[str] = EVAL_ONLY_SOURCES,
+) -> pd.DataFrame:
     """Add ``split``: no patient (or HAM10000 lesion) in two splits; strata of (target, skin tone).
+
+    Rows of ``eval_only_sources`` (DDI's clinical photographs by default) all go to ``test`` and never
+    to train or val; pass ``()`` to split them like the rest.
 
     Groups are a patient id, else a lesion id, else the image itself. Groups are ordered by
     stratum and a seeded random key, and the k-th group goes to test / val / train by a golden-ratio
@@ -785,6 +791,10 @@ def split_table(table: pd.DataFrame, val_fraction: float, test_fraction: float, 
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
+    held_out = table[C.COL_SOURCE].isin(list(eval_only_sources)) if C.COL_SOURCE in table else None
+    if held_out is not None and held_out.any():
+        rest = split_table(table[~held_out], val_fraction, test_fraction, seed, eval_only_sources=())
+        return pd.concat([rest, table[held_out].assign(**{C.COL_SPLIT: "test"})]).loc[table.index]
     out = table.copy()
     patient = out[C.COL_PATIENT].fillna("").astype(str) if C.COL_PATIENT in out else pd.Series("", index=out.index)
     lesion = out[C.COL_LESION].fillna("").astype(str) if C.COL_LESION in out else pd.Series("", index=out.index)

@@ -116,3 +116,140 @@ def test_near_miss_header_says_which_format_it_resembles(tmp_path):
     assert "unexpected ['anatom_site']" in notes["a.csv"]
     assert "resembles isic2017 " in notes["b.csv"] and "another letter case" in notes["b.csv"]
     assert notes["c.csv"] == str(tmp_path / "c.csv")
+
+
+# === ISIC Archive exports ===
+
+
+def test_archive_export_current_schema(tmp_path):
+    (tmp_path / "metadata.csv").write_text(ARCHIVE_CSV)  # the name isic-cli gives it
+    table, report = load_metadata(tmp_path)
+    assert report["files"]["metadata.csv"]["kind"] == "isic_archive"
+    rows = table.set_index(C.COL_IMAGE_ID)
+    assert sorted(rows.index) == ["ISIC_0000001", "ISIC_0000002", "ISIC_0000005"]
+    assert rows.loc["ISIC_0000001", [C.COL_DIAGNOSIS, C.COL_MALIGNANT, C.COL_MELANOMA]].tolist() == ["NV", 0, 0]
+    assert rows.loc["ISIC_0000002", [C.COL_DIAGNOSIS, C.COL_MALIGNANT, C.COL_MELANOMA]].tolist() == ["MEL", 1, 1]
+    assert rows.loc["ISIC_0000005", C.COL_DIAGNOSIS] == "SK" and rows.loc["ISIC_0000005", C.COL_KERATOSIS] == 1
+    assert rows[C.COL_FITZPATRICK].tolist() == [2, 5, -1]
+    assert rows["fitzpatrick_group"].tolist()[:2] == ["I-II", "V-VI"]
+    assert rows.loc["ISIC_0000002", [C.COL_PATIENT, C.COL_LESION, C.COL_SEX, C.COL_SITE]].tolist() == [
+        "IP_0000002", "IL_0000002", "female", "head/neck"]
+    assert rows.loc["ISIC_0000002", C.COL_AGE] == 70
+    assert set(rows[C.COL_SOURCE]) == {"isic_archive"}
+    # Indeterminate and the clinical close-up: dropped and counted, in the totals and for the file.
+    assert report["dropped"] == {"indeterminate diagnosis (ISIC archive)": 1,
+                                 "not dermoscopic (ISIC archive image_type)": 1}
+    assert report["files"]["metadata.csv"]["rows_lost"] == report["dropped"]
+
+
+def test_archive_export_older_schema(tmp_path):
+    (tmp_path / "metadata.csv").write_text(ARCHIVE_OLD_CSV)
+    table, report = load_metadata(tmp_path)
+    assert dict(zip(table[C.COL_IMAGE_ID], table[C.COL_MALIGNANT])) == {"ISIC_0000010": 0, "ISIC_0000011": 1}
+    assert list(table[C.COL_DIAGNOSIS]) == ["NV", "MEL"]
+    assert report["dropped"] == {"indeterminate diagnosis (ISIC archive)": 1}
+
+
+def test_archive_image_also_in_a_challenge_csv_is_one_image(tmp_path):
+    (tmp_path / "metadata.csv").write_text(ARCHIVE_CSV)
+    (tmp_path / "ISIC_2019_Training_GroundTruth.csv").write_text(
+        FIXTURES["isic2019"].splitlines()[0] + "\nISIC_0000001,0.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n"
+        "ISIC_0000099,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n")
+    table, report = load_metadata(tmp_path)
+    assert table["base_id"].is_unique
+    assert sorted(table[C.COL_IMAGE_ID]) == ["ISIC_0000001", "ISIC_0000002", "ISIC_0000005", "ISIC_0000099"]
+    # The archive's row (newer, with patient and Fitzpatrick type) is the one kept.
+    assert table.set_index(C.COL_IMAGE_ID).loc["ISIC_0000001", C.COL_SOURCE] == "isic_archive"
+    assert report["dropped"]["same image in several sources (newest kept)"] == 1
+
+
+def test_kmel_outputs_recognised_by_content_or_folder_not_by_name(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.csv").write_text(ARCHIVE_CSV)  # isic-cli's name: read
+    # kmel's outputs copied anywhere under another name: known by their columns.
+    (data / "scores.csv").write_text(FIXTURES["kmel_predict"])
+    (data / "old_metadata.csv").write_text(FIXTURES["kmel_records_metadata"])
+    (data / "gone.csv").write_text(FIXTURES["kmel_skipped"])
+    # A records folder inside the data folder: everything in it is kmel's, whatever the columns.
+    records = data / "tfrecords"
+    records.mkdir()
+    (records / C.MANIFEST).write_text('{"kmel_version": "0.1"}')
+    (records / "metadata.csv").write_text("image_id,label\nX,malignant\n")
+    # A user's truth.csv is labels (image,target), read as such.
+    (data / "truth.csv").write_text("image,target\nmine_1,1\n")
+    table, report = load_metadata(data)
+    assert sorted(report["files"]) == ["metadata.csv", "truth.csv"]
+    assert sorted(Path(p).name for p in report["kmel_outputs"]) == ["gone.csv", "metadata.csv", "old_metadata.csv",
+                                                                   "scores.csv"]
+    assert report["unrecognised_files"] == []
+    assert "X" not in set(table[C.COL_IMAGE_ID]) and "mine_1" in set(table[C.COL_IMAGE_ID])
+
+
+# === A table with a few bad lines keeps its good rows ===
+
+LABELS_13 = ["image_id,label"] + [f"mole_{i:02d},{'malignant' if i % 4 == 0 else 'benign'}" for i in range(13)]
+
+
+def _write_lines(path: Path, lines: list[str], encoding: str = "utf-8", newline: str = "\n") -> None:
+    path.write_bytes(newline.join(lines).encode(encoding) + newline.encode())
+
+
+def test_latin1_byte_is_decoded_and_said(tmp_path):
+    lines = list(LABELS_13)
+    lines[3] = "mole_02,bénin"  # a French spreadsheet's label: not a usable label, but not a reason to lose the file
+    _write_lines(tmp_path / "labels.csv", lines, encoding="latin-1")
+    table, report = load_metadata(tmp_path)
+    entry = report["files"]["labels.csv"]
+    assert entry["encoding"].startswith("cp1252")
+    assert len(table) == 12
+    assert entry["rows_lost"] == {"no usable label (empty, NaN or unknown value)": 1}
+
+
+def test_ragged_and_unterminated_lines_are_skipped_with_their_line_numbers(tmp_path):
+    lines = list(LABELS_13)
+    lines[5] = "mole_04,malignant,extra,columns"  # line 6
+    lines[9] = 'mole_08,"malignant'  # line 10: quote never closed
+    _write_lines(tmp_path / "labels.csv", lines, newline="\r\n")
+    table, report = load_metadata(tmp_path)
+    entry = report["files"]["labels.csv"]
+    assert entry["bad_lines"] == [{"line": 6, "reason": "4 fields, header has 2"},
+                                  {"line": 10, "reason": "quote not closed"}]
+    assert entry["rows_lost"] == {"unreadable line": 2}
+    assert len(table) == 11 and not {"mole_04", "mole_08"} & set(table[C.COL_IMAGE_ID])
+    assert "mole_09" in set(table[C.COL_IMAGE_ID])  # the line after the open quote is read on its own
+
+
+def test_quoted_field_with_a_line_break_is_one_record(tmp_path):
+    (tmp_path / "labels.csv").write_text('image_id,label\n"mole\n_1",benign\nmole_2,malignant\n')
+    parsed = read_csv_table(tmp_path / "labels.csv")
+    assert parsed.bad_lines == [] and list(parsed.rows["image_id"]) == ["mole\n_1", "mole_2"]
+
+
+@pytest.mark.parametrize("delimiter, name", [(";", ";"), ("\t", "tab")])
+def test_semicolon_and_tab_separated_exports(tmp_path, delimiter, name):
+    _write_lines(tmp_path / "labels.csv", [line.replace(",", delimiter) for line in LABELS_13], encoding="cp1252")
+    table, report = load_metadata(tmp_path)
+    assert len(table) == 13 and int(table[C.COL_MALIGNANT].sum()) == 4
+    assert report["files"]["labels.csv"]["delimiter"] == name
+    assert "rows_lost" not in report["files"]["labels.csv"]
+
+
+# === DDI: evaluation only ===
+
+
+def test_ddi_read_with_fitzpatrick_bands_and_kept_out_of_training(tmp_path):
+    (tmp_path / "ddi_metadata.csv").write_text(DDI_CSV)
+    (tmp_path / "labels.csv").write_text("\n".join(LABELS_13) + "\n")
+    table, report = load_metadata(tmp_path)
+    assert report["files"]["ddi_metadata.csv"]["kind"] == "ddi"
+    ddi = table[table[C.COL_SOURCE] == "ddi"].set_index(C.COL_IMAGE_ID)
+    assert list(ddi.index) == ["000001", "000002", "000003"]  # the file stem, as images are found
+    assert ddi[C.COL_MALIGNANT].tolist() == [1, 0, 0] and ddi[C.COL_MELANOMA].tolist() == [1, 0, 0]
+    assert ddi["fitzpatrick_group"].tolist() == ["V-VI", "I-II", "III-IV"]
+    labelled = table.assign(**{C.COL_TARGET: table[C.COL_MALIGNANT].astype(int), C.COL_SKIN_TONE: 0})
+    split = split_table(labelled, 0.3, 0.3, seed=0)
+    assert set(split.loc[split[C.COL_SOURCE] == "ddi", C.COL_SPLIT]) == {"test"}
+    assert set(split.loc[split[C.COL_SOURCE] == "custom", C.COL_SPLIT]) == {"train", "val", "test"}
+    asked = split_table(labelled, 0.3, 0.3, seed=0, eval_only_sources=())
+    assert len(asked) == len(labelled) and list(asked.index) == list(labelled.index)
