@@ -70,33 +70,86 @@ def predict_records(
     return pd.concat(frames, ignore_index=True)
 
 
+# Subgroups reported beside skin tone: report grouping -> column of the table (from records' metadata.csv).
+SUBGROUP_COLUMNS = {"fitzpatrick": "fitzpatrick_group", "sex": C.COL_SEX, "age_band": C.COL_AGE,
+                    "anatomic_site": C.COL_SITE, "source": C.COL_SOURCE}
+
+
+def report_groups(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Groupings for the report: estimated skin tone and ITA, then every subgroup column the table has.
+
+    Missing values are ``unknown``; a grouping with no known value at all is left out.
+    """
+    from kmel.fairness import UNKNOWN, age_bands
+
+    groups = {"skin_tone": table[C.COL_SKIN_TONE_NAME].astype(str).to_numpy()}
+    if "ita_category_name" in table:
+        groups["ita_category"] = table["ita_category_name"].astype(str).to_numpy()
+    for grouping, column in SUBGROUP_COLUMNS.items():
+        if column not in table:
+            continue
+        if grouping == "age_band":
+            values = age_bands(pd.to_numeric(table[column], errors="coerce"))
+        else:
+            text = table[column].astype(object).where(table[column].notna(), "").astype(str).str.strip()
+            if grouping != "fitzpatrick":  # bands are I-II .. V-VI; free-text columns vary in case
+                text = text.str.lower()
+            values = text.where(~text.isin(["", "nan", "none", "None"]), UNKNOWN).to_numpy().astype(str)
+        if (values != UNKNOWN).any():
+            groups[grouping] = values
+    return groups
+
+
+def with_record_metadata(table: pd.DataFrame, records_dir: str | Path) -> pd.DataFrame:
+    """Add sex, age, site and Fitzpatrick band from build-records' metadata.csv (in ``records_dir`` or its parent)."""
+    for folder in (Path(records_dir), Path(records_dir).parent):
+        path = folder / C.METADATA_CSV
+        if path.is_file():
+            meta = pd.read_csv(path, dtype={C.COL_IMAGE_ID: str}, low_memory=False)
+            wanted = [c for c in SUBGROUP_COLUMNS.values() if c in meta and c not in table and c != C.COL_SOURCE]
+            if wanted:
+                meta = meta.drop_duplicates(C.COL_IMAGE_ID).set_index(C.COL_IMAGE_ID)[wanted]
+                return table.join(meta, on=C.COL_IMAGE_ID)
+            break
+    return table
+
+
 def report_from_table(
-    table: pd.DataFrame, threshold: float, out_dir: str | Path, config: Config, meta: Mapping[str, Any]
+    table: pd.DataFrame, threshold: float, out_dir: str | Path, config: Config, meta: Mapping[str, Any],
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """Write predictions.csv and the report for a scored, labelled table."""
+    """Write predictions.csv and the report for a scored, labelled table.
+
+    With a ``temperature`` other than 1 the table's ``probability`` is the model's own: it is kept as
+    ``probability_uncalibrated`` and replaced by the calibrated one, the scale ``threshold`` is on.
+    """
+    from kmel.fairness import apply_temperature
     from kmel.report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = table.copy()
+    raw = table["probability"].to_numpy(dtype=np.float64)
+    if temperature != 1.0:
+        table["probability_uncalibrated"] = raw
+        table["probability"] = apply_temperature(raw, temperature)
     table["prediction"] = (table["probability"] >= threshold).astype(int)
     table.to_csv(out_dir / "predictions.csv", index=False)
-    groups = {"skin_tone": table[C.COL_SKIN_TONE_NAME].to_numpy()}
-    if "ita_category_name" in table:
-        groups["ita_category"] = table["ita_category_name"].to_numpy()
     return write_report(
-        out_dir, table[C.COL_TARGET].to_numpy(), table["probability"].to_numpy(), threshold, groups,
-        meta=dict(meta), n_bootstrap=config.classifier.bootstrap, seed=config.classifier.seed,
+        out_dir, table[C.COL_TARGET].to_numpy(), table["probability"].to_numpy(), threshold, report_groups(table),
+        meta={**dict(meta), "temperature": temperature}, n_bootstrap=config.classifier.bootstrap,
+        seed=config.classifier.seed, raw_scores=raw, temperature=temperature,
     )
 
 
 def write_split_report(
     model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int, threshold: float,
-    out_dir: str | Path, meta: Mapping[str, Any] | None = None, progress: bool = False,
+    out_dir: str | Path, meta: Mapping[str, Any] | None = None, progress: bool = False, temperature: float = 1.0,
 ) -> dict[str, Any]:
-    table = predict_records(model, records_dir, split, config, batch_size, progress)
+    """Score ``split`` and write its report; ``threshold`` applies to probabilities after ``temperature``."""
+    table = with_record_metadata(predict_records(model, records_dir, split, config, batch_size, progress), records_dir)
     meta = {"split": split, "records": str(records_dir), "n": len(table), **(meta or {})}
-    return report_from_table(table, threshold, out_dir, config, meta)
+    return report_from_table(table, threshold, out_dir, config, meta, temperature=temperature)
 
 
 def evaluate_exported(
@@ -116,9 +169,11 @@ def evaluate_exported(
     crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline)
     model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
     threshold = float(pipeline["classifier"]["threshold"])
+    # The threshold in pipeline.json is on the calibrated scale when a temperature is stored with it.
+    temperature = float(pipeline["classifier"].get("temperature", 1.0))
     return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
                               meta={"threshold_from": "pipeline.json (chosen on val)", "models": str(models_dir)},
-                              progress=progress)
+                              progress=progress, temperature=temperature)
 
 
 def evaluate_predictions(

@@ -1,14 +1,18 @@
-"""Decision threshold choice and per-skin-tone fairness (fairlearn ``MetricFrame``).
+"""Decision threshold choice, calibration and per-group fairness (fairlearn ``MetricFrame``).
 
 The threshold rule everywhere is ``prediction = score >= threshold``. It must be chosen on the
 validation split and reported on the test split: a threshold tuned on the data it is reported on
-flatters every number (the reference pipeline did that).
+flatters every number (the reference pipeline did that). Groups are the estimated skin tone and,
+where known, the annotated Fitzpatrick type, sex, age band, anatomic site and source archive; a
+group named ``unknown`` is shown but left out of gaps, and a gap between groups smaller than
+``min_group_size`` is shown but not ranked.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import warnings
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
@@ -16,6 +20,11 @@ from sklearn import metrics as skm
 
 THRESHOLD_METHODS = ("f1_group_floor", "f1", "youden", "sensitivity")
 BOOTSTRAP_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
+GAP_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "selection_rate", "auc")
+UNKNOWN = "unknown"
+MIN_GROUP_SIZE = 30
+FITZPATRICK_BANDS = ("I-II", "III-IV", "V-VI")
+AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 200, "75+"))
 
 
 def _clean(value: Any) -> Any:
@@ -155,6 +164,21 @@ def _point_metrics(y: np.ndarray, s: np.ndarray, p: np.ndarray) -> dict[str, flo
 
 def _bootstrap(y: np.ndarray, s: np.ndarray, p: np.ndarray, n_boot: int, rng: np.random.Generator) -> dict:
     """95% percentile intervals; resampling rows of one group (or of everything) with replacement."""
+    return _intervals(_bootstrap_samples(y, s, p, n_boot, rng))
+
+
+def _intervals(samples: Mapping[str, np.ndarray]) -> dict:
+    out = {}
+    for name, v in samples.items():
+        v = v[~np.isnan(v)]
+        out[name] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v.size else None
+    return out
+
+
+def _bootstrap_samples(
+    y: np.ndarray, s: np.ndarray, p: np.ndarray, n_boot: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Each metric on ``n_boot`` resamples (AUC on the first 200); NaN where undefined."""
     if n_boot <= 0 or len(y) == 0:
         return {}
     idx = rng.integers(0, len(y), size=(n_boot, len(y)))
@@ -173,11 +197,7 @@ def _bootstrap(y: np.ndarray, s: np.ndarray, p: np.ndarray, n_boot: int, rng: np
     for row in idx[: min(n_boot, 200)]:  # AUC needs a sort per resample: 200 are plenty for an interval
         auc.append(_auc(y[row], s[row]))
     values["auc"] = np.asarray(auc)
-    out = {}
-    for name, v in values.items():
-        v = v[~np.isnan(v)]
-        out[name] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v.size else None
-    return out
+    return values
 
 
 def _ordered(names: Any) -> list[str]:
@@ -185,16 +205,53 @@ def _ordered(names: Any) -> list[str]:
     from kmel.constants import ITA_CATEGORIES, SKIN_TONE_GROUPS
 
     names = [str(n) for n in names]
-    for scale in (SKIN_TONE_GROUPS, ITA_CATEGORIES):
-        if set(names) <= set(scale):
-            return sorted(names, key=scale.index)
-    return sorted(names)
+    for scale in (SKIN_TONE_GROUPS, ITA_CATEGORIES, FITZPATRICK_BANDS, tuple(b[2] for b in AGE_BANDS)):
+        if set(names) - {UNKNOWN} <= set(scale):
+            return sorted(names, key=lambda n: scale.index(n) if n in scale else len(scale))
+    return sorted(names, key=lambda n: (n == UNKNOWN, n))
+
+
+def age_bands(age: Any) -> np.ndarray:
+    """Ages in years as bands (<30, 30-44, 45-59, 60-74, 75+), ``unknown`` where missing."""
+    a = np.asarray(age, dtype=np.float64).reshape(-1)
+    out = np.full(a.shape, UNKNOWN, dtype=object)
+    for lo, hi, name in AGE_BANDS:
+        out[(a >= lo) & (a < hi)] = name
+    return out.astype(str)
+
+
+def _gaps(per_group: Mapping[str, Any], samples: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """Max–min gap per metric over ``per_group`` (no ``unknown``), with a bootstrap interval of the gap."""
+    gaps = {}
+    for metric in GAP_METRICS:
+        defined = {n: r[metric] for n, r in per_group.items()
+                   if n != UNKNOWN and r[metric] is not None and not np.isnan(r[metric])}
+        if len(defined) < 2:
+            continue
+        low, high = min(defined, key=defined.get), max(defined, key=defined.get)
+        gap = {"max_minus_min": defined[high] - defined[low],
+               "min_over_max": defined[low] / defined[high] if defined[high] > 0 else None,
+               "lowest": low, "highest": high}
+        draws = [samples[n][metric] for n in defined if metric in samples.get(n, {})]
+        if len(draws) == len(defined):
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a resample where every group is NaN
+                stacked = np.vstack(draws)
+                spread = np.nanmax(stacked, 0) - np.nanmin(stacked, 0)
+            gap["ci95"] = _intervals({"g": spread})["g"]
+        gaps[metric] = gap
+    return gaps
 
 
 def fairness_report(
     y_true: Any, scores: Any, threshold: float, groups: Mapping[str, Any], n_bootstrap: int = 1000, seed: int = 0,
+    min_group_size: int = MIN_GROUP_SIZE,
 ) -> dict[str, Any]:
-    """Per-group metrics, gaps, equalized-odds and parity differences, bootstrap intervals, per grouping."""
+    """Per-group metrics, gaps, equalized-odds and parity differences, bootstrap intervals, per grouping.
+
+    ``gaps`` are over every named group (``unknown`` excluded) and shown; ``ranked_gaps`` only over groups of
+    at least ``min_group_size`` images, the ones :func:`rank_gaps` compares across groupings.
+    """
     y = np.asarray(y_true).astype(int).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     p = (s >= threshold).astype(int)
@@ -214,6 +271,7 @@ def fairness_report(
         frame = MetricFrame(metrics=metric_fns, y_true=y, y_pred=p, sensitive_features=g)
         by_group = frame.by_group
         per_group: dict[str, Any] = {}
+        samples: dict[str, dict[str, np.ndarray]] = {}
         for name in _ordered(by_group.index):
             sel = g == name
             row = {k: by_group.loc[name, k] for k in metric_fns}
@@ -222,20 +280,119 @@ def fairness_report(
             fp = float(((p[sel] == 1) & (y[sel] == 0)).sum())
             row["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
             row["auc"] = _auc(y[sel], s[sel])
-            row["ci95"] = _bootstrap(y[sel], s[sel], p[sel], n_bootstrap, rng)
+            samples[str(name)] = _bootstrap_samples(y[sel], s[sel], p[sel], n_bootstrap, rng)
+            row["ci95"] = _intervals(samples[str(name)])
+            row["small"] = row["n"] < min_group_size
             per_group[str(name)] = row
-        gaps = {}
-        for metric in ("accuracy", "recall", "precision", "f1", "specificity", "selection_rate", "auc"):
-            defined = [r[metric] for r in per_group.values() if r[metric] is not None and not np.isnan(r[metric])]
-            if len(defined) >= 2:
-                gaps[metric] = {"max_minus_min": max(defined) - min(defined),
-                                "min_over_max": min(defined) / max(defined) if max(defined) > 0 else None}
+        big = {n: r for n, r in per_group.items() if not r["small"]}
         two_classes = len(np.unique(y)) == 2
         out[grouping] = {
             "groups": per_group,
-            "gaps": gaps,
+            "gaps": _gaps(per_group, samples),
+            "ranked_gaps": _gaps(big, samples),
+            "min_group_size": min_group_size,
             "equalized_odds_difference": float(equalized_odds_difference(y, p, sensitive_features=g))
             if two_classes else None,
             "demographic_parity_difference": float(demographic_parity_difference(y, p, sensitive_features=g)),
         }
     return _clean(out)
+
+
+def rank_gaps(fairness: Mapping[str, Any], metrics: Sequence[str] = ("recall", "accuracy", "auc")) -> list[dict]:
+    """Every grouping's ranked gap for ``metrics``, largest first (groups under the minimum size left out)."""
+    rows = []
+    for grouping, data in fairness.items():
+        if grouping == "overall":
+            continue
+        for metric in metrics:
+            gap = data.get("ranked_gaps", {}).get(metric)
+            if gap:
+                rows.append({"grouping": grouping, "metric": metric, **gap})
+    return sorted(rows, key=lambda r: -r["max_minus_min"])
+
+
+# === Calibration ===
+
+
+def expected_calibration_error(y_true: Any, probabilities: Any, n_bins: int = 10) -> float | None:
+    """ECE: the bin-size-weighted mean |observed positive fraction − mean probability| over equal-width bins."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        return None
+    which = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        sel = which == b
+        total += sel.sum() * abs(y[sel].mean() - p[sel].mean())
+    return float(total / y.size)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(probabilities: Any, temperature: float) -> np.ndarray:
+    """sigmoid(logit(p) / T): T > 1 softens over-confident scores; monotone, so rankings and AUC are unchanged."""
+    z = _logit(np.asarray(probabilities, dtype=np.float64)) / float(temperature)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def fit_temperature(y_true: Any, probabilities: Any) -> float:
+    """The temperature that minimises the log loss of ``probabilities`` on (validation) labels."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    z = _logit(np.asarray(probabilities).reshape(-1))
+    if y.size == 0 or len(np.unique(y)) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        zt = z / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, zt) - y * zt))
+
+    best = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-5})
+    return float(np.exp(best.x))
+
+
+def calibration_report(
+    y_true: Any, raw: Any, calibrated: Any, groups: Mapping[str, Any], temperature: float, n_bins: int = 10,
+) -> dict[str, Any]:
+    """ECE before and after temperature scaling, overall and per group of each grouping."""
+    y = np.asarray(y_true).reshape(-1)
+    raw, cal = np.asarray(raw, np.float64).reshape(-1), np.asarray(calibrated, np.float64).reshape(-1)
+    out: dict[str, Any] = {"temperature": temperature, "n_bins": n_bins,
+                           "overall": {"ece_before": expected_calibration_error(y, raw, n_bins),
+                                       "ece_after": expected_calibration_error(y, cal, n_bins), "n": int(y.size)}}
+    for grouping, values in groups.items():
+        g = np.asarray(values).astype(str).reshape(-1)
+        out[grouping] = {str(name): {"ece_before": expected_calibration_error(y[g == name], raw[g == name], n_bins),
+                                     "ece_after": expected_calibration_error(y[g == name], cal[g == name], n_bins),
+                                     "n": int((g == name).sum())} for name in _ordered(np.unique(g))}
+    return _clean(out)
+
+
+# === Estimated skin tone against the annotation ===
+
+
+def tone_agreement(annotated: Any, estimated: Any, estimated_scale: Sequence[str]) -> dict[str, Any] | None:
+    """How an estimated tone scale agrees with annotated Fitzpatrick bands, on rows where both are known.
+
+    Returns the confusion table (annotation → estimate → count) and Spearman's ρ between the band's rank
+    and the estimate's rank on ``estimated_scale`` (lightest first); None when nothing is annotated.
+    """
+    from scipy.stats import spearmanr
+
+    a = np.asarray(annotated).astype(str).reshape(-1)
+    e = np.asarray(estimated).astype(str).reshape(-1)
+    known = np.isin(a, FITZPATRICK_BANDS) & np.isin(e, list(estimated_scale))
+    if not known.any():
+        return None
+    a, e = a[known], e[known]
+    table = {band: {name: int(((a == band) & (e == name)).sum()) for name in estimated_scale}
+             for band in FITZPATRICK_BANDS}
+    rank_a = np.array([FITZPATRICK_BANDS.index(v) for v in a])
+    rank_e = np.array([list(estimated_scale).index(v) for v in e])
+    rho = spearmanr(rank_a, rank_e).statistic if len(np.unique(rank_a)) > 1 and len(np.unique(rank_e)) > 1 else None
+    return _clean({"n": int(known.sum()), "spearman_rho": rho, "confusion": table})

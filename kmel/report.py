@@ -13,7 +13,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from kmel.fairness import _clean, fairness_report, summary_metrics  # noqa: E402
+from kmel.constants import ITA_CATEGORIES, SKIN_TONE_GROUPS  # noqa: E402
+from kmel.fairness import (  # noqa: E402
+    MIN_GROUP_SIZE,
+    _clean,
+    calibration_report,
+    fairness_report,
+    rank_gaps,
+    summary_metrics,
+    tone_agreement,
+)
+
+# Groupings with an estimated tone, compared with the annotated Fitzpatrick band where both exist.
+ESTIMATED_SCALES = {"skin_tone": SKIN_TONE_GROUPS, "ita_category": ITA_CATEGORIES}
+ANNOTATED = "fitzpatrick"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -46,13 +59,44 @@ def _markdown(report: Mapping[str, Any], title: str) -> str:
                   "| group | n | positives | accuracy [95% CI] | recall [95% CI] | precision [95% CI] | F1 | AUC | "
                   "selection rate |", "|---|---|---|---|---|---|---|---|---|"]
         for name, row in data["groups"].items():
-            lines.append(f"| {name} | {row['n']} | {row['n_positive']} | {_ci(row, 'accuracy')} | "
+            small = " \\*" if row.get("small") else ""
+            lines.append(f"| {name}{small} | {row['n']} | {row['n_positive']} | {_ci(row, 'accuracy')} | "
                          f"{_ci(row, 'recall')} | {_ci(row, 'precision')} | {_fmt(row['f1'])} | "
                          f"{_fmt(row['auc'])} | {_fmt(row['selection_rate'])} |")
-        gaps = data["gaps"]
-        lines += ["", "Max–min gaps: " + ", ".join(f"{k} {_fmt(v['max_minus_min'])}" for k, v in gaps.items()) + ".",
+        lines += ["", "Max–min gaps: " + ", ".join(_gap(k, v) for k, v in data["gaps"].items()) + ".",
                   f"Equalized-odds difference {_fmt(data['equalized_odds_difference'])}, "
                   f"demographic-parity difference {_fmt(data['demographic_parity_difference'])}."]
+        if any(row.get("small") for row in data["groups"].values()):
+            lines.append(f"\\* fewer than {data['min_group_size']} images: in the gaps above, not in the ranking below.")
+    ranking = report.get("gap_ranking") or []
+    if ranking:
+        lines += ["", "## Largest gaps", "", "Groups of at least "
+                  f"{meta.get('min_group_size', MIN_GROUP_SIZE)} images only; `unknown` never counts.", "",
+                  "| grouping | metric | gap [95% CI] | lowest | highest |", "|---|---|---|---|---|"]
+        for row in ranking[:10]:
+            lines.append(f"| {row['grouping']} | {row['metric']} | {_gap_ci(row)} | {row['lowest']} | {row['highest']} |")
+    calibration = report.get("calibration")
+    if calibration:
+        o = calibration["overall"]
+        lines += ["", "## Calibration", "",
+                  f"Temperature {_fmt(calibration['temperature'])} (fitted on the validation split; 1 = none). "
+                  f"Expected calibration error ({calibration['n_bins']} bins): {_fmt(o['ece_before'])} before, "
+                  f"{_fmt(o['ece_after'])} after.", "", "| grouping | group | n | ECE before | ECE after |",
+                  "|---|---|---|---|---|"]
+        for grouping, rows in calibration.items():
+            if isinstance(rows, dict) and grouping != "overall":
+                for name, row in rows.items():
+                    lines.append(f"| {grouping} | {name} | {row['n']} | {_fmt(row['ece_before'])} | "
+                                 f"{_fmt(row['ece_after'])} |")
+    for estimate, agreement in (report.get("tone_agreement") or {}).items():
+        if not agreement:
+            continue
+        scale = list(next(iter(agreement["confusion"].values())))
+        lines += ["", f"## Estimated {estimate.replace('_', ' ')} vs annotated Fitzpatrick type", "",
+                  f"{agreement['n']} images with both; Spearman ρ {_fmt(agreement['spearman_rho'])}.", "",
+                  "| Fitzpatrick | " + " | ".join(scale) + " |", "|---|" + "---|" * len(scale)]
+        for band, counts in agreement["confusion"].items():
+            lines.append(f"| {band} | " + " | ".join(str(counts[n]) for n in scale) + " |")
     lines += ["", "## How to read this", "",
               "- The threshold was chosen on the validation split; the numbers above are for the split named at "
               "the top, so they are not tuned on the data they describe (when that split is `test`).",
@@ -61,8 +105,22 @@ def _markdown(report: Mapping[str, Any], title: str) -> str:
               "- Intervals are 95% percentile bootstraps within each group. A small group, or one with few "
               "positives, has wide intervals: a gap smaller than the intervals is not evidence of a difference.",
               "- `–` marks a metric that is undefined for a group (for example recall with no positives, AUC with "
-              "one class)."]
+              "one class).",
+              "- `fitzpatrick` groups are annotated Fitzpatrick types (Fitzpatrick17k, ISIC Archive, DDI) in three "
+              "bands; images without an annotation are `unknown`. The agreement tables show how far the estimated "
+              "tone is from them.",
+              "- Calibration: a probability of 0.3 should be malignant about 30% of the time; the ECE is the average "
+              "distance from that, and the threshold is on the calibrated scale."]
     return "\n".join(lines) + "\n"
+
+
+def _gap(metric: str, gap: Mapping[str, Any]) -> str:
+    return f"{metric} {_gap_ci(gap)}"
+
+
+def _gap_ci(gap: Mapping[str, Any]) -> str:
+    ci = gap.get("ci95")
+    return f"{_fmt(gap['max_minus_min'])} [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]" if ci else _fmt(gap["max_minus_min"])
 
 
 def _plots(out_dir: Path, y: np.ndarray, s: np.ndarray, threshold: float, groups: Mapping[str, np.ndarray],
@@ -138,15 +196,27 @@ def _plots(out_dir: Path, y: np.ndarray, s: np.ndarray, threshold: float, groups
 def write_report(
     out_dir: str | Path, y_true: Any, scores: Any, threshold: float, groups: Mapping[str, Any],
     meta: Mapping[str, Any] | None = None, n_bootstrap: int = 1000, seed: int = 0, title: str = "kmel report",
+    raw_scores: Any = None, temperature: float = 1.0, min_group_size: int = MIN_GROUP_SIZE,
 ) -> dict[str, Any]:
-    """Write report.json, report.md, roc.png, pr.png, groups.png, calibration.png; return the report."""
+    """Write report.json, report.md, roc.png, pr.png, groups.png, calibration.png; return the report.
+
+    ``scores`` are the calibrated probabilities the threshold applies to; ``raw_scores`` the model's own
+    (before ``temperature``), for the calibration section. A ``fitzpatrick`` grouping (annotated bands)
+    is also compared with the estimated ``skin_tone`` / ``ita_category`` groupings.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     y = np.asarray(y_true).astype(int).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     groups = {k: np.asarray(v).astype(str).reshape(-1) for k, v in groups.items()}
-    fairness = fairness_report(y, s, threshold, groups, n_bootstrap, seed)
-    report = {"meta": dict(meta or {}), "summary": summary_metrics(y, s, threshold), "fairness": fairness}
+    fairness = fairness_report(y, s, threshold, groups, n_bootstrap, seed, min_group_size)
+    raw = s if raw_scores is None else np.asarray(raw_scores, dtype=np.float64).reshape(-1)
+    report = {"meta": {**dict(meta or {}), "min_group_size": min_group_size},
+              "summary": summary_metrics(y, s, threshold), "fairness": fairness, "gap_ranking": rank_gaps(fairness),
+              "calibration": calibration_report(y, raw, s, groups, temperature)}
+    if ANNOTATED in groups:
+        report["tone_agreement"] = {name: tone_agreement(groups[ANNOTATED], groups[name], scale)
+                                    for name, scale in ESTIMATED_SCALES.items() if name in groups}
     report["meta"]["plot_notes"] = _plots(out_dir, y, s, threshold, groups, fairness)
     report = _clean(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))

@@ -5,9 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from kmel.fairness import choose_threshold, fairness_report, summary_metrics
+from kmel import constants as C
+from kmel.fairness import (
+    age_bands,
+    apply_temperature,
+    choose_threshold,
+    expected_calibration_error,
+    fairness_report,
+    fit_temperature,
+    rank_gaps,
+    summary_metrics,
+    tone_agreement,
+)
 
 
 def test_f1_threshold_known_optimum():
@@ -102,20 +114,138 @@ def test_summary_metrics_by_hand():
     assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5 and m["auc"] == pytest.approx(0.75)
 
 
-def test_report_files(tmp_path):
-    from kmel.report import write_report
+def _scored_table(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = (rng.uniform(size=n) < 0.3).astype(int)
+    return pd.DataFrame({
+        C.COL_IMAGE_ID: [f"ISIC_{i:07d}" for i in range(n)],
+        C.COL_SOURCE: rng.choice(["isic2020", "isic_archive", "ddi"], size=n, p=[0.5, 0.45, 0.05]),
+        C.COL_TARGET: y,
+        "probability": np.clip(y * 0.3 + rng.uniform(size=n) * 0.7, 0, 1),
+        C.COL_SKIN_TONE_NAME: rng.choice(["very_light", "light", "dark"], size=n),
+        C.COL_SEX: rng.choice(["male", "female", None], size=n),
+        C.COL_AGE: rng.choice([25.0, 50.0, 70.0, np.nan], size=n),
+        C.COL_SITE: rng.choice(["torso", "head/neck"], size=n),
+        "fitzpatrick_group": rng.choice(["I-II", "III-IV", "V-VI", None], size=n),
+    })
 
-    rng = np.random.default_rng(0)
-    y = (rng.uniform(size=200) < 0.3).astype(int)
-    s = np.clip(y * 0.3 + rng.uniform(size=200) * 0.7, 0, 1)
-    g = rng.choice(["very_light", "light", "dark"], size=200)
-    rep = write_report(tmp_path, y, s, 0.5, {"skin_tone": g}, meta={"split": "test", "threshold_from": "val"},
-                       n_bootstrap=50)
-    assert json.loads((tmp_path / "report.json").read_text()) == rep
+
+def test_report_files(tmp_path):
+    from kmel.config import load_config
+    from kmel.evaluate import report_from_table
+
+    config = load_config("cpu-small", {"classifier.bootstrap": 50})
+    report_from_table(_scored_table(), 0.5, tmp_path, config, {"split": "test", "threshold_from": "val"})
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    # Every per-group number recomputed from predictions.csv, not compared with the dict that wrote it.
+    rows = pd.read_csv(tmp_path / "predictions.csv")
+    assert (rows["prediction"] == (rows["probability"] >= 0.5)).all()
+    grouping_column = {"skin_tone": C.COL_SKIN_TONE_NAME, "sex": C.COL_SEX, "source": C.COL_SOURCE,
+                       "anatomic_site": C.COL_SITE, "fitzpatrick": "fitzpatrick_group"}
+    for grouping, column in grouping_column.items():
+        groups = on_disk["fairness"][grouping]["groups"]
+        values = rows[column].fillna("unknown").astype(str)
+        assert sorted(groups) == sorted(values.unique()), grouping
+        for name, got in groups.items():
+            part = rows[values == name]
+            tp = int(((part["prediction"] == 1) & (part[C.COL_TARGET] == 1)).sum())
+            fp = int(((part["prediction"] == 1) & (part[C.COL_TARGET] == 0)).sum())
+            assert got["n"] == len(part) and got["n_positive"] == int(part[C.COL_TARGET].sum())
+            assert got["accuracy"] == pytest.approx((part["prediction"] == part[C.COL_TARGET]).mean())
+            assert got["recall"] == pytest.approx(tp / part[C.COL_TARGET].sum())
+            assert got["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
+            assert got["small"] == (len(part) < 30)
+    ages = on_disk["fairness"]["age_band"]["groups"]
+    assert list(ages) == ["<30", "45-59", "60-74", "unknown"] and ages["60-74"]["n"] == int((rows[C.COL_AGE] == 70).sum())
+    assert on_disk["summary"]["n"] == len(rows) and on_disk["summary"]["tp"] == int(
+        ((rows["prediction"] == 1) & (rows[C.COL_TARGET] == 1)).sum())
     md = (tmp_path / "report.md").read_text()
     assert "| very_light |" in md and "threshold" in md.lower()
+    for section in ("## By fitzpatrick", "## By age band", "## Largest gaps", "## Calibration",
+                    "## Estimated skin tone vs annotated Fitzpatrick type"):
+        assert section in md
     for name in ("roc.png", "pr.png", "groups.png", "calibration.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     # Degenerate input: one class only must not crash.
+    from kmel.report import write_report
+
     write_report(tmp_path / "one", np.zeros(10), np.linspace(0, 1, 10), 0.5, {"skin_tone": ["a"] * 10}, n_bootstrap=10)
+
+
+def test_small_and_unknown_groups_are_shown_but_not_ranked():
+    rng = np.random.default_rng(2)
+    g = np.array(["a"] * 200 + ["b"] * 200 + ["tiny"] * 10 + ["unknown"] * 50)
+    y = (rng.uniform(size=len(g)) < 0.4).astype(int)
+    s = np.where(g == "a", y * 0.6 + rng.uniform(size=len(g)) * 0.4, rng.uniform(size=len(g)))
+    s[g == "tiny"] = 1 - y[g == "tiny"]  # every tiny-group case wrong: the largest gap, from 10 images
+    rep = fairness_report(y, s, 0.5, {"x": g}, n_bootstrap=200, seed=0, min_group_size=30)
+    x = rep["x"]
+    assert x["groups"]["tiny"]["small"] and not x["groups"]["a"]["small"] and "unknown" in x["groups"]
+    assert x["gaps"]["accuracy"]["lowest"] == "tiny"  # shown
+    assert {x["ranked_gaps"]["accuracy"]["lowest"], x["ranked_gaps"]["accuracy"]["highest"]} == {"a", "b"}
+    lo, hi = x["ranked_gaps"]["accuracy"]["ci95"]
+    assert lo <= x["ranked_gaps"]["accuracy"]["max_minus_min"] <= hi
+    acc = {n: x["groups"][n]["accuracy"] for n in ("a", "b")}
+    assert x["ranked_gaps"]["accuracy"]["max_minus_min"] == pytest.approx(abs(acc["a"] - acc["b"]))
+    ranking = rank_gaps(rep)
+    assert ranking and all(r["lowest"] in ("a", "b") and r["highest"] in ("a", "b") for r in ranking)
+    assert [r["max_minus_min"] for r in ranking] == sorted((r["max_minus_min"] for r in ranking), reverse=True)
+
+
+def test_age_bands():
+    assert list(age_bands([5, 30, 44.9, 45, 74, 75, np.nan])) == ["<30", "30-44", "30-44", "45-59", "60-74", "75+",
+                                                                   "unknown"]
+
+
+def test_expected_calibration_error_by_hand():
+    # bin [0.1,0.2): p .1 .1, y 0 1 -> |.5-.1| = .4 ; bin [0.9,1]: p .9 .9, y 1 1 -> |1-.9| = .1 ; ECE = (2*.4+2*.1)/4
+    assert expected_calibration_error([0, 1, 1, 1], [0.1, 0.1, 0.9, 0.9]) == pytest.approx(0.25)
+    # one image a bin: |0-.1|, |0-.3|, |1-.9|, |1-.7| -> .2 (one bin for all would give |.5-.5| = 0)
+    assert expected_calibration_error([0, 0, 1, 1], [0.1, 0.3, 0.9, 0.7]) == pytest.approx(0.2)
+    assert expected_calibration_error([1, 0], [1.0, 0.0]) == pytest.approx(0.0)
+
+
+def test_temperature_recovers_overconfidence_and_keeps_the_ranking():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, size=20000)
+    y = (rng.uniform(size=z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    overconfident = 1 / (1 + np.exp(-3 * z))  # logits three times too large
+    t = fit_temperature(y, overconfident)
+    assert t == pytest.approx(3.0, rel=0.08)
+    calibrated = apply_temperature(overconfident, t)
+    assert np.all(np.diff(calibrated[np.argsort(overconfident)]) >= 0)  # monotone: same ranking, same AUC
+    assert expected_calibration_error(y, calibrated) < 0.02 < expected_calibration_error(y, overconfident)
+    assert fit_temperature([1, 1], [0.2, 0.9]) == 1.0  # one class: nothing to fit
+
+
+def test_tone_agreement_confusion_and_spearman():
+    annotated = ["I-II", "I-II", "III-IV", "V-VI", "V-VI", "unknown"]
+    estimated = ["very_light", "light", "medium", "dark", "tan", "dark"]
+    got = tone_agreement(annotated, estimated, C.SKIN_TONE_GROUPS)
+    assert got["n"] == 5
+    assert got["confusion"]["I-II"] == {"very_light": 1, "light": 1, "medium": 0, "tan": 0, "dark": 0}
+    assert got["confusion"]["V-VI"]["dark"] == 1 and got["confusion"]["V-VI"]["tan"] == 1
+    # ranks a: 0 0 1 2 2 ; e: 0 1 2 4 3 -> Spearman on average ranks
+    from scipy.stats import spearmanr
+
+    assert got["spearman_rho"] == pytest.approx(spearmanr([0, 0, 1, 2, 2], [0, 1, 2, 4, 3]).statistic)
+    assert got["spearman_rho"] > 0.8
+    assert tone_agreement(["unknown"], ["dark"], C.SKIN_TONE_GROUPS) is None
+
+
+def test_subgroups_come_from_the_records_metadata(tmp_path):
+    from kmel.evaluate import report_groups, with_record_metadata
+
+    crops = tmp_path / "crops-abc"
+    crops.mkdir()
+    pd.DataFrame({C.COL_IMAGE_ID: ["A", "B", "C"], C.COL_SEX: ["male", "female", None], C.COL_AGE: [80, 20, None],
+                  C.COL_SITE: ["torso", None, "palms/soles"], "fitzpatrick_group": [None, "V-VI", None],
+                  C.COL_SPLIT: "test"}).to_csv(tmp_path / C.METADATA_CSV, index=False)
+    scored = pd.DataFrame({C.COL_IMAGE_ID: ["C", "A", "B"], C.COL_SOURCE: ["ddi", "isic2020", "isic2020"],
+                           C.COL_SKIN_TONE_NAME: ["dark", "light", "tan"]})
+    groups = report_groups(with_record_metadata(scored, crops))
+    assert {k: list(v) for k, v in groups.items()} == {
+        "skin_tone": ["dark", "light", "tan"], "fitzpatrick": ["unknown", "unknown", "V-VI"],
+        "sex": ["unknown", "male", "female"], "age_band": ["unknown", "75+", "<30"],
+        "anatomic_site": ["palms/soles", "torso", "unknown"], "source": ["ddi", "isic2020", "isic2020"]}
