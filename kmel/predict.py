@@ -147,6 +147,7 @@ class Predictor:
         self.config = config_from_pipeline(self.pipeline, self.models_dir)
         classifier = self.pipeline["classifier"]
         self.threshold = float(classifier["threshold"])
+        self.temperature = float(classifier.get("temperature", 1.0))  # the threshold is on the calibrated scale
         self.class_names = list(classifier.get("class_names", ["benign", "malignant"]))
         self.tta = tta
         segment, seg_size = make_segment_fn(self.models_dir, self.pipeline)
@@ -167,6 +168,10 @@ class Predictor:
         prepared = self.crops.run(list(images))
         batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
         probs = self._classify(batch)
+        if self.temperature != 1.0:
+            from kmel.fairness import apply_temperature
+
+            probs = apply_temperature(probs, self.temperature)
         heat = self._explain(batch) if self._explain is not None else [None] * len(prepared)
         out = []
         for prep, prob, cam in zip(prepared, probs, heat):

@@ -246,7 +246,7 @@ def fit_classifier(
     report on test; export ``models_dir/classifier``. Returns its pipeline entry."""
     from kmel.crops import ensure_crop_records
     from kmel.evaluate import predict_records, write_split_report
-    from kmel.fairness import choose_threshold
+    from kmel.fairness import apply_temperature, choose_threshold, expected_calibration_error, fit_temperature
     from kmel.models import CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
     from kmel.models.classifier import HEAD_LAYERS
     from kmel.optimizers import LayerScaledAdamW
@@ -316,14 +316,21 @@ def fit_classifier(
     final = keras.saving.load_model(models_dir / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
     # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
     val = predict_records(final, crops_dir, "val", config, cc.batch_size)
+    # One temperature fitted on val; the threshold is chosen on the calibrated scale that predict reports.
+    temperature = fit_temperature(val["target"].to_numpy(), val["probability"].to_numpy())
+    calibrated = apply_temperature(val["probability"].to_numpy(), temperature)
+    calibration = {"temperature": temperature, "fitted_on": "val", "val_ece_before": expected_calibration_error(
+        val["target"].to_numpy(), val["probability"].to_numpy()),
+        "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
     choice = choose_threshold(
-        val["target"].to_numpy(), val["probability"].to_numpy(), method=cc.threshold_method,
+        val["target"].to_numpy(), calibrated, method=cc.threshold_method,
         groups=val["skin_tone_name"].to_numpy(), min_group_recall=cc.min_group_recall,
         target_sensitivity=cc.target_sensitivity,
     )
     report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
     report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
-                                models_dir / "report", meta={"threshold_from": "val", "threshold_choice": choice})
+                                models_dir / "report", meta={"threshold_from": "val", "threshold_choice": choice},
+                                temperature=temperature)
     save_config(config, models_dir / "classifier_config.yaml")
     entry = {
         "image_size": cc.image_size,
@@ -332,6 +339,8 @@ def fit_classifier(
         "class_names": ["benign", "malignant"] if config.records.task == "malignant" else ["other", config.records.task],
         "threshold": float(choice["threshold"]),
         "threshold_choice": choice,
+        "temperature": temperature,
+        "calibration": calibration,
         "fingerprint": fingerprint,
         "crops_dir": crops_dir.name,
         "records_fingerprint": manifest["fingerprint"],
