@@ -497,4 +497,13 @@ def make_prediction_folder(out_dir: Path, n_images: int = 12, seed: int = 1, siz
         rows.append({"image": image_id, "target": int(plan["malignant"][i])})
     truth = pd.DataFrame(rows, columns=["image", "target"])
     truth.to_csv(out_dir / "truth.csv", index=False)
+    # Marks the folder as kmel's: build-records never reads held-out labels (make-synthetic puts this
+    # folder inside the data folder) as training data.
+    import json
+
+    import kmel
+    from kmel.constants import MANIFEST
+
+    (out_dir / MANIFEST).write_text(json.dumps({
+        "kmel_version": kmel.__version__, "contents": "held-out images for predict; truth.csv holds their labels"}))
     return truth

@@ -253,3 +253,13 @@ def test_ddi_read_with_fitzpatrick_bands_and_kept_out_of_training(tmp_path):
     assert set(split.loc[split[C.COL_SOURCE] == "custom", C.COL_SPLIT]) == {"train", "val", "test"}
     asked = split_table(labelled, 0.3, 0.3, seed=0, eval_only_sources=())
     assert len(asked) == len(labelled) and list(asked.index) == list(labelled.index)
+
+
+def test_held_out_prediction_folder_inside_the_data_folder_is_not_training_data(tmp_path):
+    from kmel.synthetic import make_prediction_folder
+
+    (tmp_path / "labels.csv").write_text("\n".join(LABELS_13) + "\n")
+    make_prediction_folder(tmp_path / "predict", n_images=2, seed=1, size=32)  # as make-synthetic --predict-images
+    table, report = load_metadata(tmp_path)
+    assert report["kmel_outputs"] == [str(tmp_path / "predict" / "truth.csv")]
+    assert len(table) == 13 and set(table[C.COL_SOURCE]) == {"custom"}
