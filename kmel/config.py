@@ -37,6 +37,7 @@ class RecordsConfig:
     seed: int = 42
     workers: int = 0  # 0: one per CPU core
     sources: tuple[str, ...] = ()  # restrict to these sources; empty: all found
+    eval_only_sources: tuple[str, ...] = ("ddi",)  # every image of these goes to test; () to train on them too
     duplicate_lists: tuple[str, ...] = ()  # extra duplicate-list files; *duplicate*.txt in data dir always read
     max_file_mb: int = 256  # larger image files are refused unread (listed in skipped.csv)
 

@@ -230,7 +230,7 @@ def build_records(
     report["content_duplicates"] = content_dups
     if table.empty:
         raise DataError(f"no images left with a known label for task {rc.task!r}")
-    table = split_table(table, rc.val_fraction, rc.test_fraction, rc.seed)
+    table = split_table(table, rc.val_fraction, rc.test_fraction, rc.seed, eval_only_sources=rc.eval_only_sources)
     table = table.sort_values([C.COL_SPLIT, C.COL_IMAGE_ID], kind="stable").reset_index(drop=True)
 
     shards: dict[str, dict[str, list]] = {"img": {}, "seg": {}}

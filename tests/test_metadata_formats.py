@@ -263,3 +263,31 @@ def test_held_out_prediction_folder_inside_the_data_folder_is_not_training_data(
     table, report = load_metadata(tmp_path)
     assert report["kmel_outputs"] == [str(tmp_path / "predict" / "truth.csv")]
     assert len(table) == 13 and set(table[C.COL_SOURCE]) == {"custom"}
+
+
+def test_build_records_keeps_ddi_in_test_and_writes_annotations(tmp_path):
+    import cv2
+    import numpy as np
+
+    from kmel.config import load_config
+    from kmel.records import build_records
+    from kmel.synthetic import make_synthetic_dataset
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, n_images=16, seed=3, size=64)
+    (data / "ddi").mkdir()
+    (data / "ddi" / "ddi_metadata.csv").write_text(DDI_CSV)
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        cv2.imwrite(str(data / "ddi" / f"{i:06d}.png"), rng.integers(60, 200, (64, 80, 3), dtype=np.uint8))
+    small = {"records.image_size": 64, "records.seg_size": 32, "records.shard_size": 64, "records.workers": 1}
+    build_records(data, tmp_path / "rec", load_config("cpu-small", small), progress=False)
+    table = pd.read_csv(tmp_path / "rec" / C.METADATA_CSV, dtype={C.COL_IMAGE_ID: str})
+    ddi = table[table[C.COL_SOURCE] == "ddi"]
+    assert len(ddi) == 3 and set(ddi[C.COL_SPLIT]) == {"test"}
+    assert sorted(ddi["fitzpatrick_group"]) == ["I-II", "III-IV", "V-VI"]
+    asked = {**small, "records.eval_only_sources": []}
+    build_records(data, tmp_path / "rec2", load_config("cpu-small", asked), progress=False)
+    again = pd.read_csv(tmp_path / "rec2" / C.METADATA_CSV, dtype={C.COL_IMAGE_ID: str})
+    assert len(again[again[C.COL_SOURCE] == "ddi"]) == 3
+    assert set(again.loc[again[C.COL_SOURCE] == "ddi", C.COL_SPLIT]) != {"test"}  # split like the rest when asked
