@@ -1,8 +1,12 @@
-"""The official ISIC / HAM10000 / Fitzpatrick17k metadata, read as published, cleaned into one table.
+"""The official ISIC / HAM10000 / Fitzpatrick17k / ISIC Archive / DDI metadata, read as published,
+cleaned into one table.
 
 Files are recognised by their header (or, for the header-less 2016 files, by their first cell),
-never by their name, so renamed copies work. Every kind is normalised to the same columns (see
-``STANDARD_COLUMNS``). Rules, stated once:
+never by their name, so renamed copies work: each format is one reader registered with
+:func:`register_format` and the header that identifies it (``FORMATS``, tried in order). Every kind is
+normalised to the same columns (see ``STANDARD_COLUMNS``). Reading is lenient (:func:`read_csv_table`):
+UTF-8 else Windows-1252, ``,`` / ``;`` / tab sniffed, lines that do not fit the header skipped and listed.
+kmel's own tables are recognised by their columns or their folder and never read as data. Rules, stated once:
 
 * Diagnosis codes are upper case: MEL, NV, BCC, AK (2018's AKIEC becomes AK), SCC, BKL, DF, VASC,
   SK, UNK; 2016 benign rows, whose subtype is not published, are ``BEN``; Fitzpatrick17k keeps its
@@ -20,6 +24,12 @@ never by their name, so renamed copies work. Every kind is normalised to the sam
 * Conflicting labels for one image across sources are reported and resolved as *malignant if
   any source says malignant*: a histology-confirmed malignancy in one archive should not be
   overwritten by another archive's benign label.
+* ISIC Archive exports: ``diagnosis_1`` (or the older ``benign_malignant``) gives the label;
+  Indeterminate rows and non-dermoscopic ``image_type`` rows are dropped and counted. The archive is
+  the newest source, so its row wins over a challenge copy of the same image. Duplicate lists name
+  challenge years, so they match archive rows only through year-less entries.
+* DDI (clinical photographs) is evaluation-only: :func:`split_table` puts it in ``test``.
+* ``fitzpatrick_group``: the annotated type as I-II / III-IV / V-VI (DDI publishes only these bands).
 """
 
 from __future__ import annotations
@@ -247,23 +257,21 @@ def identify_format(header: list[str]) -> CsvFormat | None:
     return next((f for f in FORMATS.values() if f.matches(header)), None)
 
 
-def resembles(header: list[str], min_similarity: float = 0.5) -> str | None:
-    """For an unknown header: which known format it is closest to, and what differs (None if none is close)."""
+def resembles(header: list[str]) -> str | None:
+    """For an unknown header: the known format sharing the most columns (at least two, and half of the
+    smaller header), ignoring letter case, and what differs; None when no format is that close."""
     got = {h.strip().lower() for h in header}
-    best, score = None, 0.0
+    best, best_score = None, (0.0, 0.0)
     for fmt in FORMATS.values():
         want = {c.lower() for c in fmt.columns}
-        if not want:
-            continue
-        similarity = len(got & want) / len(got | want)
-        if similarity > score:
-            best, score = fmt, similarity
-    if best is None or score < min_similarity:
+        shared = len(got & want)
+        score = (shared / min(len(got), len(want)), shared / len(got | want))
+        if shared >= 2 and score[0] >= 0.5 and score > best_score:
+            best, best_score = fmt, score
+    if best is None:
         return None
-    want = {c.lower(): c for c in best.columns}
-    exact = set(header)
-    missing = [c for c in best.columns if c not in exact]
-    extra = [h for h in header if h not in set(best.columns)]
+    missing = [c for c in best.columns if c not in header]
+    extra = [h for h in header if h not in best.columns]
     detail = f"missing {missing}" + (f", unexpected {extra}" if extra else "")
     if missing and {m.lower() for m in missing} <= got:
         detail += " (same names in another letter case)"
@@ -342,7 +350,8 @@ def _read_2019(t: CsvTable) -> pd.DataFrame:
                  about="ISIC 2019 training metadata")
 def _read_2019_meta(t: CsvTable) -> pd.DataFrame:
     df = t.rows
-    return _frame(image_id=df["image"], source="isic2019", year=2019, age=pd.to_numeric(df["age_approx"], errors="coerce"),
+    return _frame(image_id=df["image"], source="isic2019", year=2019,
+                  age=pd.to_numeric(df["age_approx"], errors="coerce"),
                   sex=df["sex"], site=df["anatom_site_general"], lesion_id=df["lesion_id"])
 
 
@@ -429,7 +438,7 @@ def _read_isic_archive(t: CsvTable) -> pd.DataFrame:
     fitz = fitz.map(FITZPATRICK_ROMAN).fillna(pd.to_numeric(fitz, errors="coerce"))
     fitz = fitz.where(fitz.between(1, 6), -1).fillna(-1).astype(int)
     return _frame(image_id=df["isic_id"], source="isic_archive", year=YEARS["isic_archive"],
-                  diagnosis=diag.where(malignant.notna() | (diag != "UNK"), "UNK"), malignant=malignant,
+                  diagnosis=diag, malignant=malignant,
                   melanoma=melanoma.where(malignant.notna()),
                   keratosis=(diag == "SK").astype(float).where(known), patient_id=df.get("patient_id"),
                   lesion_id=df.get("lesion_id"), age=pd.to_numeric(df.get("age_approx"), errors="coerce"),
@@ -462,14 +471,16 @@ def _read_custom(t: CsvTable) -> pd.DataFrame:
 
 
 def _kmel_output(kind: str, columns: Sequence[str], about: str, match: str = "subset") -> None:
-    register_format(kind, columns, match, role="kmel_output", about=f"{about}, written by kmel")(lambda t: pd.DataFrame())
+    read = register_format(kind, columns, match, role="kmel_output", about=f"{about}, written by kmel")
+    read(lambda t: pd.DataFrame())
 
 
 # kmel's own tables, known by their columns wherever they are copied to.
 _kmel_output("kmel_records_metadata", ("image_id", "source", "split", "image_path"), "metadata.csv of build-records")
 _kmel_output("kmel_skipped", ("image_id", "path", "reason"), "skipped.csv of build-records", "exact")
 _kmel_output("kmel_predict", ("image", "relpath", "path", "probability", "status"), "the output of predict")
-_kmel_output("kmel_report_predictions", ("image_id", "target", "probability", "prediction"), "a report's predictions.csv")
+_kmel_output("kmel_report_predictions", ("image_id", "target", "probability", "prediction"),
+             "a report's predictions.csv")
 _kmel_output("kmel_synthetic_truth", ("image_id", "skin_tone", "malignant", "hair"), "synthetic_truth.csv", "exact")
 
 

@@ -67,14 +67,16 @@ def _markdown(report: Mapping[str, Any], title: str) -> str:
                   f"Equalized-odds difference {_fmt(data['equalized_odds_difference'])}, "
                   f"demographic-parity difference {_fmt(data['demographic_parity_difference'])}."]
         if any(row.get("small") for row in data["groups"].values()):
-            lines.append(f"\\* fewer than {data['min_group_size']} images: in the gaps above, not in the ranking below.")
+            lines.append(f"\\* fewer than {data['min_group_size']} images: in the gaps above, "
+                         "not in the ranking below.")
     ranking = report.get("gap_ranking") or []
     if ranking:
         lines += ["", "## Largest gaps", "", "Groups of at least "
                   f"{meta.get('min_group_size', MIN_GROUP_SIZE)} images only; `unknown` never counts.", "",
                   "| grouping | metric | gap [95% CI] | lowest | highest |", "|---|---|---|---|---|"]
         for row in ranking[:10]:
-            lines.append(f"| {row['grouping']} | {row['metric']} | {_gap_ci(row)} | {row['lowest']} | {row['highest']} |")
+            lines.append(f"| {row['grouping']} | {row['metric']} | {_gap_ci(row)} | {row['lowest']} | "
+                         f"{row['highest']} |")
     calibration = report.get("calibration")
     if calibration:
         o = calibration["overall"]

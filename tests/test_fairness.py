@@ -156,7 +156,8 @@ def test_report_files(tmp_path):
             assert got["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
             assert got["small"] == (len(part) < 30)
     ages = on_disk["fairness"]["age_band"]["groups"]
-    assert list(ages) == ["<30", "45-59", "60-74", "unknown"] and ages["60-74"]["n"] == int((rows[C.COL_AGE] == 70).sum())
+    assert list(ages) == ["<30", "45-59", "60-74", "unknown"]
+    assert ages["60-74"]["n"] == int((rows[C.COL_AGE] == 70).sum())
     assert on_disk["summary"]["n"] == len(rows) and on_disk["summary"]["tp"] == int(
         ((rows["prediction"] == 1) & (rows[C.COL_TARGET] == 1)).sum())
     md = (tmp_path / "report.md").read_text()

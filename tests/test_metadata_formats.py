@@ -61,7 +61,8 @@ FIXTURES = {
     "isic2017": "image_id,melanoma,seborrheic_keratosis\nISIC_0000000,0.0,1.0\nISIC_0000001,1.0,0.0\n",
     "isic2017_meta": "image_id,age_approximate,sex\nISIC_0000000,55,female\n",
     "isic2018": "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nISIC_0024306,0.0,1.0,0.0,0.0,0.0,0.0,0.0\n",
-    "ham10000": "lesion_id,image_id,dx,dx_type,age,sex,localization\nHAM_0000118,ISIC_0027419,bkl,histo,80.0,male,scalp\n",
+    "ham10000": "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+                "HAM_0000118,ISIC_0027419,bkl,histo,80.0,male,scalp\n",
     "isic2019": "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK\nISIC_0000000,0.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n",
     "isic2019_meta": "image,age_approx,anatom_site_general,lesion_id,sex\nISIC_0000000,55.0,anterior torso,,female\n",
     "isic2019_test_meta": "image,age_approx,anatom_site_general,sex\nISIC_0034321,60.0,,female\n",
@@ -76,7 +77,8 @@ FIXTURES = {
     "isic_archive": ARCHIVE_CSV,
     "ddi": DDI_CSV,
     "custom": "image_id,label\nmole_1,benign\nmole_2,malignant\n",
-    "kmel_records_metadata": "image_id,source,year,diagnosis,target,split,image_path\nA,custom,2100,BENIGN,0,train,/x/A.jpg\n",
+    "kmel_records_metadata": "image_id,source,year,diagnosis,target,split,image_path\n"
+                             "A,custom,2100,BENIGN,0,train,/x/A.jpg\n",
     "kmel_skipped": "image_id,path,reason\nA,/x/A.jpg,cannot decode\n",
     "kmel_predict": "image,relpath,path,probability,prediction,label,threshold,status,error\n"
                     "a,a.jpg,/x/a.jpg,0.2,0,benign,0.5,ok,\n",
@@ -110,12 +112,15 @@ def test_near_miss_header_says_which_format_it_resembles(tmp_path):
     (tmp_path / "a.csv").write_text("image,age_approx,anatom_site,lesion_id,sex\nISIC_1,50,torso,,male\n")
     (tmp_path / "b.csv").write_text("IMAGE_ID,MELANOMA,SEBORRHEIC_KERATOSIS\nISIC_1,0,0\n")
     (tmp_path / "c.csv").write_text("foo,bar\n1,2\n")
+    (tmp_path / "d.csv").write_text("image,MEL,NV\nISIC_1,1,0\n")  # an official one-hot file cut short
+    (tmp_path / "e.csv").write_text("image_id,comment\nISIC_1,looks fine\n")  # one shared column is no resemblance
     _, report = load_metadata(tmp_path)
     notes = {Path(n.split(":")[0]).name: n for n in report["unrecognised_files"]}
     assert "resembles isic2019_meta" in notes["a.csv"] and "missing ['anatom_site_general']" in notes["a.csv"]
     assert "unexpected ['anatom_site']" in notes["a.csv"]
     assert "resembles isic2017 " in notes["b.csv"] and "another letter case" in notes["b.csv"]
-    assert notes["c.csv"] == str(tmp_path / "c.csv")
+    assert notes["c.csv"] == str(tmp_path / "c.csv") and notes["e.csv"] == str(tmp_path / "e.csv")
+    assert "resembles isic2018 " in notes["d.csv"] and "'BCC'" in notes["d.csv"]
 
 
 # === ISIC Archive exports ===
