@@ -181,6 +181,9 @@ def evaluate_predictions(
 ) -> dict[str, Any]:
     """Report for a ``predict`` output (CSV or JSONL) against a user's ``image,target`` CSV.
 
+    Optional truth columns ``sex``, ``age``, ``site``, ``source`` and ``fitzpatrick_group`` (I-II / III-IV /
+    V-VI) add those subgroups to the report.
+
     With a ``relpath`` column (as in the predictions) instead of ``image``, rows are matched on it:
     the way to tell apart files with the same name in different folders.
     """
@@ -198,7 +201,9 @@ def evaluate_predictions(
         raise ConfigError(f"{truth_csv} must have columns image,target or relpath,target (missing: {sorted(missing)})")
     n_not_ok = int((pred["status"] != "ok").sum())
     pred = pred[pred["status"] == "ok"]
-    table = pred.merge(truth[[key, "target"]], on=key, how="inner")
+    # Subgroup columns the user's truth table carries (sex, age, site, fitzpatrick_group) join the report.
+    extra = [c for c in SUBGROUP_COLUMNS.values() if c in truth.columns and c not in pred.columns]
+    table = pred.merge(truth[[key, "target", *extra]], on=key, how="inner")
     if table.empty:
         raise ConfigError(f"no {key} in {truth_csv} matches an ok row of {predictions_csv}")
     table = table.rename(columns={"image": C.COL_IMAGE_ID, "skin_tone_group": C.COL_SKIN_TONE_NAME,

@@ -250,3 +250,21 @@ def test_subgroups_come_from_the_records_metadata(tmp_path):
         "skin_tone": ["dark", "light", "tan"], "fitzpatrick": ["unknown", "unknown", "V-VI"],
         "sex": ["unknown", "male", "female"], "age_band": ["unknown", "75+", "<30"],
         "anatomic_site": ["palms/soles", "torso", "unknown"], "source": ["ddi", "isic2020", "isic2020"]}
+
+
+def test_evaluate_predictions_takes_subgroups_from_the_truth_table(tmp_path):
+    from kmel.config import load_config
+    from kmel.evaluate import evaluate_predictions
+
+    scored = _scored_table(120, seed=4)
+    pred = pd.DataFrame({"image": scored[C.COL_IMAGE_ID], "relpath": scored[C.COL_IMAGE_ID] + ".jpg",
+                         "probability": scored["probability"], "threshold": 0.5, "status": "ok",
+                         "skin_tone_group": scored[C.COL_SKIN_TONE_NAME]})
+    pred.to_csv(tmp_path / "pred.csv", index=False)
+    scored.rename(columns={C.COL_IMAGE_ID: "image"})[["image", C.COL_TARGET, C.COL_SEX, "fitzpatrick_group"]].to_csv(
+        tmp_path / "truth.csv", index=False)
+    report = evaluate_predictions(tmp_path / "pred.csv", tmp_path / "truth.csv", tmp_path / "rep",
+                                  load_config("cpu-small", {"classifier.bootstrap": 20}))
+    assert {"skin_tone", "sex", "fitzpatrick"} <= set(report["fairness"])
+    assert report["fairness"]["sex"]["groups"]["male"]["n"] == int((scored[C.COL_SEX] == "male").sum())
+    assert report["tone_agreement"]["skin_tone"]["n"] == int(scored["fitzpatrick_group"].notna().sum())
