@@ -24,7 +24,6 @@ import re
 from pathlib import Path
 
 import keras
-from keras import layers
 
 from kmel.config import SegmenterConfig
 from kmel.models.efficientnet_lite import (
@@ -37,7 +36,7 @@ from kmel.models.efficientnet_lite import (
     lite_state_dict_to_keras,
     round_filters,
 )
-from kmel.models.resnet_unet import apply_decoder_block
+from kmel.models.resnet_unet import apply_unet_decoder
 from kmel.models.torch_checkpoint import CheckpointError, load_torch_state_dict
 from kmel.models.weights import WeightsError
 
@@ -70,12 +69,8 @@ def build_lite_unet(config: SegmenterConfig, sync_batchnorm: bool = False) -> ke
                           f"got {config.backbone!r}")
     inputs = keras.Input((config.image_size, config.image_size, 3), name="images")
     encoder = EfficientNetLite(config.backbone, include_top=False, weights=None, input_tensor=inputs)
-    skips = [encoder.get_layer(n).output for n in LITE_SKIPS[config.backbone]] + [None]
-    x = encoder.get_layer(LITE_BOTTLENECK).output
-    for i, (skip, filters) in enumerate(zip(skips, config.decoder_filters)):
-        x = apply_decoder_block(x, skip, filters, config.dropout, name=f"decoder_block{i + 1}", sync=sync_batchnorm)
-    x = layers.Conv2D(1, 1, name="head_conv")(x)
-    outputs = layers.Activation("sigmoid", dtype="float32", name="mask")(x)
+    skips = [encoder.get_layer(n).output for n in LITE_SKIPS[config.backbone]]
+    outputs = apply_unet_decoder(encoder.get_layer(LITE_BOTTLENECK).output, skips, config, sync=sync_batchnorm)
     return keras.Model(inputs, outputs, name="segmenter")
 
 

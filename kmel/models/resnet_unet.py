@@ -77,6 +77,15 @@ def apply_decoder_block(x, skip, filters: int, dropout: float, name: str, sync: 
     return x
 
 
+def apply_unet_decoder(x, skips, config: SegmenterConfig, sync: bool = False):
+    """Decoder blocks from the bottleneck ``x`` over ``skips`` (deepest first; the last block has none)
+    → 1×1 ``head_conv`` → float32 sigmoid ``mask``. Shared by every encoder."""
+    for i, (skip, filters) in enumerate(zip([*skips, None], config.decoder_filters)):
+        x = apply_decoder_block(x, skip, filters, config.dropout, name=f"decoder_block{i + 1}", sync=sync)
+    x = layers.Conv2D(1, 1, name="head_conv")(x)
+    return layers.Activation("sigmoid", dtype="float32", name="mask")(x)
+
+
 def apply_resnet_encoder(x, depths: tuple[int, ...], name: str = "encoder", sync: bool = False):
     x = apply_conv_bn(x, 64, 7, 2, name=f"{name}_stem", sync=sync)  # stride 2 -> encoder_stem_relu
     x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
@@ -120,12 +129,8 @@ def build_segmenter(config: SegmenterConfig, sync_batchnorm: bool = False) -> ke
     x = layers.Normalization(mean=IMAGENET_MEAN, variance=[s**2 for s in IMAGENET_STD], name="imagenet_norm")(x)
     bottleneck = apply_resnet_encoder(x, ENCODER_DEPTHS[config.backbone], sync=sync_batchnorm)
     encoder = keras.Model(inputs, bottleneck)
-    skips = [encoder.get_layer(n).output for n in ENCODER_SKIPS] + [None]
-    x = bottleneck
-    for i, (skip, filters) in enumerate(zip(skips, config.decoder_filters)):
-        x = apply_decoder_block(x, skip, filters, config.dropout, name=f"decoder_block{i + 1}", sync=sync_batchnorm)
-    x = layers.Conv2D(1, 1, name="head_conv")(x)
-    outputs = layers.Activation("sigmoid", dtype="float32", name="mask")(x)
+    skips = [encoder.get_layer(n).output for n in ENCODER_SKIPS]
+    outputs = apply_unet_decoder(bottleneck, skips, config, sync=sync_batchnorm)
     return keras.Model(inputs, outputs, name="segmenter")
 
 
