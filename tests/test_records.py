@@ -181,3 +181,27 @@ def test_prepare_decodes_large_jpeg_reduced_with_full_size_mask(tmp_path):
     assert iou > 0.97, iou
     seg_image = cv2.cvtColor(decode("seg_image"), cv2.COLOR_BGR2RGB).astype(float)
     assert seg_image[expected].mean() < seg_image[~expected & (seg_image.sum(axis=2) > 0)].mean() - 40
+
+
+def test_byte_identical_images_under_two_ids_are_kept_once(tmp_path):
+    """Same bytes, another id (a re-upload): one record, the earliest id kept, the manifest names both."""
+    from kmel.synthetic import make_synthetic_dataset
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, n_images=12, seed=3, size=96)
+    original, copy = "ISIC_9000001", "ISIC_9000100"
+    shutil.copyfile(data / "images" / "2019" / f"{original}.jpg", data / "images" / "2019" / f"{copy}.jpg")
+    for name, id_column in (("ISIC_2019_Training_GroundTruth.csv", "image"),
+                            ("ISIC_2019_Training_Metadata.csv", "image")):
+        table = pd.read_csv(data / name)
+        row = table[table[id_column] == original].assign(**{id_column: copy})
+        pd.concat([table, row]).to_csv(data / name, index=False)
+
+    manifest = build_records(data, tmp_path / "rec", load_config("cpu-small", SMALL), progress=False)
+    assert manifest["cleaning"]["content_duplicates"] == [{"dropped": copy, "kept": original}]
+    ids = [r[C.F_IMAGE_ID] for split in C.SPLITS for r in read_records(shard_paths(tmp_path / "rec", "img", split))]
+    ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+    assert len(ids) == len(set(ids)) == 12 == sum(manifest["n_records"]["img"].values())
+    assert original in ids and copy not in ids
+    metadata = pd.read_csv(tmp_path / "rec" / C.METADATA_CSV)
+    assert metadata[C.COL_SHA256].is_unique and copy not in set(metadata[C.COL_IMAGE_ID])
