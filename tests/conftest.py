@@ -18,3 +18,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not found: real-data test (only on the project's machines)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that reads ../shared/data (the ``shared_data`` fixture) must carry the ``realdata`` marker,
+    so ``-m "not realdata"`` really leaves the real data alone."""
+    unmarked = [item.nodeid for item in items
+                if "shared_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("realdata") is None]
+    if unmarked:
+        raise pytest.UsageError("tests reading ../shared/data without @pytest.mark.realdata: " + ", ".join(unmarked))

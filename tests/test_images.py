@@ -235,6 +235,7 @@ def test_resize_and_pad_helpers():
     assert resize_long_side(img, 60) is img
 
 
+@pytest.mark.realdata
 def test_real_full_resolution_images_load(shared_data):
     folder = shared_data / "isic-archive-fullres" / "images"
     files, skipped = list_images(folder)
