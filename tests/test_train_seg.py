@@ -130,3 +130,14 @@ def test_mirrored_strategy_with_one_replica_runs_several_epochs(records, tmp_pat
     assert entry["replicas"] == 1
     epochs = pd.read_csv(tmp_path / "m" / "segmenter_history.csv")["epoch"].tolist()
     assert epochs == [0, 1]
+
+
+def test_mirrored_two_cpus_match_one_device_with_the_same_global_batch():
+    """Two replicas of batch b = one device with batch 2b, BatchNorm statistics and all (3 SGD steps)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests/scripts/mirrored_vs_one.py")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["moved"] > 1e-3, "the steps changed the weights"
+    assert result["max_diff"] < 1e-4, result
