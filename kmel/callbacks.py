@@ -153,20 +153,35 @@ class SegmentationImages(keras.callbacks.Callback):
 
 
 class GroupRecallLogger(keras.callbacks.Callback):
-    """Validation recall per skin-tone group at 0.5, logged to TensorBoard each epoch."""
+    """Validation recall per skin-tone group, logged to TensorBoard each epoch.
 
-    def __init__(self, logdir: str, images: np.ndarray, targets: np.ndarray, groups: np.ndarray):
+    With ``choose`` (``(targets, scores, group names) -> threshold``: the rule that picks the exported
+    threshold), recall is taken at the threshold it picks on these validation examples, logged as
+    ``val_threshold``: the operating point a user would get had training stopped at that epoch
+    (exactly, when the validation set fits in ``images``). Training is resampled towards malignant,
+    so 0.5 is not that point; without ``choose`` the tags say ``at_0.5``.
+    """
+
+    def __init__(self, logdir: str, images: np.ndarray, targets: np.ndarray, groups: np.ndarray,
+                 choose: Callable[[np.ndarray, np.ndarray, np.ndarray], float] | None = None):
         super().__init__()
         self.writer = tf.summary.create_file_writer(logdir)
         self.images, self.targets, self.groups = images, targets.reshape(-1), groups.reshape(-1)
+        self.choose = choose
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         scores = self.model.predict(self.images, verbose=0).reshape(-1)
         with self.writer.as_default():
+            if self.choose is None:
+                threshold, prefix = 0.5, "val_recall_by_skin_tone_at_0.5"
+            else:
+                names = np.asarray(C.SKIN_TONE_GROUPS)[self.groups.astype(int)]
+                threshold, prefix = float(self.choose(self.targets, scores, names)), "val_recall_by_skin_tone"
+                tf.summary.scalar("val_threshold", threshold, step=epoch)
             for g, name in enumerate(C.SKIN_TONE_GROUPS):
                 pos = (self.groups == g) & (self.targets == 1)
                 if pos.any():
-                    tf.summary.scalar(f"val_recall_by_skin_tone/{name}", float((scores[pos] >= 0.5).mean()), step=epoch)
+                    tf.summary.scalar(f"{prefix}/{name}", float((scores[pos] >= threshold).mean()), step=epoch)
         self.writer.flush()
 
 

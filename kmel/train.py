@@ -31,7 +31,7 @@ from kmel.callbacks import (
     stage_for_epoch,
     take_numpy,
 )
-from kmel.config import Config, save_config, to_plain
+from kmel.config import ClassifierConfig, Config, save_config, to_plain
 from kmel.data import count_records, make_dataset, steps_per_epoch
 from kmel.distribute import (
     jit_compile_setting,
@@ -232,6 +232,15 @@ def fit_segmenter(
     return entry
 
 
+def _chosen_threshold(cc: ClassifierConfig, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """The threshold fit_classifier exports, by the same rule, on the given validation predictions."""
+    from kmel.fairness import choose_threshold
+
+    return float(choose_threshold(targets, scores, method=cc.threshold_method, groups=groups,
+                                  min_group_recall=cc.min_group_recall,
+                                  target_sensitivity=cc.target_sensitivity)["threshold"])
+
+
 def fit_classifier(
     records_dir: str | Path,
     models_dir: str | Path,
@@ -301,7 +310,8 @@ def fit_classifier(
     callbacks, best = _callbacks(
         "classifier", models_dir, logdir, cc.early_stopping_patience,
         [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
-         *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups)],
+         *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups,
+                                   choose=functools.partial(_chosen_threshold, cc))],
         # Ranking, not loss: training is resampled (more malignant than in val), so the val loss
         # mostly measures the calibration shift and favours the earliest, most timid epoch.
         monitor="val_auc", mode="max",

@@ -144,3 +144,122 @@ def test_staged_unfreezing_inside_one_fit_with_imagenet_lite0(records, tmp_path,
 
     history = (models / "classifier_history.csv").read_text().splitlines()
     assert len(history) == 4  # header + 3 epochs, all in one fit
+
+
+@pytest.fixture(scope="module")
+def mixed_run(records, tmp_path_factory) -> dict[str, Path]:
+    """Segmenter then classifier trained under mixed_bfloat16 (runs on CPUs; mixed_float16 does not pay there)."""
+    from kmel.train import fit_classifier, fit_segmenter
+
+    tmp = tmp_path_factory.mktemp("mixed")
+    config = tiny_config(epochs=2, **{"segmenter.steps_per_epoch": 2, "classifier.steps_per_epoch": 2})
+    models, runs = tmp / "models", tmp / "runs"
+    try:
+        fit_segmenter(records, models, config, runs, "default", "mixed_bfloat16", verbose=0)
+        fit_classifier(records, models, config, runs, "default", "mixed_bfloat16", verbose=0, progress=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return {"models": models, "runs": runs, "config": config, "records": records}
+
+
+def test_auto_precision_is_float32_on_a_cpu():
+    from kmel.distribute import gpu_count, resolve_precision
+
+    if gpu_count():
+        pytest.skip("a GPU is visible: auto means mixed_float16 there")
+    assert resolve_precision("auto") == "float32"
+
+
+def test_mixed_bfloat16_trains_exports_and_serves_float32(mixed_run):
+    from kmel.export import load_serving
+
+    models = mixed_run["models"]
+    pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
+    from kmel.callbacks import take_numpy
+    from kmel.data import make_dataset
+
+    # Lesion images (both models take 64 px here): on noise the tiny classifier saturates, where
+    # bfloat16 rounding can flip a 0 to a 1.
+    val = make_dataset(mixed_run["records"], "val", "seg", False, mixed_run["config"], batch_size=4)
+    images, _ = take_numpy(val, 4)
+    for name, keras_file, folder in (("segmenter", C.SEGMENTER_KERAS, C.SEGMENTER_DIR),
+                                     ("classifier", C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR)):
+        assert pipeline[name]["precision"] == "mixed_bfloat16"
+        model = keras.saving.load_model(models / keras_file, safe_mode=True, compile=False)
+        convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+        assert convs and all(layer.dtype_policy.name == "mixed_bfloat16" for layer in convs), name
+        floats = {w.dtype for w in model.weights if w.dtype.startswith(("float", "bfloat"))}  # not seed states
+        assert floats == {"float32"}, "mixed precision keeps float32 variables"
+        out = model(images, training=False)
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+        assert np.isfinite(np.asarray(out)).all()
+        exported = load_serving(models / folder)  # keep a reference: its variables live on it
+        served = exported.serve(tf.constant(images))
+        assert served.dtype == tf.float32
+        # Against the traced model (predict), not eager calls: in bfloat16 the eager ops round
+        # differently, and the tiny from-scratch classifier amplifies that (0.16 eager vs 0.003 traced seen).
+        np.testing.assert_allclose(served.numpy(), model.predict(images, verbose=0), atol=1e-3)
+    exported = load_serving(models / C.CLASSIFIER_DIR)
+    cam = exported.gradcam(tf.constant(images))
+    assert cam.dtype == tf.float32 and np.isfinite(cam.numpy()).all()
+
+
+def _events(folder: Path) -> dict[str, dict[int, tf.Tensor]]:
+    """tag -> step -> value tensor, from every event file in ``folder`` (summary_iterator)."""
+    out: dict[str, dict[int, tf.Tensor]] = {}
+    for file in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(file)):
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = tf.make_ndarray(value.tensor)
+    return out
+
+
+def test_tensorboard_has_scalars_overlays_and_group_recall_at_the_chosen_threshold(mixed_run):
+    runs = mixed_run["runs"]
+    for name, metrics in (("segmenter", ("loss", "dice", "iou", "thresholded_jaccard")),
+                          ("classifier", ("loss", "auc", "recall", "precision"))):
+        train, val = _events(runs / name / "train"), _events(runs / name / "validation")
+        for metric in metrics:
+            assert set(train[f"epoch_{metric}"]) == set(val[f"epoch_{metric}"]) == {0, 1}, (name, metric)
+        assert set(train["epoch_learning_rate"]) == {0, 1}
+        assert all(np.isfinite(float(v)) for v in train["epoch_loss"].values())
+
+    overlays = _events(runs / "segmenter" / "images")["val_overlays"]
+    assert set(overlays) == {0, 1}
+    width, height, *pngs = overlays[1]  # image summaries: width, height, then encoded images
+    assert (int(width), int(height)) == (3 * 64, 64) and len(pngs) == 4
+    assert tuple(tf.io.decode_png(pngs[0]).shape) == (64, 3 * 64, 3)
+
+    groups = _events(runs / "classifier" / "groups")
+    assert set(groups["val_threshold"]) == {0, 1}
+    recalls = {t: v for t, v in groups.items() if t.startswith("val_recall_by_skin_tone/")}
+    assert recalls and all(set(v) == {0, 1} and all(0 <= float(x) <= 1 for x in v.values()) for v in recalls.values())
+
+
+def test_group_recall_logger_uses_the_chosen_threshold(tmp_path):
+    """Scores 0.2-0.45 for every positive: recall is 1 at the chosen threshold, 0 at 0.5."""
+    from functools import partial
+
+    from kmel.callbacks import GroupRecallLogger
+    from kmel.train import _chosen_threshold
+
+    scores = np.array([0.05, 0.1, 0.15, 0.3, 0.35, 0.4, 0.45, 0.2], "float32")
+    targets = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    groups = np.array([0, 1, 2, 0, 1, 2, 0, 3])
+    inputs = keras.Input((1,))
+    model = keras.Model(inputs, keras.layers.Identity()(inputs))  # its scores are its inputs
+    cc = tiny_config().classifier
+    logger = GroupRecallLogger(str(tmp_path), scores[:, None], targets, groups, choose=partial(_chosen_threshold, cc))
+    logger.set_model(model)
+    logger.on_epoch_end(0)
+    events = _events(tmp_path)
+    threshold = _chosen_threshold(cc, targets, scores, np.asarray(C.SKIN_TONE_GROUPS)[groups])
+    assert float(events["val_threshold"][0]) == pytest.approx(threshold) and threshold < 0.5
+    for g in range(4):
+        assert float(events[f"val_recall_by_skin_tone/{C.SKIN_TONE_GROUPS[g]}"][0]) == 1.0
+
+    plain = GroupRecallLogger(str(tmp_path / "plain"), scores[:, None], targets, groups)
+    plain.set_model(model)
+    plain.on_epoch_end(0)
+    assert {t: float(v[0]) for t, v in _events(tmp_path / "plain").items()} == {
+        f"val_recall_by_skin_tone_at_0.5/{name}": 0.0 for name in C.SKIN_TONE_GROUPS[:4]}
