@@ -1,5 +1,7 @@
-"""Segmenter quality on real data: train cpu-small from scratch on the 1,600 train images of
-../shared/data/isic2018-task1-256, report val and test mean Jaccard and thresholded Jaccard.
+"""Segmenter quality on real data: train a profile's segmenter (cpu-small: the EfficientNet-Lite0-encoder
+U-Net from ImageNet weights; `--backbone resnet18 --weights none` for the from-scratch ResNet18) on the
+1,600 train images of ../shared/data/isic2018-task1-256, report val and test mean Jaccard and
+thresholded Jaccard.
 
 usage: python bench/seg_quality.py [--epochs N] [--profile cpu-small] [--out bench/out/seg]
        [--backbone efficientnet_lite0] [--weights imagenet] [--image-size 128]
