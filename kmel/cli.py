@@ -247,7 +247,7 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
             entry = fit_classifier(records, out, config, logdir, strategy, precision, verbose=verbose,
                                    progress=not quiet)
             click.echo(f"classifier exported to {Path(out) / 'classifier'}; threshold {entry['threshold']:.4f} "
-                       f"(chosen on val); {entry['report_split']} metrics: {entry['metrics']}")
+                       f"(chosen on {entry['threshold_from']}); {entry['report_split']} metrics: {entry['metrics']}")
             click.echo(f"report: {Path(out) / 'report' / 'report.md'}")
         return 0
 

@@ -67,7 +67,7 @@ def run_demo(
         "held-out predictions": f"{csv} ({summary.n_ok} ok, {summary.n_error} errors)",
         "held-out report": str(out / "reports" / "report.md"),
         "held-out AUC": report.get("summary", {}).get("auc"),
-        "threshold (chosen on val)": entry["threshold"],
+        f"threshold (chosen on {entry['threshold_from']})": entry["threshold"],
         "tensorboard": f"tensorboard --logdir {runs}",
         "timings (s)": timings,
         "n held-out images": len(truth),

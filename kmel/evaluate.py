@@ -169,10 +169,12 @@ def evaluate_exported(
     crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline)
     model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
     threshold = float(pipeline["classifier"]["threshold"])
+    chosen_on = pipeline["classifier"].get("threshold_from", "val")  # models from before it was recorded: val
     # The threshold in pipeline.json is on the calibrated scale when a temperature is stored with it.
     temperature = float(pipeline["classifier"].get("temperature", 1.0))
     return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
-                              meta={"threshold_from": "pipeline.json (chosen on val)", "models": str(models_dir)},
+                              meta={"threshold_from": f"pipeline.json (chosen on {chosen_on})",
+                                    "threshold_split": chosen_on, "models": str(models_dir)},
                               progress=progress, temperature=temperature)
 
 
@@ -210,6 +212,10 @@ def evaluate_predictions(
                                   "ita_category": "ita_category_name"})
     table[C.COL_TARGET] = table["target"].astype(int)
     threshold = float(table["threshold"].iloc[0])
-    meta = {"predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table), "matched_on": key,
+    # The threshold is the models' (pipeline.json, written into every predicted row), chosen on their validation
+    # split, not on these labelled images.
+    meta = {"split": "your labelled images", "threshold_from": "the predictions' threshold column (pipeline.json)",
+            "threshold_split": "models' validation",
+            "predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table), "matched_on": key,
             "unmatched_truth_rows": int(len(truth) - len(table)), "prediction_rows_not_ok": n_not_ok}
     return report_from_table(table, threshold, out_dir, config, meta)

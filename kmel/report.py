@@ -42,6 +42,18 @@ def _ci(row: Mapping[str, Any], metric: str) -> str:
     return f"{_fmt(row.get(metric))} [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]" if ci else _fmt(row.get(metric))
 
 
+def _threshold_note(meta: Mapping[str, Any]) -> str:
+    """Where the threshold came from, compared with the split reported (from the report's own metadata)."""
+    chosen_on, split = meta.get("threshold_split"), meta.get("split")
+    if chosen_on is None:
+        return "- Where the threshold was chosen is not recorded: the numbers above may be tuned on this split."
+    if chosen_on == split:
+        return (f"- The threshold was chosen on this same `{split}` split: the numbers above are tuned on the data "
+                "they describe and are optimistic.")
+    return (f"- The threshold was chosen on the `{chosen_on}` split; the numbers above are for the `{split}` split, "
+            "so they are not tuned on the data they describe.")
+
+
 def _markdown(report: Mapping[str, Any], title: str) -> str:
     s, meta = report["summary"], report["meta"]
     lines = [f"# {title}", ""]
@@ -99,9 +111,7 @@ def _markdown(report: Mapping[str, Any], title: str) -> str:
                   "| Fitzpatrick | " + " | ".join(scale) + " |", "|---|" + "---|" * len(scale)]
         for band, counts in agreement["confusion"].items():
             lines.append(f"| {band} | " + " | ".join(str(counts[n]) for n in scale) + " |")
-    lines += ["", "## How to read this", "",
-              "- The threshold was chosen on the validation split; the numbers above are for the split named at "
-              "the top, so they are not tuned on the data they describe (when that split is `test`).",
+    lines += ["", "## How to read this", "", _threshold_note(meta),
               "- Skin-tone groups are estimated from the photograph (brightness of the skin around the lesion, "
               "and the ITA angle); they are a heuristic, not Fitzpatrick types.",
               "- Intervals are 95% percentile bootstraps within each group. A small group, or one with few "

@@ -325,11 +325,12 @@ def fit_classifier(
     # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
     final = keras.saving.load_model(models_dir / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
     # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
-    val = predict_records(final, crops_dir, "val", config, cc.batch_size)
+    threshold_split = "val"
+    val = predict_records(final, crops_dir, threshold_split, config, cc.batch_size)
     # One temperature fitted on val; the threshold is chosen on the calibrated scale that predict reports.
     temperature = fit_temperature(val["target"].to_numpy(), val["probability"].to_numpy())
     calibrated = apply_temperature(val["probability"].to_numpy(), temperature)
-    calibration = {"temperature": temperature, "fitted_on": "val", "val_ece_before": expected_calibration_error(
+    calibration = {"temperature": temperature, "fitted_on": threshold_split, "val_ece_before": expected_calibration_error(
         val["target"].to_numpy(), val["probability"].to_numpy()),
         "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
     choice = choose_threshold(
@@ -339,7 +340,8 @@ def fit_classifier(
     )
     report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
     report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
-                                models_dir / "report", meta={"threshold_from": "val", "threshold_choice": choice},
+                                models_dir / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
+                                                              "threshold_choice": choice},
                                 temperature=temperature)
     save_config(config, models_dir / "classifier_config.yaml")
     entry = {
@@ -349,6 +351,7 @@ def fit_classifier(
         "class_names": ["benign", "malignant"] if config.records.task == "malignant" else ["other", config.records.task],
         "threshold": float(choice["threshold"]),
         "threshold_choice": choice,
+        "threshold_from": threshold_split,
         "temperature": temperature,
         "calibration": calibration,
         "fingerprint": fingerprint,

@@ -268,3 +268,14 @@ def test_evaluate_predictions_takes_subgroups_from_the_truth_table(tmp_path):
     assert {"skin_tone", "sex", "fitzpatrick"} <= set(report["fairness"])
     assert report["fairness"]["sex"]["groups"]["male"]["n"] == int((scored[C.COL_SEX] == "male").sum())
     assert report["tone_agreement"]["skin_tone"]["n"] == int(scored["fitzpatrick_group"].notna().sum())
+
+
+def test_report_says_where_the_threshold_was_chosen():
+    """The 'How to read this' line is derived from the split the threshold came from and the split reported."""
+    from kmel.report import _threshold_note
+
+    assert "not tuned" in _threshold_note({"threshold_split": "val", "split": "test"})
+    assert "`val` split" in _threshold_note({"threshold_split": "val", "split": "test"})
+    same = _threshold_note({"threshold_split": "val", "split": "val"})
+    assert "same `val` split" in same and "optimistic" in same
+    assert "not recorded" in _threshold_note({"split": "test"})

@@ -110,7 +110,10 @@ def test_predict_handles_odd_files_and_writes_one_row_each(pipeline, tmp_path):
     ok = rows[rows["status"] == "ok"]
     probs = ok["probability"].astype(float)
     assert ((probs >= 0) & (probs <= 1)).all()
-    assert (ok["prediction"].astype(int) == (probs >= ok["threshold"].astype(float)).astype(int)).all()
+    entry = json.loads((pipeline["models"] / C.PIPELINE_JSON).read_text())["classifier"]
+    assert np.allclose(ok["threshold"].astype(float), entry["threshold"])  # pipeline.json's, not the CSV's own
+    assert (ok["prediction"].astype(int) == (probs >= entry["threshold"]).astype(int)).all()
+    assert list(ok["label"]) == [entry["class_names"][int(p)] for p in ok["prediction"]]
     assert set(ok["crop_mode"]) <= set(C.CROP_MODES)
     assert set(ok["skin_tone_group"]) <= set(C.SKIN_TONE_GROUPS)
     errors = rows[rows["status"] == "error"]
@@ -284,3 +287,79 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
     assert result["replicas"] == 2 and result["metrics"]["n"] > 0  # report on the test split
     assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2, 3], "no epoch repeated or lost across the kill"
     assert result["epochs_run"] == 4 and not (models / ".backup-classifier").exists()
+
+
+def test_threshold_is_chosen_on_val_not_on_the_reported_split(pipeline):
+    """pipeline.json's threshold equals choose_threshold on the val predictions (calibrated by the stored
+    temperature), says so in threshold_from, and is not what the test split would have chosen."""
+    import keras
+
+    from kmel.config import load_config
+    from kmel.evaluate import predict_records
+    from kmel.fairness import apply_temperature, choose_threshold
+
+    models = pipeline["models"]
+    entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
+    assert entry["threshold_from"] == "val" and entry["report_split"] == "test"
+    config = load_config(str(pipeline["profile"]))
+    cc = config.classifier
+    crops = pipeline["records"] / entry["crops_dir"]
+    model = keras.saving.load_model(models / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
+
+    def chosen(split: str) -> float:
+        table = predict_records(model, crops, split, config, cc.batch_size)
+        probs = apply_temperature(table["probability"].to_numpy(), entry["temperature"])
+        return choose_threshold(table["target"].to_numpy(), probs, method=cc.threshold_method,
+                                groups=table["skin_tone_name"].to_numpy(), min_group_recall=cc.min_group_recall,
+                                target_sensitivity=cc.target_sensitivity)["threshold"]
+
+    assert entry["threshold"] == pytest.approx(chosen("val"), abs=1e-6)
+    assert entry["threshold"] != pytest.approx(chosen("test"), abs=1e-6)
+    report = (models / "report" / "report.md").read_text()
+    assert "chosen on: val" in report and "chosen on the `val` split" in report
+
+
+def test_predict_probabilities_are_the_classifiers(pipeline, tmp_path):
+    """Each CSV probability is the exported classifier's output on the crop CropPipeline makes, calibrated by
+    pipeline.json's temperature (to 1e-5); with --tta, the mean over the four flips. Decision, label and
+    threshold come from pipeline.json, not from the CSV itself."""
+    import tensorflow as tf
+
+    from kmel.crops import CropPipeline, make_segment_fn
+    from kmel.export import load_serving
+    from kmel.fairness import apply_temperature
+    from kmel.images import load_image
+    from kmel.predict import load_pipeline_config
+
+    models, folder = pipeline["models"], tmp_path / "in"
+    folder.mkdir()
+    for source in sorted((pipeline["tmp"] / "data" / "predict").glob("*.jpg"))[:3]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    files = sorted(folder.glob("*.jpg"))
+    config, pipe = load_pipeline_config(models)
+    entry = pipe["classifier"]
+    serve = load_serving(models / C.CLASSIFIER_DIR).signatures["serve"]
+    segment, seg_size = make_segment_fn(models, pipe)
+    with CropPipeline(segment, seg_size, config, workers=1) as crops:
+        batch = np.stack([p.result.crop for p in crops.run([load_image(f) for f in files])]).astype(np.float32)
+
+    def classify(x: np.ndarray) -> np.ndarray:
+        return next(iter(serve(tf.constant(x)).values())).numpy().reshape(-1)
+
+    plain = classify(batch)
+    flipped = np.mean([plain, classify(batch[:, :, ::-1]), classify(batch[:, ::-1]), classify(batch[:, ::-1, ::-1])],
+                      axis=0)
+    assert np.abs(flipped - plain).max() > 1e-4, "the flips must change something for this test to mean anything"
+    for tta, raw in ((False, plain), (True, flipped)):
+        out = tmp_path / f"tta-{tta}.csv"
+        result = _invoke("predict", str(folder), str(out), "--models", str(models), "--quiet",
+                         *(["--tta"] if tta else []))
+        assert result.exit_code == 0, result.output
+        rows = pd.read_csv(out).set_index("image").loc[[f.stem for f in files]]
+        want = apply_temperature(raw, entry["temperature"])
+        np.testing.assert_allclose(rows["probability"].to_numpy(), want, atol=1e-5)
+        assert np.allclose(rows["threshold"], entry["threshold"])
+        decision = (want >= entry["threshold"]).astype(int)
+        assert list(rows["prediction"]) == list(decision)
+        assert list(rows["label"]) == [entry["class_names"][d] for d in decision]
+        assert rows["tta"].astype(bool).all() == tta
