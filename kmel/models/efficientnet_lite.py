@@ -272,11 +272,15 @@ def assign_layer_weights(model: keras.Model, weights: Mapping[str, list[np.ndarr
 
 
 def load_lite_imagenet(model: keras.Model, backbone: str, path: str | Path | None = None) -> None:
-    """Fill an EfficientNet-Lite model (built by :func:`EfficientNetLite`) with ImageNet weights."""
+    """Fill an EfficientNet-Lite model (built by :func:`EfficientNetLite`, or an encoder cut from one before
+    its ``top_conv``, as in the Lite U-Net) with ImageNet weights; every layer it has must be filled."""
     path = Path(path) if path else lite_checkpoint_path(backbone)
     try:
         state_dict = load_torch_state_dict(path)
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from None
-    include_top = any(layer.name == "predictions" for layer in model.layers)
-    assign_layer_weights(model, lite_state_dict_to_keras(state_dict, backbone, include_top), str(path))
+    names = {layer.name for layer in model.layers}
+    arrays = lite_state_dict_to_keras(state_dict, backbone, include_top="predictions" in names)
+    if "top_conv" not in names:  # an encoder ending at block7: the checkpoint's head conv has no place
+        arrays = {name: values for name, values in arrays.items() if not name.startswith("top_")}
+    assign_layer_weights(model, arrays, str(path))

@@ -30,14 +30,12 @@ from kmel.models.efficientnet_lite import (
     LITE_VARIANTS,
     STAGES,
     EfficientNetLite,
-    assign_layer_weights,
     block_names,
     lite_checkpoint_path,
-    lite_state_dict_to_keras,
+    load_lite_imagenet,
     round_filters,
 )
 from kmel.models.resnet_unet import apply_unet_decoder
-from kmel.models.torch_checkpoint import CheckpointError, load_torch_state_dict
 from kmel.models.weights import WeightsError
 
 # === Config ===
@@ -118,10 +116,4 @@ def load_lite_unet_encoder(model: keras.Model, spec: str) -> None:
         if path.suffix not in (".pth", ".pt"):
             raise WeightsError(f"{path}: an EfficientNet-Lite segmenter takes --weights imagenet, none, a "
                                "whole-model .weights.h5 or an EfficientNet-Lite .pth checkpoint")
-    try:
-        state_dict = load_torch_state_dict(path)
-    except CheckpointError as exc:
-        raise WeightsError(str(exc)) from None
-    arrays = lite_state_dict_to_keras(state_dict, backbone, include_top=False)
-    arrays = {name: values for name, values in arrays.items() if not name.startswith("top_")}
-    assign_layer_weights(lite_encoder(model), arrays, str(path))
+    load_lite_imagenet(lite_encoder(model), backbone, path)
