@@ -286,10 +286,17 @@ def _inputs_and_out(paths: tuple[str, ...], out: str | None) -> tuple[list[str],
 @click.option("--tta", is_flag=True, help="Average the classifier over flips (noted in the output's tta column).")
 @click.option("--max-file-mb", type=int, default=None,
               help="Larger input files get an error row, unread [predict.max_file_mb: 256].")
+@click.option("--runtime", type=click.Choice(["tf", "tflite"]), default="tf", show_default=True,
+              help="tf: the SavedModels; tflite: the .tflite files `kmel export --format tflite` wrote "
+                   "(XNNPACK on the CPU; no --explain).")
+@click.option("--tflite-precision", type=click.Choice(["float32", "float16", "int8"]), default="float32",
+              show_default=True, help="Which TFLite files --runtime tflite uses (int8: quantised, fastest, "
+                                      "least exact; pipeline.json's tflite section states each one's parity).")
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: str, batch_size: int | None,
-            explain_dir: str | None, tta: bool, max_file_mb: int | None, strict: bool, quiet: bool) -> None:
+            explain_dir: str | None, tta: bool, max_file_mb: int | None, runtime: str, tflite_precision: str,
+            strict: bool, quiet: bool) -> None:
     """Classify image files into a CSV or JSONL file, one row per input file.
 
     INPUT is any mix of image files and folders (searched recursively), or - to read paths from
@@ -305,7 +312,7 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
         inputs, target = _inputs_and_out(paths, out)
         stdin = click.get_text_stream("stdin") if "-" in inputs else None
         s = predict_files(inputs, target, models, batch_size, tta, explain_dir, fmt, stdin, max_file_mb,
-                          progress=not quiet)
+                          progress=not quiet, runtime=runtime, tflite_precision=tflite_precision)
         click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_skipped} skipped, {s.n_malignant} predicted positive "
                    f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {target}")
         for path, reason in s.errors[:20]:
@@ -313,6 +320,45 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
         if len(s.errors) > 20:
             click.echo(f"  ... and {len(s.errors) - 20} more (status=error rows in {target})", err=True)
         return exit_code(s.n_error, s.n_skipped, strict)
+
+    run(body)
+
+
+@cli.command("export")
+@click.option("--format", "fmt", type=click.Choice(["tflite"]), default="tflite", show_default=True,
+              help="What to export the trained models as (the SavedModels are written by `train`).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["float32", "float16", "int8"]),
+              help="TFLite precision; repeat for several [default: all three]. int8 is calibrated on train "
+                   "images drawn from --records.")
+@click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Folder with segmenter/, classifier/ and pipeline.json; the files go to MODELS/tflite/.")
+@click.option("--records", default="tfrecords", show_default=True, type=click.Path(file_okay=False),
+              help="Records the models were trained on: calibration (train) and parity (val) images come from them.")
+@click.option("--calibration-images", default=64, show_default=True,
+              help="Train images for int8 calibration.")
+@click.option("--parity-images", default=16, show_default=True,
+              help="Val images on which each file is compared with its SavedModel (max |difference| is recorded).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(fmt: str, precisions: tuple[str, ...], models: str, records: str, calibration_images: int,
+           parity_images: int, quiet: bool) -> None:
+    """Convert the exported segmenter and classifier to TFLite (LiteRT) for phones and fast CPU serving.
+
+    Writes MODELS/tflite/{segmenter,classifier}-{float32,float16,int8}.tflite and records each file's
+    size, SHA-256, source model and parity (max |SavedModel - TFLite| on val images) in pipeline.json.
+    Use them with `kmel predict --runtime tflite --tflite-precision P`.
+    """
+
+    def body() -> int:
+        from kmel.litert import PRECISIONS, export_tflite
+
+        chosen = list(precisions) or list(PRECISIONS)
+        section = export_tflite(models, records, chosen, calibration_images, parity_images, progress=not quiet)
+        for precision in chosen:
+            for model in ("segmenter", "classifier"):
+                e = section[precision][model]
+                click.echo(f"{e['file']}: {e['bytes'] / 2**20:.1f} MiB, max |SavedModel - TFLite| "
+                           f"{e['max_abs_diff']:.2e} on {e['parity_n']} {e['parity_split']} images")
+        return 0
 
     run(body)
 

@@ -40,6 +40,16 @@ class PreparedCrop:
     original_size: tuple[int, int]  # (height, width)
 
 
+@dataclass(frozen=True)
+class PreStage:
+    """One image after :meth:`CropPipeline.pre`: at the records' size, ready for the segmenter."""
+
+    small: np.ndarray  # RGB uint8, long side = records.image_size
+    seg_input: np.ndarray  # enhanced, padded square, seg_size × seg_size, uint8
+    pad: tuple[int, int, int, int]  # top, bottom, left, right
+    original_size: tuple[int, int]  # (height, width) of the image as given
+
+
 def make_segment_fn(
     models_dir: str | Path, pipeline: dict[str, Any] | None = None
 ) -> tuple[SegmentFn, int]:
@@ -81,45 +91,49 @@ class CropPipeline:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _pre(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    def pre(self, image: np.ndarray) -> PreStage:
+        """The segmenter's input for one image, and what :meth:`finish` needs of it. The original
+        image is not kept (only its size), so a caller can drop a full-resolution decode right away."""
         small = resize_long_side(image, self.config.records.image_size)
         enhanced = enhance_for_segmentation(small, self.config.crops)
         square, pad = pad_to_square(enhanced)
         seg_input = cv2.resize(square, (self.seg_size, self.seg_size), interpolation=cv2.INTER_AREA)
-        return small, seg_input, pad
+        return PreStage(small, seg_input, pad, (int(image.shape[0]), int(image.shape[1])))
 
-    def _post(
-        self, image: np.ndarray, small: np.ndarray, prob: np.ndarray | None, pad: tuple[int, int, int, int]
-    ) -> PreparedCrop:
+    def _post(self, pre: PreStage, prob: np.ndarray | None) -> PreparedCrop:
+        small = pre.small
         prob_small = None
         if prob is not None:
             h, w = small.shape[:2]
-            top, bottom, left, right = pad
+            top, bottom, left, right = pre.pad
             side = h + top + bottom
             prob_sq = cv2.resize(prob.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
             prob_small = prob_sq[top : top + h, left : left + w]
         result = prepare_crop(small, prob_small, self.config.classifier.image_size, self.config.crops)
-        scale_y = image.shape[0] / small.shape[0]
-        scale_x = image.shape[1] / small.shape[1]
+        height, width = pre.original_size
+        scale_y = height / small.shape[0]
+        scale_x = width / small.shape[1]
         x0, y0, x1, y1 = result.box
         box = (
             int(round(x0 * scale_x)),
             int(round(y0 * scale_y)),
-            min(image.shape[1], int(round(x1 * scale_x))),
-            min(image.shape[0], int(round(y1 * scale_y))),
+            min(width, int(round(x1 * scale_x))),
+            min(height, int(round(y1 * scale_y))),
         )
-        return PreparedCrop(result, box, (int(image.shape[0]), int(image.shape[1])))
+        return PreparedCrop(result, box, pre.original_size)
+
+    def finish(self, pres: Sequence[PreStage]) -> list[PreparedCrop]:
+        """Segment a batch of :meth:`pre` outputs, then crop, remove hair and estimate skin tone."""
+        if not pres:
+            return []
+        probs: list[np.ndarray | None] = [None] * len(pres)
+        if self.segment is not None:
+            probs = list(self.segment(np.stack([p.seg_input for p in pres]).astype(np.float32)))
+        return list(self.pool.map(self._post, pres, probs))
 
     def run(self, images: Sequence[np.ndarray]) -> list[PreparedCrop]:
         """Crops for a batch of RGB uint8 images of any size."""
-        if not images:
-            return []
-        pre = list(self.pool.map(self._pre, images))
-        probs: list[np.ndarray | None] = [None] * len(images)
-        if self.segment is not None:
-            batch = np.stack([p[1] for p in pre]).astype(np.float32)
-            probs = list(self.segment(batch))
-        return list(self.pool.map(lambda a: self._post(*a), [(img, p[0], pr, p[2]) for img, p, pr in zip(images, pre, probs)]))
+        return self.finish(list(self.pool.map(self.pre, images)))
 
 
 # === Crop records ===

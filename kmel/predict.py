@@ -21,10 +21,12 @@ import io
 import json
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, Full, Queue
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -111,36 +113,110 @@ def load_pipeline_config(models_dir: str | Path) -> tuple[Config, dict[str, Any]
     return config_from_pipeline(pipeline, models_dir), pipeline
 
 
-def _classify_fn(serve: Any, tta: bool) -> Any:
-    import tensorflow as tf
+RUNTIMES = ("tf", "tflite")
+
+
+def _chunked(fn: Callable[[np.ndarray], np.ndarray], size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn`` called on at most ``size`` images at a time (the results concatenated)."""
 
     def run(batch: np.ndarray) -> np.ndarray:
-        x = tf.constant(batch, tf.float32)
-        views = [x] if not tta else [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
-        probs = [next(iter(serve(v).values())).numpy().reshape(-1) for v in views]
-        return np.mean(probs, axis=0)
+        if len(batch) <= size:
+            return fn(batch)
+        return np.concatenate([fn(batch[i : i + size]) for i in range(0, len(batch), size)])
 
     return run
 
 
-def make_classify_fn(models_dir: str | Path, tta: bool) -> Any:
-    """The exported classifier as ``fn(float32 [N, S, S, 3] 0–255) -> [N]`` (flip-averaged with ``tta``)."""
-    from kmel.export import load_serving
+def model_chunk(image_size: int, max_batch_pixels: int) -> int:
+    """Images per model call so that one call sees at most ``max_batch_pixels`` input pixels (at least one):
+    the activations of a call grow with its pixels, so this bounds the models' working memory."""
+    return max(1, max_batch_pixels // (image_size * image_size))
 
-    return _classify_fn(load_serving(Path(models_dir) / C.CLASSIFIER_DIR).signatures["serve"], tta)
+
+@dataclass(frozen=True)
+class RuntimeModels:
+    """The exported segmenter and classifier as plain functions, whichever runtime serves them.
+
+    ``segment``: float32 [N, S, S, 3] 0–255 → [N, S, S] lesion probabilities. ``classify``: float32
+    [N, C, C, 3] 0–255 → [N] probabilities, uncalibrated. Both split a batch into calls of at most
+    ``max_batch_pixels`` input pixels.
+    """
+
+    runtime: str
+    precision: str
+    seg_size: int
+    cls_size: int
+    segment: Callable[[np.ndarray], np.ndarray]
+    classify: Callable[[np.ndarray], np.ndarray]
+    classifier_savedmodel: Any = None  # the loaded SavedModel (tf runtime): its gradcam endpoint explains
+
+
+def load_runtime_models(
+    models_dir: str | Path, pipeline: dict[str, Any] | None = None, runtime: str = "tf",
+    tflite_precision: str = "float32", max_batch_pixels: int | None = None, threads: int | None = None,
+) -> RuntimeModels:
+    """Load the two exported models for ``runtime``: ``tf`` (the SavedModels) or ``tflite`` (the files
+    ``kmel export --format tflite`` wrote, of ``tflite_precision``). ``pipeline``: the contents of
+    pipeline.json when the caller has read it already."""
+    from kmel.export import load_serving, read_pipeline
+
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    models_dir = Path(models_dir)
+    pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
+    config = config_from_pipeline(pipeline, models_dir)
+    seg_size = int(pipeline["segmenter"]["image_size"])
+    cls_size = config.classifier.image_size
+    pixels = config.predict.max_batch_pixels if max_batch_pixels is None else max_batch_pixels
+    if runtime == "tflite":
+        from kmel.litert import TFLiteModel, tflite_path, tflite_status
+
+        status = tflite_status(models_dir, tflite_precision, pipeline)
+        if status != "ok":
+            raise FileNotFoundError(status)
+        seg = TFLiteModel(tflite_path(models_dir, C.SEGMENTER_DIR, tflite_precision), threads)
+        cls = TFLiteModel(tflite_path(models_dir, C.CLASSIFIER_DIR, tflite_precision), threads)
+        return RuntimeModels(
+            "tflite", tflite_precision, seg_size, cls_size,
+            _chunked(lambda x: seg(x)[..., 0], model_chunk(seg_size, pixels)),
+            _chunked(lambda x: cls(x).reshape(-1), model_chunk(cls_size, pixels)),
+        )
+    import tensorflow as tf
+
+    seg_serve = load_serving(models_dir / C.SEGMENTER_DIR).signatures["serve"]
+    loaded = load_serving(models_dir / C.CLASSIFIER_DIR)
+    cls_serve = loaded.signatures["serve"]
+
+    def segment(x: np.ndarray) -> np.ndarray:
+        return next(iter(seg_serve(tf.constant(x, tf.float32)).values())).numpy()[..., 0]
+
+    def classify(x: np.ndarray) -> np.ndarray:
+        return next(iter(cls_serve(tf.constant(x, tf.float32)).values())).numpy().reshape(-1)
+
+    return RuntimeModels("tf", "float32", seg_size, cls_size, _chunked(segment, model_chunk(seg_size, pixels)),
+                         _chunked(classify, model_chunk(cls_size, pixels)), loaded)
+
+
+def flip_views(batch: np.ndarray) -> list[np.ndarray]:
+    """The four flips ``--tta`` averages over: as is, left–right, up–down, both."""
+    return [batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1]]
 
 
 class Predictor:
     """The exported segmenter and classifier with their pipeline settings, loaded once.
 
-    ``predict(images)`` takes RGB uint8 images of any size and returns one :class:`Prediction` each.
-    Use it as a context manager (or call :meth:`close`) to stop its worker threads.
+    ``predict(images)`` takes RGB uint8 images of any size and returns one :class:`Prediction` each;
+    it is :meth:`prepare` (segment → crop → hair removal → skin tone) then :meth:`classify`, which a
+    caller may also run apart, in two threads, to overlap them. ``runtime``: ``tf`` (SavedModels) or
+    ``tflite`` (``tflite_precision`` files from ``kmel export --format tflite``). Use it as a context
+    manager (or call :meth:`close`) to stop its worker threads.
     """
 
     def __init__(self, models_dir: str | Path = "saved_models", tta: bool = False, explain: bool = False,
-                 workers: int | None = None):
-        from kmel.crops import CropPipeline, make_segment_fn
-        from kmel.export import load_serving, read_pipeline
+                 workers: int | None = None, runtime: str = "tf", tflite_precision: str = "float32",
+                 max_batch_pixels: int | None = None):
+        from kmel.crops import CropPipeline
+        from kmel.export import read_pipeline
 
         self.models_dir = Path(models_dir)
         self.pipeline = read_pipeline(self.models_dir)  # the one read of pipeline.json
@@ -150,28 +226,37 @@ class Predictor:
         self.temperature = float(classifier.get("temperature", 1.0))  # the threshold is on the calibrated scale
         self.class_names = list(classifier.get("class_names", ["benign", "malignant"]))
         self.tta = tta
-        segment, seg_size = make_segment_fn(self.models_dir, self.pipeline)
-        loaded = load_serving(self.models_dir / C.CLASSIFIER_DIR)
-        self._classify = _classify_fn(loaded.signatures["serve"], tta)
+        if explain and runtime != "tf":
+            raise ConfigError("--explain (Grad-CAM) needs the SavedModel runtime: drop --runtime tflite")
+        self.models = load_runtime_models(self.models_dir, self.pipeline, runtime, tflite_precision, max_batch_pixels)
         self._explain = None
         if explain:
             from kmel.explain import make_gradcam_fn
 
-            self._explain = make_gradcam_fn(self.models_dir, loaded)
+            self._explain = make_gradcam_fn(self.models_dir, self.models.classifier_savedmodel)
         workers = self.config.predict.workers if workers is None else workers
-        self.crops = CropPipeline(segment, seg_size, self.config, workers)
+        self.crops = CropPipeline(self.models.segment, self.models.seg_size, self.config, workers)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """One prediction per image, in order (an empty list for no images)."""
-        if not len(images):
-            return []
-        prepared = self.crops.run(list(images))
-        batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
-        probs = self._classify(batch)
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of float32 crops (flip-averaged with ``tta``)."""
+        views = flip_views(crops) if self.tta else [crops]
+        probs = np.mean([self.models.classify(np.ascontiguousarray(v)) for v in views], axis=0)
         if self.temperature != 1.0:
             from kmel.fairness import apply_temperature
 
             probs = apply_temperature(probs, self.temperature)
+        return probs
+
+    def prepare(self, images: Sequence[np.ndarray]) -> list[Any]:
+        """Segment, crop, remove hair, estimate skin tone: one :class:`kmel.crops.PreparedCrop` each."""
+        return self.crops.run(list(images))
+
+    def classify(self, prepared: Sequence[Any]) -> list[Prediction]:
+        """One prediction per prepared crop, in order."""
+        if not len(prepared):
+            return []
+        batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
+        probs = self.probabilities(batch)
         heat = self._explain(batch) if self._explain is not None else [None] * len(prepared)
         out = []
         for prep, prob, cam in zip(prepared, probs, heat):
@@ -184,6 +269,12 @@ class Predictor:
                 crop=prep.result.crop, heatmap=cam,
             ))
         return out
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """One prediction per image, in order (an empty list for no images)."""
+        if not len(images):
+            return []
+        return self.classify(self.prepare(images))
 
     def close(self) -> None:
         self.crops.close()
@@ -352,20 +443,93 @@ def _load(item: InputFile, max_bytes: int) -> tuple[np.ndarray | None, str]:
         return None, f"{item.path}: {type(exc).__name__}: {exc}"
 
 
-def _decoded_batches(
-    items: Sequence[InputFile], batch_size: int, pool: ThreadPoolExecutor, max_bytes: int
-) -> Iterator[tuple[list[InputFile], list[tuple[np.ndarray | None, str]]]]:
-    """Batches with their decoded images; the next batch decodes while the caller works on this one
-    (one batch of look-ahead keeps memory flat in the number of files)."""
-    pending: tuple[list[InputFile], list[Future]] | None = None
-    for start in range(0, len(items), batch_size):
-        batch = list(items[start : start + batch_size])
-        futures = [pool.submit(_load, item, max_bytes) for item in batch]
-        if pending is not None:
-            yield pending[0], [f.result() for f in pending[1]]
-        pending = (batch, futures)
-    if pending is not None:
-        yield pending[0], [f.result() for f in pending[1]]
+@dataclass
+class _Staged:
+    """One batch of input files on its way through predict: crops for the files that could be used,
+    the reason for each that could not (keys: index in ``items``)."""
+
+    items: list[InputFile]
+    prepared: dict[int, Any]
+    errors: dict[int, str]
+
+
+_DONE = object()
+
+
+def _decode_and_pre(item: InputFile, max_bytes: int, crops: Any) -> Any:
+    """The file decoded and reduced to the segmenter's input (:class:`kmel.crops.PreStage`), or why not.
+    The full-resolution decode is dropped here, so at most one per decoding thread is alive."""
+    image, error = _load(item, max_bytes)
+    if image is None:
+        return error
+    try:
+        return crops.pre(image)
+    except Exception as exc:  # an image the preprocessing cannot use (e.g. 1 × 1 px) is one bad file
+        return f"{item.path}: cannot be prepared: {type(exc).__name__}: {exc}"
+
+
+def staged_batches(
+    predictor: Predictor, items: Sequence[InputFile], batch_size: int, max_bytes: int, depth: int | None = None,
+) -> Iterator[_Staged]:
+    """Batches of ``items`` decoded, segmented and cropped, in order, made by a background thread while
+    the caller classifies and writes earlier ones.
+
+    Memory is bounded by design, not by the number of files: at most ``depth`` finished batches wait in
+    the queue (``predict.queue_batches``), one more is being made, and each holds only images at the
+    records' size (full-resolution decodes are dropped as soon as they are reduced; at most one per
+    decoding thread exists at a time). Stopping early (an error, Ctrl-C) stops the thread after the
+    batch it is on.
+    """
+    depth = predictor.config.predict.queue_batches if depth is None else depth
+    queue: Queue = Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(value, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(predictor.crops.workers, thread_name_prefix="kmel-decode") as decoder:
+                for start in range(0, len(items), batch_size):
+                    if stop.is_set():
+                        return
+                    batch = list(items[start : start + batch_size])
+                    staged = list(decoder.map(lambda it: _decode_and_pre(it, max_bytes, predictor.crops), batch))
+                    good = [i for i, s in enumerate(staged) if not isinstance(s, str)]
+                    crops = predictor.crops.finish([staged[i] for i in good])
+                    errors = {i: s for i, s in enumerate(staged) if isinstance(s, str)}
+                    del staged
+                    if not put(_Staged(batch, dict(zip(good, crops)), errors)):
+                        return
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            put(exc)
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="kmel-prepare", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value = queue.get()
+            if value is _DONE:
+                return
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                queue.get(timeout=0.1)  # unblock a producer waiting to put
+            except Empty:
+                pass
+        thread.join()
 
 
 def overlay_path(explain_dir: str | Path, relpath: str) -> Path:
@@ -387,12 +551,12 @@ def run_predictions(
     max_bytes = (max_file_mb if max_file_mb is not None else predictor.config.predict.max_file_mb) * MIB
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    with rows_file, ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as loader:
-        for batch, loaded in _decoded_batches(todo, batch_size, loader, max_bytes):
-            good = [i for i, (image, _) in enumerate(loaded) if image is not None]
-            predictions = dict(zip(good, predictor.predict([loaded[i][0] for i in good])))
+    with rows_file:
+        for staged in staged_batches(predictor, todo, batch_size, max_bytes):
+            good = sorted(staged.prepared)
+            predictions = dict(zip(good, predictor.classify([staged.prepared[i] for i in good])))
             rows = []
-            for i, item in enumerate(batch):
+            for i, item in enumerate(staged.items):
                 row = {"image": item.path.stem, "relpath": item.relpath, "path": str(item.path), "tta": predictor.tta}
                 if i in predictions:
                     result = predictions[i]
@@ -409,9 +573,9 @@ def run_predictions(
                     row.update(status="skipped", error=item.reason)
                     summary.n_skipped += 1
                 else:
-                    row.update(status="error", error=loaded[i][1])
+                    row.update(status="error", error=staged.errors[i])
                     summary.n_error += 1
-                    summary.errors.append((str(item.path), loaded[i][1]))
+                    summary.errors.append((str(item.path), staged.errors[i]))
                 rows.append(row)
             rows_file.write(rows)
             bar.update(len(rows))
@@ -432,13 +596,17 @@ def predict_files(
     stdin: Iterable[str] | None = None,
     max_file_mb: int | None = None,
     progress: bool = True,
+    runtime: str = "tf",
+    tflite_precision: str = "float32",
 ) -> PredictSummary:
     """Predict every input file (files, folders, ``-`` for paths on ``stdin``) into ``out``
-    (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output."""
+    (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output. ``runtime``: ``tf``
+    (SavedModels) or ``tflite`` (the ``tflite_precision`` files of ``kmel export --format tflite``)."""
     rows_file = RowsFile(out, fmt)
     done = rows_file.done()  # a wrong output file is a usage error before the models load
     items = collect_inputs(inputs, stdin)
-    with Predictor(models_dir, tta, explain=explain_dir is not None) as predictor:
+    with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime,
+                   tflite_precision=tflite_precision) as predictor:
         return run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
 
 

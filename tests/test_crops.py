@@ -63,24 +63,30 @@ def test_crop_records_cover_every_image_and_are_reused(setup):
 
 
 def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeypatch):
-    """Same pixels in, same crop box, mode and skin tone out, through the same CropPipeline.run."""
+    """Same pixels in, same crop box, mode and skin tone out, through the same CropPipeline.pre and .finish
+    (crop records call them through ``run``; predict calls them apart, to overlap decoding with the models)."""
     import kmel.crops as crops
     from kmel.predict import predict_folder
 
     calls: list[str] = []
-    original = crops.CropPipeline.run
+    original_pre, original_finish = crops.CropPipeline.pre, crops.CropPipeline.finish
 
-    def spy(self, images):
-        calls.append("run")
-        return original(self, images)
+    def spy_pre(self, image):
+        calls.append("pre")
+        return original_pre(self, image)
 
-    monkeypatch.setattr(crops.CropPipeline, "run", spy)
+    def spy_finish(self, pres):
+        calls.append("finish")
+        return original_finish(self, pres)
+
+    monkeypatch.setattr(crops.CropPipeline, "pre", spy_pre)
+    monkeypatch.setattr(crops.CropPipeline, "finish", spy_finish)
     out = crops.build_crop_records(setup["records"], setup["models"], setup["config"], progress=False)
     # build_crop_records reuses the complete shards of the previous test; force one rebuild
     for plan in out.glob(".crop-*.plan"):
         plan.write_text("stale")
     out = crops.build_crop_records(setup["records"], setup["models"], setup["config"], progress=False)
-    assert calls, "crop records went through CropPipeline.run"
+    assert {"pre", "finish"} <= set(calls), "crop records went through CropPipeline.pre and .finish"
     calls.clear()
     # Save the img- record pixels losslessly and predict on them.
     folder = tmp_path / "same"
@@ -92,7 +98,7 @@ def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeyp
         pixels = cv2.imdecode(np.frombuffer(record[C.F_IMAGE], np.uint8), cv2.IMREAD_COLOR)
         cv2.imwrite(str(folder / f"{image_id}.png"), pixels)
     predict_folder(folder, tmp_path / "p.csv", setup["models"], progress=False)
-    assert calls, "predict went through CropPipeline.run"
+    assert {"pre", "finish"} <= set(calls), "predict went through CropPipeline.pre and .finish"
     rows = pd.read_csv(tmp_path / "p.csv").set_index("image")
     crop_records = {r[C.F_IMAGE_ID]: r for r in read_records(sorted(out.glob("crop-train-*.tfrecord")))}
     for image_id in rows.index:
