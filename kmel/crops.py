@@ -91,14 +91,17 @@ class CropPipeline:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def pre(self, image: np.ndarray) -> PreStage:
+    def pre(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> PreStage:
         """The segmenter's input for one image, and what :meth:`finish` needs of it. The original
-        image is not kept (only its size), so a caller can drop a full-resolution decode right away."""
+        image is not kept (only its size), so a caller can drop a full-resolution decode right away.
+        ``original_size``: (height, width) of the file when ``image`` was decoded reduced (boxes are
+        reported in the file's pixels)."""
         small = resize_long_side(image, self.config.records.image_size)
         enhanced = enhance_for_segmentation(small, self.config.crops)
         square, pad = pad_to_square(enhanced)
         seg_input = cv2.resize(square, (self.seg_size, self.seg_size), interpolation=cv2.INTER_AREA)
-        return PreStage(small, seg_input, pad, (int(image.shape[0]), int(image.shape[1])))
+        size = original_size if original_size is not None else image.shape[:2]
+        return PreStage(small, seg_input, pad, (int(size[0]), int(size[1])))
 
     def _post(self, pre: PreStage, prob: np.ndarray | None) -> PreparedCrop:
         small = pre.small
