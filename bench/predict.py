@@ -191,8 +191,9 @@ def run_predict(models: Path, folder: Path, n: int, runtime: str, batch_size: in
 # === Forward only ===
 
 
-def forward_only(models: Path, runtime: str, batch_size: int | None, n: int = 64) -> float:
-    """Images/s of the segmenter + classifier alone, on prepared tensors, in the batches predict uses."""
+def forward_only(models: Path, runtime: str, batch_size: int | None, n: int = 64) -> tuple[float, float, float]:
+    """Images/s of the segmenter + classifier alone, on prepared tensors, in the batches predict uses,
+    one after the other; and each model's milliseconds per image."""
     from kmel.predict import load_pipeline_config, load_runtime_models
 
     config, pipeline = load_pipeline_config(models)
@@ -205,11 +206,16 @@ def forward_only(models: Path, runtime: str, batch_size: int | None, n: int = 64
     cls_x = rng.uniform(0, 255, (batch, loaded.cls_size, loaded.cls_size, 3)).astype(np.float32)
     loaded.segment(seg_x), loaded.classify(cls_x)  # warm-up
     batches = max(1, n // batch)
-    with Timer() as t:
-        for _ in range(batches):
+    seg_s = cls_s = 0.0
+    for _ in range(batches):
+        with Timer() as t:
             loaded.segment(seg_x)
+        seg_s += t.seconds
+        with Timer() as t:
             loaded.classify(cls_x)
-    return batches * batch / t.seconds
+        cls_s += t.seconds
+    images = batches * batch
+    return images / (seg_s + cls_s), 1000 * seg_s / images, 1000 * cls_s / images
 
 
 def main() -> None:
@@ -244,9 +250,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     for runtime in runtimes:
-        forward = forward_only(models, runtime, args.batch_size)
-        results[runtime] = {"forward_images_per_s": forward}
-        print(f"\n[{runtime}] forward only (segmenter + classifier): {forward:.2f} images/s", flush=True)
+        forward, seg_ms, cls_ms = forward_only(models, runtime, args.batch_size)
+        results[runtime] = {"forward_images_per_s": forward, "segmenter_ms_per_image": seg_ms,
+                            "classifier_ms_per_image": cls_ms}
+        print(f"\n[{runtime}] forward only (segmenter + classifier, one after the other): {forward:.2f} images/s "
+              f"(segmenter {seg_ms:.0f} ms/image, classifier {cls_ms:.0f} ms/image)", flush=True)
         print(f"{'images':>7s} {'predict img/s':>14s} {'÷ forward':>10s} {'× reference':>12s} {'peak GiB':>9s}  "
               "RSS at 10/50/100 % of rows", flush=True)
         for n, folder in sets.items():
