@@ -2,16 +2,22 @@
 
 Two parts:
 
-- :class:`Predictor` holds the exported models and the pipeline settings, loaded once
-  (``pipeline.json`` is read once): RGB images in, :class:`Prediction` records out. Each image goes
-  through the same :class:`kmel.crops.CropPipeline` as the training crops (segment → crop → hair
-  removal → skin tone), then the classifier. It knows nothing of files, so ``evaluate`` or a web or
-  batch service can reuse it.
+- :class:`Predictor` holds the exported models (SavedModels, or the TFLite files of ``kmel export``)
+  and the pipeline settings, loaded once (``pipeline.json`` is read once): RGB images in,
+  :class:`Prediction` records out. Each image goes through the same :class:`kmel.crops.CropPipeline`
+  as the training crops (segment → crop → hair removal → skin tone), then the classifier. It knows
+  nothing of files, so ``evaluate`` or a web or batch service can reuse it.
 - :func:`predict_files` is the runner: it resolves the inputs (files, folders, ``-`` for paths on
-  standard input) to one :class:`InputFile` each, identified by its ``relpath``; decodes one batch
-  ahead; and appends rows batch by batch, flushed to disk. Rerunning the same command resumes: files
-  whose ``relpath`` is already in the output are skipped, so a killed run loses nothing and writes no
-  duplicates. A file that cannot be used gets a row with ``status=error`` and the reason.
+  standard input) to one :class:`InputFile` each, identified by its ``relpath``. A background thread
+  (:func:`staged_batches`) decodes, segments and crops batch after batch into a bounded queue while
+  the caller's thread classifies and appends rows in input order, flushed to disk. Rerunning the same
+  command resumes: files whose ``relpath`` is already in the output are skipped, so a killed run loses
+  nothing and writes no duplicates. A file that cannot be used gets a row with ``status=error`` and
+  the reason.
+
+Memory is bounded by settings, not by the number of files: ``predict.queue_batches`` finished batches
+wait at most, each image is held at the records' size once decoded, and one model call sees at most
+``predict.max_batch_pixels`` input pixels.
 """
 
 from __future__ import annotations
