@@ -13,6 +13,22 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> dict:
+    """``demo --quick`` run once through the CLI: synthetic data, records, a trained segmenter and
+    classifier, predictions and reports. tests/test_demo.py checks the run itself; the end-to-end
+    tests (tests/test_pipeline_e2e.py) use its records and models instead of training their own.
+    """
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    out = tmp_path_factory.mktemp("quick-demo") / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--n-images", "64"],
+                                catch_exceptions=False)
+    return {"result": result, "out": out}
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data from the repository root, or skip: users' clones do not have it."""
     if not SHARED_DATA.is_dir():

@@ -1,4 +1,7 @@
-"""`demo --quick`: the whole main job (synthetic data → records → seg → crops → cls → predict → evaluate)."""
+"""`demo --quick`: the whole main job (synthetic data → records → seg → crops → cls → predict → evaluate).
+
+The run is the session fixture ``quick_demo`` (tests/conftest.py): the end-to-end tests reuse its models.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,12 @@ import json
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 
 
-def test_quick_demo_runs_every_stage(tmp_path):
-    from cli import cli
-
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--quick", "--n-images", "48"],
-                                catch_exceptions=False)
+def test_quick_demo_runs_every_stage(quick_demo):
+    out, result = quick_demo["out"], quick_demo["result"]
     assert result.exit_code == 0, result.output
     for stage in ("make-synthetic", "build-records", "train seg", "crops + train cls", "predict", "evaluate"):
         assert f"[demo] {stage} done" in result.output

@@ -1,7 +1,10 @@
 """End to end on synthetic data through the CLI: records → seg → crops → cls → predict → evaluate.
 
-One module-scoped run of the tiny pipeline serves every test here (each CLI call is a real
-``cli.py`` invocation through click's CliRunner, so exit codes and messages are what users see).
+The trained pipeline is the session's ``demo --quick`` run (tests/conftest.py: one CLI invocation that
+makes the data, builds the records, trains both models and predicts; tests/test_demo.py checks it).
+Every test here reuses its records and models; each CLI call is a real ``cli.py`` invocation through
+click's CliRunner, so exit codes and messages are what users see. ``build-records`` and ``train`` on a
+user's profile file are run through the CLI by tests/test_bad_inputs.py.
 """
 
 from __future__ import annotations
@@ -13,11 +16,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from kmel import constants as C
-from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,21 +28,6 @@ def _invoke(*args: str):
     from cli import cli
 
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def _profile(tmp: Path, epochs: int) -> Path:
-    """TINY as a user profile file (the CLI takes profiles, not dotted overrides)."""
-    data: dict = {}
-    for key, value in TINY.items():
-        section, name = key.split(".")
-        data.setdefault(section, {})[name] = value
-    data["segmenter"]["epochs"] = epochs
-    data["classifier"]["epochs"] = epochs
-    data["segmenter"]["steps_per_epoch"] = 6
-    data["classifier"]["steps_per_epoch"] = 6
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def write_bad_inputs(folder: Path) -> dict[str, str]:
@@ -61,20 +47,14 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    profile = _profile(tmp, epochs=2)
-    result = _invoke("make-synthetic", str(tmp / "data"), "--n-images", "64", "--size", "96", "--seed", "5",
-                     "--predict-images", "8")
-    assert result.exit_code == 0, result.output
-    result = _invoke("build-records", "--data-dir", str(tmp / "data"), "--out", str(tmp / "rec"),
-                     "--profile", str(profile), "--quiet")
-    assert result.exit_code == 0, result.output
-    for model in ("seg", "cls"):
-        result = _invoke("train", model, "--records", str(tmp / "rec"), "--out", str(tmp / "models"),
-                         "--profile", str(profile), "--logdir", str(tmp / "runs"), "--quiet")
-        assert result.exit_code == 0, result.output
-    return {"tmp": tmp, "profile": profile, "models": tmp / "models", "records": tmp / "rec"}
+def pipeline(quick_demo) -> dict:
+    """The quick demo's records (64 synthetic images), trained models and held-out prediction folder."""
+    from kmel.demo import demo_config
+
+    assert quick_demo["result"].exit_code == 0, quick_demo["result"].output
+    out = quick_demo["out"]
+    return {"models": out / "saved_models", "records": out / "tfrecords", "predict": out / "predict_images",
+            "config": demo_config(quick=True)}
 
 
 def test_training_outputs_and_report(pipeline):
@@ -98,7 +78,7 @@ def test_training_outputs_and_report(pipeline):
 def test_predict_handles_odd_files_and_writes_one_row_each(pipeline, tmp_path):
     folder = tmp_path / "in"
     expected = write_bad_inputs(folder)
-    for p in sorted((pipeline["tmp"] / "data" / "predict").glob("*.jpg"))[:3]:
+    for p in sorted((pipeline["predict"]).glob("*.jpg"))[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
         expected[p.stem] = "ok"
     out = tmp_path / "out.csv"
@@ -122,7 +102,7 @@ def test_predict_handles_odd_files_and_writes_one_row_each(pipeline, tmp_path):
 
 
 def test_predict_resumes_without_duplicates(pipeline, tmp_path):
-    folder = pipeline["tmp"] / "data" / "predict"
+    folder = pipeline["predict"]
     out = tmp_path / "p.csv"
     assert _invoke("predict", str(folder), str(out), "--models", str(pipeline["models"]), "--quiet",
                    "--batch-size", "4").exit_code == 0
@@ -138,7 +118,7 @@ def test_predict_resumes_without_duplicates(pipeline, tmp_path):
 
 
 def test_predict_tta_and_gradcam(pipeline, tmp_path):
-    folder = pipeline["tmp"] / "data" / "predict"
+    folder = pipeline["predict"]
     out, explain = tmp_path / "tta.csv", tmp_path / "cam"
     result = _invoke("predict", str(folder), str(out), "--models", str(pipeline["models"]), "--tta",
                      "--explain", str(explain), "--quiet")
@@ -164,7 +144,7 @@ def test_evaluate_records_and_truth_csv(pipeline, tmp_path, monkeypatch):
     assert len(reads) == 1, "pipeline.json is read once per run"
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["meta"]["split"] == "test"
-    folder = pipeline["tmp"] / "data" / "predict"
+    folder = pipeline["predict"]
     _invoke("predict", str(folder), str(tmp_path / "p.csv"), "--models", str(pipeline["models"]), "--quiet")
     result = _invoke("evaluate", "--predictions", str(tmp_path / "p.csv"), "--truth", str(folder / "truth.csv"),
                      "--out", str(tmp_path / "rep2"))
@@ -224,8 +204,9 @@ def test_predict_killed_with_sigkill_then_rerun_loses_nothing(pipeline, tmp_path
 
     folder = tmp_path / "many"
     folder.mkdir()
-    sources = sorted((pipeline["tmp"] / "data" / "predict").glob("*.jpg"))
-    for i in range(300):
+    sources = sorted((pipeline["predict"]).glob("*.jpg"))
+    n = 120  # the kill lands after 12 rows: most of the run is still ahead
+    for i in range(n):
         (folder / f"copy{i:03d}_{sources[i % len(sources)].name}").write_bytes(sources[i % len(sources)].read_bytes())
     out = tmp_path / "killed.csv"
     cmd = [sys.executable, str(REPO / "cli.py"), "predict", str(folder), str(out), "--models", str(pipeline["models"]),
@@ -240,11 +221,11 @@ def test_predict_killed_with_sigkill_then_rerun_loses_nothing(pipeline, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     written = out.read_text().count("\n") - 1
-    assert 10 <= written < 300, f"the kill must land mid-run ({written} rows written)"
+    assert 10 <= written < n, f"the kill must land mid-run ({written} rows written)"
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     rows = pd.read_csv(out, dtype=str)
-    assert len(rows) == 300 and rows["path"].is_unique and (rows["status"] == "ok").all()
+    assert len(rows) == n and rows["path"].is_unique and (rows["status"] == "ok").all()
 
 
 def test_exported_classifier_matches_the_keras_model(pipeline):
@@ -259,34 +240,44 @@ def test_exported_classifier_matches_the_keras_model(pipeline):
     exported = next(iter(serve(tf.constant(batch)).values())).numpy().reshape(-1)
     np.testing.assert_allclose(exported, model.predict(batch, verbose=0).reshape(-1), atol=1e-5)
     history = pd.read_csv(models / "classifier_history.csv")
-    assert len(history) == 2 and np.isfinite(history["loss"]).all()
+    entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
+    assert len(history) == entry["epochs_run"] == pipeline["config"].classifier.epochs  # one row per epoch
+    assert np.isfinite(history["loss"]).all()
 
 
 def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_path):
-    """`train cls` over two logical CPUs (MirroredStrategy), SIGKILLed after two of four epochs; the
-    same command again resumes from its backup and ends with every epoch exactly once."""
+    """`train cls` over two logical CPUs (MirroredStrategy), SIGKILLed after the first of three epochs; the
+    same command again resumes from its backup, runs the other two in one ``fit`` and ends with every epoch
+    exactly once. An EfficientNet-Lite0 from scratch (no squeeze-excite: its replicated train step traces
+    faster than B0's); the demo trains B0 through the same code."""
     import os
     import shutil
     import subprocess
     import sys
 
+    from kmel.config import to_plain
     from tests.processes import kill_after_epochs
 
     models = tmp_path / "models"
     shutil.copytree(pipeline["models"], models)  # the segmenter and its crop records are reused
+    # The demo's crop settings, so its crop records are reused, not rebuilt.
+    crops = {f"crops.{k}": v for k, v in to_plain(pipeline["config"].crops).items()}
+    overrides = json.dumps({"classifier.backbone": "efficientnet_lite0", **crops})
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "cls", str(pipeline["records"]), str(models),
-           str(tmp_path / "runs"), "mirrored", "2", "4", "float32"]
+           str(tmp_path / "runs"), "mirrored", "2", "3", "float32", overrides]
     history = models / "classifier_history.csv"
     history.unlink()  # the copied single-device run's
-    kill_after_epochs(cmd, history, 2, REPO, env)
+    crop_stamps = {p: p.stat().st_mtime_ns for p in pipeline["records"].glob("crops-*/manifest.json")}
+    kill_after_epochs(cmd, history, 1, REPO, env)
     assert (models / ".backup-classifier").exists(), "a killed run leaves its backup"
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     result = json.loads(rerun.stdout.split("RESULT ", 1)[1])
     assert result["replicas"] == 2 and result["metrics"]["n"] > 0  # report on the test split
-    assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2, 3], "no epoch repeated or lost across the kill"
-    assert result["epochs_run"] == 4 and not (models / ".backup-classifier").exists()
+    assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2], "no epoch repeated or lost across the kill"
+    assert result["epochs_run"] == 3 and not (models / ".backup-classifier").exists()
+    assert {p: p.stat().st_mtime_ns for p in pipeline["records"].glob("crops-*/manifest.json")} == crop_stamps
 
 
 def test_threshold_is_chosen_on_val_not_on_the_reported_split(pipeline):
@@ -294,14 +285,13 @@ def test_threshold_is_chosen_on_val_not_on_the_reported_split(pipeline):
     temperature), says so in threshold_from, and is not what the test split would have chosen."""
     import keras
 
-    from kmel.config import load_config
     from kmel.evaluate import predict_records
     from kmel.fairness import apply_temperature, choose_threshold
 
     models = pipeline["models"]
     entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
     assert entry["threshold_from"] == "val" and entry["report_split"] == "test"
-    config = load_config(str(pipeline["profile"]))
+    config = pipeline["config"]
     cc = config.classifier
     crops = pipeline["records"] / entry["crops_dir"]
     model = keras.saving.load_model(models / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
@@ -333,7 +323,7 @@ def test_predict_probabilities_are_the_classifiers(pipeline, tmp_path):
 
     models, folder = pipeline["models"], tmp_path / "in"
     folder.mkdir()
-    for source in sorted((pipeline["tmp"] / "data" / "predict").glob("*.jpg"))[:3]:
+    for source in sorted((pipeline["predict"]).glob("*.jpg"))[:3]:
         (folder / source.name).write_bytes(source.read_bytes())
     files = sorted(folder.glob("*.jpg"))
     config, pipe = load_pipeline_config(models)
@@ -363,3 +353,13 @@ def test_predict_probabilities_are_the_classifiers(pipeline, tmp_path):
         assert list(rows["prediction"]) == list(decision)
         assert list(rows["label"]) == [entry["class_names"][d] for d in decision]
         assert rows["tta"].astype(bool).all() == tta
+
+
+def test_make_synthetic_command_writes_data_and_a_prediction_folder(tmp_path):
+    """The CLI's make-synthetic (the shared pipeline draws its data through the library inside `demo`)."""
+    result = _invoke("make-synthetic", str(tmp_path / "data"), "--n-images", "8", "--size", "64", "--seed", "5",
+                     "--predict-images", "2")
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "data").glob("*.csv")) and len(list((tmp_path / "data").rglob("*.jpg"))) >= 8 + 2
+    truth = pd.read_csv(tmp_path / "data" / "predict" / "truth.csv")
+    assert len(truth) == 2 and len(list((tmp_path / "data" / "predict").glob("*.jpg"))) == 2

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from kmel.config import Config, load_config
 
 TINY = {
@@ -18,3 +22,15 @@ TINY = {
 
 def tiny_config(epochs: int = 1, **overrides) -> Config:
     return load_config("cpu-small", {**TINY, "segmenter.epochs": epochs, "classifier.epochs": epochs, **overrides})
+
+
+def write_tiny_profile(tmp: Path, epochs: int, steps: int = 6, **overrides) -> Path:
+    """TINY as a user profile file ``tmp/tiny.yaml`` (the CLI takes profiles, not dotted overrides)."""
+    data: dict = {}
+    for key, value in {**TINY, "segmenter.epochs": epochs, "classifier.epochs": epochs,
+                       "segmenter.steps_per_epoch": steps, "classifier.steps_per_epoch": steps, **overrides}.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
