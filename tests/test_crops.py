@@ -29,7 +29,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     from kmel.synthetic import make_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("crops")
-    config = tiny_config()
+    config = tiny_config(**{"classifier.backbone": "efficientnet_lite0"})  # exports faster than B0; any classifier does
     make_synthetic_dataset(tmp / "data", n_images=24, seed=2, size=96)
     build_records(tmp / "data", tmp / "rec", config, progress=False)
     keras.utils.set_random_seed(0)

@@ -148,11 +148,15 @@ def test_staged_unfreezing_inside_one_fit_with_imagenet_lite0(records, tmp_path,
 
 @pytest.fixture(scope="module")
 def mixed_run(records, tmp_path_factory) -> dict[str, Path]:
-    """Segmenter then classifier trained under mixed_bfloat16 (runs on CPUs; mixed_float16 does not pay there)."""
+    """Segmenter then classifier trained under mixed_bfloat16 (runs on CPUs; mixed_float16 does not pay there).
+
+    The classifier is an EfficientNet-Lite0 from scratch (its train step traces faster than B0's);
+    tests/test_models.py builds B0 under mixed precision."""
     from kmel.train import fit_classifier, fit_segmenter
 
     tmp = tmp_path_factory.mktemp("mixed")
-    config = tiny_config(epochs=2, **{"segmenter.steps_per_epoch": 2, "classifier.steps_per_epoch": 2})
+    config = tiny_config(epochs=2, **{"segmenter.steps_per_epoch": 2, "classifier.steps_per_epoch": 2,
+                                      "classifier.backbone": "efficientnet_lite0"})
     models, runs = tmp / "models", tmp / "runs"
     try:
         fit_segmenter(records, models, config, runs, "default", "mixed_bfloat16", verbose=0)
