@@ -78,7 +78,7 @@ def test_training_outputs_and_report(pipeline):
 def test_predict_handles_odd_files_and_writes_one_row_each(pipeline, tmp_path):
     folder = tmp_path / "in"
     expected = write_bad_inputs(folder)
-    for p in sorted((pipeline["predict"]).glob("*.jpg"))[:3]:
+    for p in sorted(pipeline["predict"].glob("*.jpg"))[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
         expected[p.stem] = "ok"
     out = tmp_path / "out.csv"
@@ -204,7 +204,7 @@ def test_predict_killed_with_sigkill_then_rerun_loses_nothing(pipeline, tmp_path
 
     folder = tmp_path / "many"
     folder.mkdir()
-    sources = sorted((pipeline["predict"]).glob("*.jpg"))
+    sources = sorted(pipeline["predict"].glob("*.jpg"))
     n = 120  # the kill lands after 12 rows: most of the run is still ahead
     for i in range(n):
         (folder / f"copy{i:03d}_{sources[i % len(sources)].name}").write_bytes(sources[i % len(sources)].read_bytes())
@@ -323,7 +323,7 @@ def test_predict_probabilities_are_the_classifiers(pipeline, tmp_path):
 
     models, folder = pipeline["models"], tmp_path / "in"
     folder.mkdir()
-    for source in sorted((pipeline["predict"]).glob("*.jpg"))[:3]:
+    for source in sorted(pipeline["predict"].glob("*.jpg"))[:3]:
         (folder / source.name).write_bytes(source.read_bytes())
     files = sorted(folder.glob("*.jpg"))
     config, pipe = load_pipeline_config(models)
