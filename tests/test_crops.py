@@ -71,9 +71,9 @@ def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeyp
     calls: list[str] = []
     original_pre, original_finish = crops.CropPipeline.pre, crops.CropPipeline.finish
 
-    def spy_pre(self, image):
+    def spy_pre(self, image, *args, **kwargs):
         calls.append("pre")
-        return original_pre(self, image)
+        return original_pre(self, image, *args, **kwargs)
 
     def spy_finish(self, pres):
         calls.append("finish")

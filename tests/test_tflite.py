@@ -1,7 +1,9 @@
 """TFLite (LiteRT) export and `predict --runtime tflite`; the overlapped, memory-bounded predict runner.
 
-Models: the tiny ResNet18 U-Net and EfficientNet-B0 of tests/tiny.py, untrained but seeded (parity
-does not need skill), exported as SavedModels beside tiny synthetic records.
+Models: small Keras convnets exported with the same `export_serving` as trained models (converting a
+real U-Net and EfficientNet takes a minute; the conversion path is the same): a segmenter whose mask is
+"darker than mid-grey" plus a random conv branch through pooling and bilinear upsampling, and a
+seeded random classifier. Beside them, tiny synthetic records for calibration and parity.
 """
 
 from __future__ import annotations
@@ -31,12 +33,44 @@ def _invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
+def _segmenter(size: int):
+    import keras
+
+    L = keras.layers
+    inputs = keras.Input((size, size, 3), name="images")
+    x = L.Rescaling(1 / 255.0)(inputs)
+    dark = L.Conv2D(1, 1, name="dark")(x)  # logit 16 · (0.5 − mean brightness): a real mask on real images
+    y = L.Conv2D(8, 3, padding="same", activation="relu")(x)
+    y = L.MaxPooling2D(2)(y)
+    y = L.Conv2D(8, 3, padding="same", activation="relu")(y)
+    y = L.UpSampling2D(2, interpolation="bilinear")(y)
+    y = L.Conv2D(1, 1, kernel_initializer=keras.initializers.RandomNormal(stddev=0.05))(y)
+    outputs = L.Activation("sigmoid", dtype="float32")(L.Add()([dark, y]))
+    model = keras.Model(inputs, outputs)
+    model.get_layer("dark").set_weights([np.full((1, 1, 3, 1), -16 / 3, np.float32), np.array([8.0], np.float32)])
+    return model
+
+
+def _classifier(size: int):
+    import keras
+
+    L = keras.layers
+    inputs = keras.Input((size, size, 3), name="images")
+    x = L.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu6")(x)
+    x = L.DepthwiseConv2D(3, padding="same", activation="relu6")(x)
+    x = L.Conv2D(64, 1, activation="relu6")(x)
+    x = L.Conv2D(64, 3, padding="same", activation="relu6")(x)  # most of the ~40k weights: file sizes show them
+    x = L.GlobalAveragePooling2D()(x)
+    outputs = L.Dense(1, activation="sigmoid", dtype="float32")(x)
+    return keras.Model(inputs, outputs)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     import keras
 
     from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
-    from kmel.models import CLASSIFIER_LAST_CONV, build_classifier, build_segmenter
     from kmel.records import build_records
     from kmel.synthetic import make_prediction_folder, make_synthetic_dataset
 
@@ -47,13 +81,13 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     make_prediction_folder(tmp / "images", n_images=6, seed=4, size=96)
     keras.utils.set_random_seed(0)
     models = tmp / "models"
-    seg = build_segmenter(config.segmenter)
+    seg = _segmenter(config.segmenter.image_size)
     export_serving(seg, models / C.SEGMENTER_DIR, config.segmenter.image_size)
     update_pipeline(models, "segmenter", {
         "image_size": config.segmenter.image_size, "fingerprint": saved_model_fingerprint(models / C.SEGMENTER_DIR),
         "config": to_plain(config.segmenter), "records": to_plain(config.records), "crops": to_plain(config.crops)})
-    cls = build_classifier(config.classifier)
-    export_serving(cls, models / C.CLASSIFIER_DIR, config.classifier.image_size, CLASSIFIER_LAST_CONV)
+    cls = _classifier(config.classifier.image_size)
+    export_serving(cls, models / C.CLASSIFIER_DIR, config.classifier.image_size)
     update_pipeline(models, "classifier", {
         "image_size": config.classifier.image_size, "threshold": 0.5, "class_names": ["benign", "malignant"],
         "fingerprint": saved_model_fingerprint(models / C.CLASSIFIER_DIR), "config": to_plain(config.classifier)})
