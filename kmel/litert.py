@@ -109,10 +109,11 @@ def xnnpack_refusal(blob: bytes) -> str | None:
 
 
 def draw_inputs(records_dir: str | Path, split: str, n: int, models_dir: str | Path, pipeline: dict[str, Any],
-                workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                workers: int = 0, segment: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` images of ``split`` as (segmenter inputs, classifier crops), made exactly as ``predict``
     makes them: :class:`kmel.crops.CropPipeline` with the exported segmenter. Taken evenly across the
-    split's shards (the first records of each)."""
+    split's shards (the first records of each). ``segment``: the exported segmenter's function when
+    the caller has loaded it already."""
     import cv2
 
     from kmel.crops import CropPipeline, make_segment_fn
@@ -138,22 +139,15 @@ def draw_inputs(records_dir: str | Path, split: str, n: int, models_dir: str | P
             bgr = cv2.imdecode(np.frombuffer(record[C.F_IMAGE], np.uint8), cv2.IMREAD_COLOR)
             images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     config = config_from_pipeline(pipeline, models_dir)
-    segment, seg_size = make_segment_fn(models_dir, pipeline)
+    if segment is None:
+        segment, seg_size = make_segment_fn(models_dir, pipeline)
+    else:
+        seg_size = int(pipeline["segmenter"]["image_size"])
     with CropPipeline(segment, seg_size, config, workers) as crops:
         pres = [crops.pre(image) for image in images]
         prepared = crops.finish(pres)
     return (np.stack([p.seg_input for p in pres]).astype(np.float32),
             np.stack([p.result.crop for p in prepared]).astype(np.float32))
-
-
-def _serve_outputs(saved_model: str | Path, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    from kmel.export import load_serving
-
-    serve = load_serving(saved_model).signatures["serve"]
-    import tensorflow as tf
-
-    return np.concatenate([next(iter(serve(tf.constant(x[i : i + batch])).values())).numpy()
-                           for i in range(0, len(x), batch)])
 
 
 def export_tflite(
@@ -176,27 +170,33 @@ def export_tflite(
                                     f"{'seg' if model == C.SEGMENTER_DIR else 'cls'}`) or pass --models")
     if records_dir is None:
         raise ConfigError("the TFLite export needs records (--records) for its parity check and int8 calibration")
+    from kmel.predict import load_runtime_models
+
     workers = int(pipeline["segmenter"].get("crops", {}).get("workers", 0) or 0)
     parity_split = "val" if _has_split(records_dir, "val") else "train"
-    held_out = draw_inputs(records_dir, parity_split, n_parity, models_dir, pipeline, workers)
-    calibration = draw_inputs(records_dir, "train", n_representative, models_dir, pipeline, workers) \
-        if "int8" in precisions else None
-    return write_tflite(models_dir, pipeline, precisions, held_out, calibration, parity_split, progress)
+    saved = load_runtime_models(models_dir, pipeline)  # the SavedModels, loaded once for drawing and parity
+    held_out = draw_inputs(records_dir, parity_split, n_parity, models_dir, pipeline, workers, saved.segment)
+    calibration = draw_inputs(records_dir, "train", n_representative, models_dir, pipeline, workers,
+                              saved.segment) if "int8" in precisions else None
+    return write_tflite(models_dir, pipeline, precisions, held_out, calibration, parity_split, progress, saved)
 
 
 def write_tflite(
     models_dir: str | Path, pipeline: dict[str, Any], precisions: Sequence[str],
     held_out: tuple[np.ndarray, np.ndarray], calibration: tuple[np.ndarray, np.ndarray] | None = None,
-    parity_split: str = "given", progress: bool = False,
+    parity_split: str = "given", progress: bool = False, saved: Any = None,
 ) -> dict[str, Any]:
     """Convert, check and record (see :func:`export_tflite`), with the inputs given: ``held_out`` and
-    ``calibration`` are (segmenter inputs, classifier crops), float32 0–255."""
+    ``calibration`` are (segmenter inputs, classifier crops), float32 0–255; ``saved``: the SavedModels
+    as :class:`kmel.predict.RuntimeModels` when the caller has loaded them."""
     from tqdm.auto import tqdm
 
     from kmel.export import update_pipeline
+    from kmel.predict import load_runtime_models
 
     models_dir = Path(models_dir)
-    reference = {model: _serve_outputs(models_dir / model, x) for model, x in zip(MODELS, held_out)}
+    saved = load_runtime_models(models_dir, pipeline) if saved is None else saved
+    reference = {C.SEGMENTER_DIR: saved.segment(held_out[0]), C.CLASSIFIER_DIR: saved.classify(held_out[1])}
     section = dict(pipeline.get(SECTION, {}))
     (models_dir / TFLITE_DIR).mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(precisions) * len(MODELS), desc="tflite", unit="model", disable=not progress)
