@@ -36,10 +36,31 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _worker_group(item: pytest.Item) -> str | None:
+    """Which tests must share a pytest-xdist worker: those using the session's ``quick_demo`` run (one
+    group, so the demo trains once), and the tests of a module with a module-scoped fixture (the
+    fixture is built once). Other tests go to whichever worker is free."""
+    names = getattr(item, "fixturenames", ())
+    if "quick_demo" in names:
+        return "quick_demo"
+    info = getattr(item, "_fixtureinfo", None)
+    for name in names:
+        defs = info.name2fixturedefs.get(name, ()) if info is not None else ()
+        if any(d.scope in ("module", "package", "class") for d in defs):
+            return item.module.__name__
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that reads ../shared/data (the ``shared_data`` fixture) must carry the ``realdata`` marker,
-    so ``-m "not realdata"`` really leaves the real data alone."""
+    so ``-m "not realdata"`` really leaves the real data alone. Under ``--dist loadgroup`` (setup.cfg),
+    tests that share an expensive fixture are put in one ``xdist_group``."""
     unmarked = [item.nodeid for item in items
                 if "shared_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("realdata") is None]
     if unmarked:
         raise pytest.UsageError("tests reading ../shared/data without @pytest.mark.realdata: " + ", ".join(unmarked))
+    for item in items:
+        group = _worker_group(item)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))

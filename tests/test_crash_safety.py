@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import yaml
 
@@ -91,41 +92,31 @@ def test_build_records_killed_and_rerun_gives_identical_manifest(tmp_path):
         assert file_sha256(out / name) == sha
 
 
-@pytest.mark.parametrize("model", ["seg"])  # cls: tests/test_pipeline_e2e.py, under MirroredStrategy
-def test_train_killed_mid_run_resumes_from_last_epoch(tmp_path, model):
-    """SIGKILL after two finished epochs; the same command again ends with every epoch exactly once."""
+def test_segmenter_under_mirrored_strategy_killed_mid_run_resumes_from_last_epoch(tmp_path):
+    """``fit_segmenter`` over two logical CPUs (MirroredStrategy) in a fresh process, SIGKILLed after two
+    finished epochs; the same command again ends with every epoch exactly once and two replicas.
+    The classifier: tests/test_pipeline_e2e.py; an exception inside ``fit``: tests/test_train_seg.py."""
     from kmel.config import load_config
     from kmel.records import build_records
     from kmel.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "data", n_images=48, seed=4, size=96)
-    profile = _profile(tmp_path)
-    data = yaml.safe_load(profile.read_text())
-    for section in ("segmenter", "classifier"):
-        data[section].update(epochs=4, steps_per_epoch=2)
-    data["segmenter"]["epochs"] = 1 if model == "cls" else 4
-    profile.write_text(yaml.safe_dump(data))
     # In this process: the kill is about training (build-records is killed in the test above).
-    build_records(tmp_path / "data", tmp_path / "rec", load_config(str(profile)), progress=False)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    build_records(tmp_path / "data", tmp_path / "rec", load_config(str(_profile(tmp_path))), progress=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     models = tmp_path / "models"
-
-    def cmd(which: str) -> list[str]:
-        return [sys.executable, str(REPO / "cli.py"), "train", which, "--records", str(tmp_path / "rec"),
-                "--out", str(models), "--profile", str(profile), "--logdir", str(tmp_path / "runs"), "--quiet"]
-
-    if model == "cls":  # the classifier needs a segmenter (and its crops) first
-        subprocess.run(cmd("seg"), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-    name = "segmenter" if model == "seg" else "classifier"
-    history = models / f"{name}_history.csv"
-    kill_after_epochs(cmd(model), history, 2, REPO, env)
-    assert (models / f".backup-{name}").exists(), "a killed run leaves its backup"
-    rerun = subprocess.run(cmd(model), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "seg", str(tmp_path / "rec"), str(models),
+           str(tmp_path / "runs"), "mirrored", "2", "4", "float32", json.dumps({"segmenter.steps_per_epoch": 2})]
+    history = models / "segmenter_history.csv"
+    kill_after_epochs(cmd, history, 2, REPO, env)
+    assert (models / ".backup-segmenter").exists(), "a killed run leaves its backup"
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout.split("RESULT ", 1)[1])
     import pandas as pd
 
-    epochs = pd.read_csv(history)["epoch"].tolist()
-    assert epochs == [0, 1, 2, 3], "no epoch repeated or lost across the kill"
-    pipeline = json.loads((models / "pipeline.json").read_text())
-    assert pipeline[name]["epochs_run"] == 4
-    assert not (models / f".backup-{name}").exists()
+    assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2, 3], "no epoch repeated or lost across the kill"
+    assert result["replicas"] == 2 and result["epochs_run"] == 4
+    assert np.isfinite(result["metrics"]["val"]["loss"])
+    assert json.loads((models / "pipeline.json").read_text())["segmenter"]["epochs_run"] == 4
+    assert not (models / ".backup-segmenter").exists()
