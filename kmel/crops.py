@@ -55,23 +55,21 @@ def make_segment_fn(
 ) -> tuple[SegmentFn, int]:
     """The exported segmenter's ``serve`` function and its input size (from ``pipeline``, the
     contents of pipeline.json, read from ``models_dir`` when not given)."""
-    import tensorflow as tf
-
-    from kmel.export import load_serving, read_pipeline
+    from kmel.export import load_serving, read_pipeline, signature_fn
 
     pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
     if "segmenter" not in pipeline:
         raise FileNotFoundError(
             f"{Path(models_dir) / C.PIPELINE_JSON} has no segmenter: run `python cli.py train seg` first"
         )
-    size = int(pipeline["segmenter"]["image_size"])
-    serve = load_serving(Path(models_dir) / C.SEGMENTER_DIR).signatures["serve"]
+    loaded = load_serving(Path(models_dir) / C.SEGMENTER_DIR)
+    serve = signature_fn(loaded)
 
     def segment(batch: np.ndarray) -> np.ndarray:
-        out = serve(tf.constant(batch, tf.float32))
-        return next(iter(out.values())).numpy()[..., 0]
+        return serve(batch)[..., 0]
 
-    return segment, size
+    segment.loaded = loaded  # type: ignore[attr-defined]  # keeps the SavedModel alive with the function
+    return segment, int(pipeline["segmenter"]["image_size"])
 
 
 class CropPipeline:

@@ -40,13 +40,12 @@ def make_gradcam_graph_fn(model: keras.Model, last_conv: str) -> Callable[[tf.Te
 def make_gradcam_fn(models_dir: str | Path, loaded: Any = None) -> Callable[[np.ndarray], np.ndarray]:
     """The exported classifier's ``gradcam`` endpoint as a NumPy function (``loaded``: the classifier
     SavedModel when the caller has it already)."""
-    from kmel.export import load_serving
+    from kmel.export import load_serving, signature_fn
 
     loaded = load_serving(Path(models_dir) / C.CLASSIFIER_DIR) if loaded is None else loaded
     if "gradcam" not in loaded.signatures:
         raise FileNotFoundError(f"{models_dir}/{C.CLASSIFIER_DIR} was exported without a gradcam endpoint")
-    fn = loaded.signatures["gradcam"]
-    return lambda batch: next(iter(fn(tf.constant(batch, tf.float32)).values())).numpy()
+    return signature_fn(loaded, "gradcam")
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import kmel
@@ -55,6 +56,13 @@ def load_serving(path: str | Path) -> Any:
         )
     loaded = tf.saved_model.load(str(path))
     return loaded
+
+
+def signature_fn(loaded: Any, name: str = "serve") -> Callable[[np.ndarray], np.ndarray]:
+    """A loaded SavedModel's ``name`` endpoint as a NumPy function: float32 batch in, its one output
+    out. Keep ``loaded`` alive while the function is used (its variables live on it)."""
+    fn = loaded.signatures[name]
+    return lambda batch: next(iter(fn(tf.constant(batch, tf.float32)).values())).numpy()
 
 
 def saved_model_fingerprint(path: str | Path) -> str:

@@ -164,7 +164,7 @@ def load_runtime_models(
     """Load the two exported models for ``runtime``: ``tf`` (the SavedModels) or ``tflite`` (the files
     ``kmel export --format tflite`` wrote, of ``tflite_precision``). ``pipeline``: the contents of
     pipeline.json when the caller has read it already."""
-    from kmel.export import load_serving, read_pipeline
+    from kmel.export import load_serving, read_pipeline, signature_fn
 
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
@@ -187,20 +187,13 @@ def load_runtime_models(
             _chunked(lambda x: seg(x)[..., 0], model_chunk(seg_size, pixels)),
             _chunked(lambda x: cls(x).reshape(-1), model_chunk(cls_size, pixels)),
         )
-    import tensorflow as tf
+    from kmel.crops import make_segment_fn
 
-    seg_serve = load_serving(models_dir / C.SEGMENTER_DIR).signatures["serve"]
+    segment, _ = make_segment_fn(models_dir, pipeline)
     loaded = load_serving(models_dir / C.CLASSIFIER_DIR)
-    cls_serve = loaded.signatures["serve"]
-
-    def segment(x: np.ndarray) -> np.ndarray:
-        return next(iter(seg_serve(tf.constant(x, tf.float32)).values())).numpy()[..., 0]
-
-    def classify(x: np.ndarray) -> np.ndarray:
-        return next(iter(cls_serve(tf.constant(x, tf.float32)).values())).numpy().reshape(-1)
-
+    cls_serve = signature_fn(loaded)
     return RuntimeModels("tf", "float32", seg_size, cls_size, _chunked(segment, model_chunk(seg_size, pixels)),
-                         _chunked(classify, model_chunk(cls_size, pixels)), loaded)
+                         _chunked(lambda x: cls_serve(x).reshape(-1), model_chunk(cls_size, pixels)), loaded)
 
 
 def flip_views(batch: np.ndarray) -> list[np.ndarray]:

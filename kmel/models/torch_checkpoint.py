@@ -137,7 +137,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
             raise CheckpointError(f"{self.source}: unknown persistent id {pid!r:.80}")
-        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
+        storage_type, key, numel = pid[1], str(pid[2]), pid[4]  # pid[3]: the device it was saved from
         if isinstance(storage_type, str):  # very old files name the type as a string
             storage_type = _ALLOWED.get(("torch", storage_type))
         if not isinstance(storage_type, _StorageType):
