@@ -271,6 +271,12 @@ def _inputs_and_out(paths: tuple[str, ...], out: str | None) -> tuple[list[str],
     return inputs, out
 
 
+TFLITE_PRECISION_OPTION = click.option(
+    "--tflite-precision", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True,
+    help="Which TFLite files --runtime tflite uses (int8: quantised, fastest, least exact; pipeline.json's "
+         "tflite section states each one's parity).")
+
+
 @cli.command("predict")
 @click.argument("paths", nargs=-1, metavar="INPUT... [OUT]")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
@@ -289,9 +295,7 @@ def _inputs_and_out(paths: tuple[str, ...], out: str | None) -> tuple[list[str],
 @click.option("--runtime", type=click.Choice(["tf", "tflite"]), default="tf", show_default=True,
               help="tf: the SavedModels; tflite: the .tflite files `kmel export --format tflite` wrote "
                    "(XNNPACK on the CPU; no --explain).")
-@click.option("--tflite-precision", type=click.Choice(["float32", "float16", "int8"]), default="float32",
-              show_default=True, help="Which TFLite files --runtime tflite uses (int8: quantised, fastest, "
-                                      "least exact; pipeline.json's tflite section states each one's parity).")
+@TFLITE_PRECISION_OPTION
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: str, batch_size: int | None,
@@ -379,9 +383,13 @@ def export(fmt: str, precisions: tuple[str, ...], models: str, records: str, cal
 @click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP)
 @click.option("--strict", is_flag=True,
               help="With --predictions: exit 1 when truth rows are unmatched or predictions hold error rows.")
+@click.option("--runtime", type=click.Choice(["tf", "tflite"]), default="tf", show_default=True,
+              help="Score the crop records with the classifier SavedModel (tf) or its TFLite file (tflite, from "
+                   "`kmel export --format tflite`): the report shows what the served file does.")
+@TFLITE_PRECISION_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate(records: str, models: str, split: str, out: str, predictions: str | None, truth: str | None,
-             profile: str, strict: bool, quiet: bool) -> None:
+             profile: str, strict: bool, runtime: str, tflite_precision: str, quiet: bool) -> None:
     """Metrics at the stored threshold and per-skin-tone fairness (with bootstrap intervals) and plots."""
 
     def body() -> int:
@@ -395,7 +403,8 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
             from kmel.predict import load_pipeline_config
 
             config, pipeline = load_pipeline_config(models)
-            report = evaluate_exported(records, models, split, out, config, progress=not quiet, pipeline=pipeline)
+            report = evaluate_exported(records, models, split, out, config, progress=not quiet, pipeline=pipeline,
+                                       runtime=runtime, tflite_precision=tflite_precision)
         summary = report.get("summary", {})
         click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
         click.echo(f"report in {Path(out) / 'report.md'}")

@@ -13,19 +13,20 @@ import numpy as np
 import pandas as pd
 
 from kmel import constants as C
-from kmel.config import Config
+from kmel.config import Config, ConfigError
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # float32 [N, S, S, 3] 0–255 → [N] probabilities
 
 
 def as_score_fn(model: Any) -> ScoreFn:
-    """A Keras model or a loaded SavedModel (``serve`` signature) as a batch → probabilities function."""
-    import tensorflow as tf
+    """A Keras model, a loaded SavedModel (``serve`` signature) or a batch → outputs function (a
+    :class:`kmel.litert.TFLiteModel`, say) as a batch → probabilities function."""
+    from kmel.export import signature_fn
 
     if hasattr(model, "predict_on_batch"):
         return lambda batch: np.asarray(model.predict_on_batch(batch)).reshape(-1)
-    serve = model.signatures["serve"]
-    return lambda batch: next(iter(serve(tf.constant(batch, tf.float32)).values())).numpy().reshape(-1)
+    fn = signature_fn(model) if hasattr(model, "signatures") else model
+    return lambda batch: np.asarray(fn(batch)).reshape(-1)
 
 
 def predict_records(
@@ -154,11 +155,15 @@ def write_split_report(
 
 def evaluate_exported(
     records_dir: str | Path, models_dir: str | Path, split: str, out_dir: str | Path, config: Config,
-    progress: bool = True, pipeline: Mapping[str, Any] | None = None,
+    progress: bool = True, pipeline: Mapping[str, Any] | None = None, runtime: str = "tf",
+    tflite_precision: str = "float32",
 ) -> dict[str, Any]:
     """Score ``split`` with the exported pipeline (segmenter crops + classifier) and write the report.
 
     ``pipeline``: the contents of ``models_dir/pipeline.json`` when the caller has read it already.
+    ``runtime``: ``tf`` scores with the classifier SavedModel, ``tflite`` with its TFLite file of
+    ``tflite_precision`` (``kmel export --format tflite``). Either way the crops are the split's crop
+    records, which the SavedModel segmenter made.
     """
     from kmel.crops import ensure_crop_records
     from kmel.export import load_serving, read_pipeline
@@ -166,15 +171,26 @@ def evaluate_exported(
     pipeline = dict(read_pipeline(models_dir) if pipeline is None else pipeline)
     if "classifier" not in pipeline:
         raise FileNotFoundError(f"{Path(models_dir) / C.PIPELINE_JSON} has no classifier: run `kmel train cls`")
+    if runtime == "tflite":
+        from kmel.litert import TFLiteModel, tflite_path, tflite_status
+
+        status = tflite_status(models_dir, tflite_precision, pipeline)
+        if status != "ok":
+            raise FileNotFoundError(status)
+        model: Any = TFLiteModel(tflite_path(models_dir, C.CLASSIFIER_DIR, tflite_precision))
+    elif runtime == "tf":
+        model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
+    else:
+        raise ConfigError(f"unknown runtime {runtime!r}; known: tf, tflite")
     crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline)
-    model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
     threshold = float(pipeline["classifier"]["threshold"])
     chosen_on = pipeline["classifier"].get("threshold_from", "val")  # models from before it was recorded: val
     # The threshold in pipeline.json is on the calibrated scale when a temperature is stored with it.
     temperature = float(pipeline["classifier"].get("temperature", 1.0))
     return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
                               meta={"threshold_from": f"pipeline.json (chosen on {chosen_on})",
-                                    "threshold_split": chosen_on, "models": str(models_dir)},
+                                    "threshold_split": chosen_on, "models": str(models_dir),
+                                    "runtime": runtime if runtime == "tf" else f"tflite {tflite_precision}"},
                               progress=progress, temperature=temperature)
 
 
@@ -189,7 +205,6 @@ def evaluate_predictions(
     With a ``relpath`` column (as in the predictions) instead of ``image``, rows are matched on it:
     the way to tell apart files with the same name in different folders.
     """
-    from kmel.config import ConfigError
 
     predictions_csv = Path(predictions_csv)
     if predictions_csv.suffix.lower() in (".jsonl", ".ndjson"):

@@ -178,6 +178,26 @@ def test_predict_with_tflite_gives_the_savedmodel_rows(setup, tmp_path):
     assert np.abs(int8.loc[ok, "probability"] - tf_rows.loc[ok, "probability"]).max() < 0.25
 
 
+def test_evaluate_with_tflite_scores_the_file(setup, tmp_path):
+    """`evaluate --runtime tflite` scores the crop records with the TFLite classifier: float32 gives the
+    SavedModel's probabilities, int8 its own (close), and the report names the runtime."""
+    base = ["evaluate", "--records", str(setup["records"]), "--models", str(setup["models"]), "--split", "val",
+            "--quiet"]
+    tables = {}
+    for name, extra in (("tf", []), ("float32", ["--runtime", "tflite"]),
+                        ("int8", ["--runtime", "tflite", "--tflite-precision", "int8"])):
+        result = _invoke(*base, "--out", str(tmp_path / name), *extra)
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["meta"]["runtime"] == ("tf" if name == "tf" else f"tflite {name}")
+        tables[name] = pd.read_csv(tmp_path / name / "predictions.csv").set_index("image_id").sort_index()
+    tf_p = tables["tf"]["probability"]
+    assert len(tf_p) > 0 and tf_p.std() > 1e-4, "a classifier that says the same for every crop proves nothing"
+    np.testing.assert_allclose(tables["float32"]["probability"], tf_p, atol=1e-4)
+    int8_diff = np.abs(tables["int8"]["probability"] - tf_p)
+    assert 0 < int8_diff.max() < 0.25, "int8 is its own file: close to the SavedModel, not identical"
+
+
 def test_stale_or_missing_tflite_files_are_refused_with_the_fix(setup, tmp_path):
     import shutil
 
@@ -195,6 +215,9 @@ def test_stale_or_missing_tflite_files_are_refused_with_the_fix(setup, tmp_path)
     (models / C.PIPELINE_JSON).write_text(json.dumps(pipeline))
     (models / "tflite" / "classifier-float16.tflite").unlink()
     result = _invoke(*base, "--tflite-precision", "float16")
+    assert result.exit_code == 2 and "classifier-float16.tflite is missing" in result.output
+    result = _invoke("evaluate", "--records", str(setup["records"]), "--models", str(models), "--out",
+                     str(tmp_path / "report"), "--runtime", "tflite", "--tflite-precision", "float16", "--quiet")
     assert result.exit_code == 2 and "classifier-float16.tflite is missing" in result.output
     result = _invoke("predict", str(setup["images"]), "--out", str(tmp_path / "q.csv"), "--models",
                      str(setup["models"]), "--runtime", "tflite", "--explain", str(tmp_path / "cams"))
