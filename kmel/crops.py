@@ -62,13 +62,11 @@ def make_segment_fn(
         raise FileNotFoundError(
             f"{Path(models_dir) / C.PIPELINE_JSON} has no segmenter: run `python cli.py train seg` first"
         )
-    loaded = load_serving(Path(models_dir) / C.SEGMENTER_DIR)
-    serve = signature_fn(loaded)
+    serve = signature_fn(load_serving(Path(models_dir) / C.SEGMENTER_DIR))
 
     def segment(batch: np.ndarray) -> np.ndarray:
         return serve(batch)[..., 0]
 
-    segment.loaded = loaded  # type: ignore[attr-defined]  # keeps the SavedModel alive with the function
     return segment, int(pipeline["segmenter"]["image_size"])
 
 

@@ -167,21 +167,19 @@ def evaluate_exported(
     """
     from kmel.crops import ensure_crop_records
     from kmel.export import load_serving, read_pipeline
+    from kmel.predict import RUNTIMES
 
     pipeline = dict(read_pipeline(models_dir) if pipeline is None else pipeline)
     if "classifier" not in pipeline:
         raise FileNotFoundError(f"{Path(models_dir) / C.PIPELINE_JSON} has no classifier: run `kmel train cls`")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
     if runtime == "tflite":
-        from kmel.litert import TFLiteModel, tflite_path, tflite_status
+        from kmel.litert import load_tflite
 
-        status = tflite_status(models_dir, tflite_precision, pipeline)
-        if status != "ok":
-            raise FileNotFoundError(status)
-        model: Any = TFLiteModel(tflite_path(models_dir, C.CLASSIFIER_DIR, tflite_precision))
-    elif runtime == "tf":
-        model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
+        model: Any = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline)
     else:
-        raise ConfigError(f"unknown runtime {runtime!r}; known: tf, tflite")
+        model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
     crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline)
     threshold = float(pipeline["classifier"]["threshold"])
     chosen_on = pipeline["classifier"].get("threshold_from", "val")  # models from before it was recorded: val

@@ -60,9 +60,14 @@ def load_serving(path: str | Path) -> Any:
 
 def signature_fn(loaded: Any, name: str = "serve") -> Callable[[np.ndarray], np.ndarray]:
     """A loaded SavedModel's ``name`` endpoint as a NumPy function: float32 batch in, its one output
-    out. Keep ``loaded`` alive while the function is used (its variables live on it)."""
+    out. The function holds ``loaded``, whose variables the endpoint reads, so it stays alive with it."""
     fn = loaded.signatures[name]
-    return lambda batch: next(iter(fn(tf.constant(batch, tf.float32)).values())).numpy()
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        return next(iter(fn(tf.constant(batch, tf.float32)).values())).numpy()
+
+    call.loaded = loaded  # type: ignore[attr-defined]
+    return call
 
 
 def saved_model_fingerprint(path: str | Path) -> str:

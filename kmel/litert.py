@@ -139,10 +139,8 @@ def draw_inputs(records_dir: str | Path, split: str, n: int, models_dir: str | P
             bgr = cv2.imdecode(np.frombuffer(record[C.F_IMAGE], np.uint8), cv2.IMREAD_COLOR)
             images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     config = config_from_pipeline(pipeline, models_dir)
-    if segment is None:
-        segment, seg_size = make_segment_fn(models_dir, pipeline)
-    else:
-        seg_size = int(pipeline["segmenter"]["image_size"])
+    segment = make_segment_fn(models_dir, pipeline)[0] if segment is None else segment  # names the fix if none
+    seg_size = int(pipeline["segmenter"]["image_size"])
     with CropPipeline(segment, seg_size, config, workers) as crops:
         pres = [crops.pre(image) for image in images]
         prepared = crops.finish(pres)
@@ -280,6 +278,16 @@ def tflite_status(models_dir: str | Path, precision: str, pipeline: dict[str, An
 
 
 # === Runtime ===
+
+
+def load_tflite(models_dir: str | Path, model: str, precision: str, pipeline: dict[str, Any] | None = None,
+                threads: int | None = None) -> "TFLiteModel":
+    """``model``'s TFLite file of ``precision``, refused (naming the fix) when the files are missing or
+    older than the SavedModels (:func:`tflite_status`)."""
+    status = tflite_status(models_dir, precision, pipeline)
+    if status != "ok":
+        raise FileNotFoundError(status)
+    return TFLiteModel(tflite_path(models_dir, model, precision), threads)
 
 
 def _interpreter_class() -> Any:

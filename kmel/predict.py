@@ -175,13 +175,10 @@ def load_runtime_models(
     cls_size = config.classifier.image_size
     pixels = config.predict.max_batch_pixels if max_batch_pixels is None else max_batch_pixels
     if runtime == "tflite":
-        from kmel.litert import TFLiteModel, tflite_path, tflite_status
+        from kmel.litert import load_tflite
 
-        status = tflite_status(models_dir, tflite_precision, pipeline)
-        if status != "ok":
-            raise FileNotFoundError(status)
-        seg = TFLiteModel(tflite_path(models_dir, C.SEGMENTER_DIR, tflite_precision), threads)
-        cls = TFLiteModel(tflite_path(models_dir, C.CLASSIFIER_DIR, tflite_precision), threads)
+        seg = load_tflite(models_dir, C.SEGMENTER_DIR, tflite_precision, pipeline, threads)
+        cls = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline, threads)
         return RuntimeModels(
             "tflite", tflite_precision, seg_size, cls_size,
             _chunked(lambda x: seg(x)[..., 0], model_chunk(seg_size, pixels)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -24,3 +25,13 @@ def kill_after_epochs(cmd: list[str], history: Path, epochs: int, cwd: Path, env
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert alive, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+
+
+def kill_then_rerun(cmd: list[str], history: Path, epochs: int, backup: Path, cwd: Path, env: dict[str, str]) -> dict:
+    """SIGKILL a tests/scripts/train_tiny.py run after ``epochs`` finished epochs, check that it left
+    its ``backup``, and run the same command again to the end; the rerun's RESULT line as a dict."""
+    kill_after_epochs(cmd, history, epochs, cwd, env)
+    assert backup.exists(), "a killed run leaves its backup"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return json.loads(rerun.stdout.split("RESULT ", 1)[1])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.processes import kill_after_epochs
+from tests.processes import kill_then_rerun
 from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,11 +108,7 @@ def test_segmenter_under_mirrored_strategy_killed_mid_run_resumes_from_last_epoc
     cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "seg", str(tmp_path / "rec"), str(models),
            str(tmp_path / "runs"), "mirrored", "2", "4", "float32", json.dumps({"segmenter.steps_per_epoch": 2})]
     history = models / "segmenter_history.csv"
-    kill_after_epochs(cmd, history, 2, REPO, env)
-    assert (models / ".backup-segmenter").exists(), "a killed run leaves its backup"
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    result = json.loads(rerun.stdout.split("RESULT ", 1)[1])
+    result = kill_then_rerun(cmd, history, 2, models / ".backup-segmenter", REPO, env)
     import pandas as pd
 
     assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2, 3], "no epoch repeated or lost across the kill"

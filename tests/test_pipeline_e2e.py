@@ -252,11 +252,10 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
     faster than B0's); the demo trains B0 through the same code."""
     import os
     import shutil
-    import subprocess
     import sys
 
     from kmel.config import to_plain
-    from tests.processes import kill_after_epochs
+    from tests.processes import kill_then_rerun
 
     models = tmp_path / "models"
     shutil.copytree(pipeline["models"], models)  # the segmenter and its crop records are reused
@@ -269,11 +268,7 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
     history = models / "classifier_history.csv"
     history.unlink()  # the copied single-device run's
     crop_stamps = {p: p.stat().st_mtime_ns for p in pipeline["records"].glob("crops-*/manifest.json")}
-    kill_after_epochs(cmd, history, 1, REPO, env)
-    assert (models / ".backup-classifier").exists(), "a killed run leaves its backup"
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    result = json.loads(rerun.stdout.split("RESULT ", 1)[1])
+    result = kill_then_rerun(cmd, history, 1, models / ".backup-classifier", REPO, env)
     assert result["replicas"] == 2 and result["metrics"]["n"] > 0  # report on the test split
     assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2], "no epoch repeated or lost across the kill"
     assert result["epochs_run"] == 3 and not (models / ".backup-classifier").exists()
