@@ -53,3 +53,68 @@ def stage_isic2018_as_2019(dest: Path, limit: int | None = None, split: str | No
             if not link.exists():
                 link.symlink_to(src / "isic2018-task1-256" / folder / f"{image_id}{suffix}")
     return dest
+
+
+def stage_union(dest: Path) -> Path:
+    """The ISIC 2018 Task 1 images (as a 2019 folder) plus all 10,015 HAM10000 images and masks, with
+    ``HAM10000_metadata.csv`` beside the 2019 CSVs. Symlinks only. ISIC 2019 re-publishes the HAM images,
+    so build-records keeps their 2019 rows (newest source) and drops the HAM copies as duplicates;
+    :func:`union_split` gives them back their origin."""
+    src = require_shared()
+    stage_isic2018_as_2019(dest)
+    link = dest / "HAM10000_metadata.csv"
+    if not link.exists():
+        link.symlink_to(src / "metadata" / "HAM10000_metadata.csv")
+    for folder, pattern in (("images", "*.jpg"), ("masks", "*_segmentation.png")):
+        (dest / folder / "ham").mkdir(parents=True, exist_ok=True)
+        for path in (src / "ham10000" / folder).glob(pattern):
+            target = dest / folder / "ham" / path.name
+            if not target.exists():
+                target.symlink_to(path)
+    return dest
+
+
+def union_split(table, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42):
+    """Split of the union benchmark: the ISIC 2018 Task 1 images keep the fixed 1,600 / 400 / 594
+    partition of labels.csv (today's figures stay comparable); the HAM10000 images are split by kmel's
+    own grouped split on their ``lesion_id`` (several images per lesion), 70 / 15 / 15, and their
+    ``source`` is set to ``ham10000`` (their origin) so that reports and balancing can tell them apart."""
+    import pandas as pd
+
+    from kmel import constants as C
+    from kmel.metadata import split_table
+
+    src = require_shared()
+    fixed = pd.read_csv(src / "isic2018-task1-256" / "labels.csv").set_index("image_id")["split"]
+    ham = pd.read_csv(src / "metadata" / "HAM10000_metadata.csv").set_index("image_id")["lesion_id"]
+    table = table.copy()
+    base = table["base_id"] if "base_id" in table else table[C.COL_IMAGE_ID]
+    is_ham = base.isin(ham.index)
+    table.loc[is_ham, C.COL_SOURCE] = "ham10000"
+    table.loc[is_ham, C.COL_LESION] = base[is_ham].map(ham)
+    table[C.COL_SPLIT] = base.map(fixed)
+    if is_ham.any():
+        ham_part = split_table(table[is_ham].drop(columns=C.COL_SPLIT), val_fraction, test_fraction, seed, ())
+        table.loc[is_ham, C.COL_SPLIT] = ham_part[C.COL_SPLIT]
+    missing = table[C.COL_SPLIT].isna()
+    if missing.any():
+        raise SystemExit(f"{int(missing.sum())} images have no split: {table.loc[missing, C.COL_IMAGE_ID].tolist()[:5]}")
+    return table
+
+
+def build_benchmark_records(out: Path, config, data: str = "isic") -> Path:
+    """Records for a benchmark: ``isic`` (the 2,594 256 px images, fixed split) or ``union`` (those plus
+    all of HAM10000, :func:`union_split`)."""
+    import kmel.records as records
+
+    def fixed_split(table, *args, **kwargs):
+        return union_split(table)
+
+    original = records.split_table
+    records.split_table = fixed_split
+    try:
+        staged = stage_union(out / "data") if data == "union" else stage_isic2018_as_2019(out / "data")
+        records.build_records(staged, out / "records", config, progress=True)
+    finally:
+        records.split_table = original
+    return out / "records"

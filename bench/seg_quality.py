@@ -21,37 +21,37 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import OUT, stage_isic2018_as_2019
+from _common import OUT, build_benchmark_records
 
 
-def build_fixed_split_records(out: Path, config) -> Path:
-    """Records whose split is the benchmark's fixed partition (train 1,600 / val 400 / test 594)."""
-    import pandas as pd
+def per_source_metrics(records: Path, models: Path, config, split: str = "test") -> dict[str, dict[str, float]]:
+    """Mean Jaccard, thresholded Jaccard and Dice of the exported segmenter on ``split``, per record source."""
+    import keras
+    import tensorflow as tf
 
-    from _common import SHARED
-    from kmel import metadata
+    from kmel import constants as C
+    from kmel.data import _parse_eval_data, make_record_dataset
+    from kmel.losses import DiceCoefficient, IoUScore, ThresholdedJaccard
+    from kmel.records import load_manifest, shard_paths
 
-    labels = pd.read_csv(SHARED / "isic2018-task1-256" / "labels.csv").set_index("image_id")["split"].to_dict()
-    original = metadata.split_table
-
-    def fixed_split(table, *args, **kwargs):
-        table = table.copy()
-        # 2019 lists older images as ISIC_xxxxxxx_downsampled: match on the base id.
-        table["split"] = table["base_id"].map(labels)
-        missing = table["split"].isna()
-        if missing.any():
-            raise SystemExit(f"{int(missing.sum())} benchmark images have no fixed split: {table.loc[missing, 'image_id'].tolist()[:5]}")
-        return table
-
-    import kmel.records as records
-
-    records.split_table = fixed_split
-    try:
-        data = stage_isic2018_as_2019(out / "data")
-        records.build_records(data, out / "records", config, progress=True)
-    finally:
-        records.split_table = original
-    return out / "records"
+    model = keras.saving.load_model(models / C.SEGMENTER_KERAS, safe_mode=True, compile=False)
+    manifest = load_manifest(records)
+    files = shard_paths(records, "seg", split, manifest)
+    sources = sorted(manifest["counts"].get(split, {}))
+    out = {}
+    for source in sources:
+        ds = make_record_dataset(files, False, 0).filter(lambda r, s=source: tf.equal(r[C.F_SOURCE], s))
+        ds = ds.map(lambda r: _parse_eval_data(r, "seg", config.segmenter.image_size)).batch(32)
+        metrics = {"iou": IoUScore(), "thresholded_jaccard": ThresholdedJaccard(), "dice": DiceCoefficient()}
+        n = 0
+        for images, masks in ds:
+            pred = model(images, training=False)
+            for m in metrics.values():
+                m.update_state(masks, pred)
+            n += int(images.shape[0])
+        if n:
+            out[source] = {"images": n, **{k: round(float(m.result()), 4) for k, m in metrics.items()}}
+    return out
 
 
 def main() -> None:
@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument("--out", default=str(OUT / "seg"))
     parser.add_argument("--fresh", action="store_true", help="rebuild records and retrain from scratch")
+    parser.add_argument("--data", choices=("isic", "union"), default="isic",
+                        help="isic: the 2,594 ISIC 2018 Task 1 images; union: those plus all 10,015 HAM10000 "
+                             "images and masks (HAM split 70/15/15 by lesion; the ISIC split stays fixed)")
     parser.add_argument("--backbone", default=None, help="segmenter backbone (default: the profile's)")
     parser.add_argument("--weights", default=None, help="imagenet | none | PATH (default: the profile's)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -86,17 +89,18 @@ def main() -> None:
             raise SystemExit(f"{records} holds {seg_size} px seg records, this run wants "
                              f"{config.records.seg_size}: use --fresh or another --out")
     else:
-        build_fixed_split_records(out, config)
+        build_benchmark_records(out, config, args.data)
     built = time.perf_counter()
     entry = fit_segmenter(records, out / "models", config, out / "runs", verbose=2)
     done = time.perf_counter()
     result = {
-        "profile": args.profile, "backbone": config.segmenter.backbone, "image_size": config.segmenter.image_size,
+        "data": args.data, "profile": args.profile, "backbone": config.segmenter.backbone, "image_size": config.segmenter.image_size,
         "weights": config.segmenter.weights, "learning_rate": config.segmenter.learning_rate,
         "unfreeze": [list(u) for u in config.segmenter.unfreeze],
         "epochs_run": entry["epochs_run"],
         "val": {k: round(v, 4) for k, v in entry["metrics"]["val"].items()},
         "test": {k: round(v, 4) for k, v in entry["metrics"].get("test", {}).items()},
+        "test_by_source": per_source_metrics(records, out / "models", config),
         "records_seconds": round(built - start, 1), "train_seconds": round(done - built, 1),
     }
     if args.set:
