@@ -82,7 +82,7 @@ def union_split(table, val_fraction: float = 0.15, test_fraction: float = 0.15, 
     import pandas as pd
 
     from kmel import constants as C
-    from kmel.metadata import split_table
+    from kmel.data.metadata import split_table
 
     src = require_shared()
     fixed = pd.read_csv(src / "isic2018-task1-256" / "labels.csv").set_index("image_id")["split"]
@@ -105,7 +105,7 @@ def union_split(table, val_fraction: float = 0.15, test_fraction: float = 0.15, 
 def build_benchmark_records(out: Path, config, data: str = "isic") -> Path:
     """Records for a benchmark: ``isic`` (the 2,594 256 px images, fixed split) or ``union`` (those plus
     all of HAM10000, :func:`union_split`)."""
-    import kmel.records as records
+    import kmel.data.records as records
 
     def fixed_split(table, *args, **kwargs):
         return union_split(table)

@@ -21,7 +21,7 @@ from _common import SHARED, Timer, require_shared
 def plain_loop(paths: list[Path], size: int) -> float:
     import cv2
 
-    from kmel.images import encode_jpeg, resize_long_side
+    from kmel.data.images import encode_jpeg, resize_long_side
 
     with Timer() as t:
         for p in paths:
@@ -33,8 +33,8 @@ def plain_loop(paths: list[Path], size: int) -> float:
 def kmel_prepare(paths: list[Path], size: int, workers: int) -> float:
     """images/s of build-records' prepare stage (``workers`` 1: in this process, no pool)."""
     from kmel.config import load_config
-    from kmel.prepare import PrepareTask, prepare_image
-    from kmel.records import resolve_workers, run_parallel
+    from kmel.data.prepare import PrepareTask, prepare_image
+    from kmel.data.records import resolve_workers, run_parallel
 
     config = load_config("reference", {"records.image_size": size, "records.seg_size": size})
     cache = Path(tempfile.mkdtemp())
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
     require_shared()
-    from kmel.records import resolve_workers
+    from kmel.data.records import resolve_workers
 
     workers = resolve_workers(args.workers)
     print(f"machine ceiling: a pure CPU-bound loop runs {machine_ceiling(workers):.2f}x faster in {workers} "

@@ -35,7 +35,7 @@ def colour_baseline(crops_dir: Path, config) -> dict[str, float]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from kmel.data import make_dataset
+    from kmel.data.datasets import make_dataset
 
     def features(split: str) -> tuple[np.ndarray, np.ndarray]:
         rows, targets = [], []
@@ -87,8 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     from kmel import constants as C
     from kmel.config import load_config
-    from kmel.crops import ensure_crop_records
-    from kmel.train import fit_classifier
+    from kmel.lesion.crops import ensure_crop_records
+    from kmel.training.train import fit_classifier
 
     seg, out = Path(args.seg), Path(args.out)
     records, seg_models = seg / "records", seg / "models"

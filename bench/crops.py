@@ -2,7 +2,7 @@
 
 usage: python bench/crops.py [--models bench/out/seg/models] [--profile cpu-small] [--out bench/out/crops]
 
-1. crops/s of :class:`kmel.crops.CropPipeline` (the function crop records and `predict` share) over
+1. crops/s of :class:`kmel.lesion.crops.CropPipeline` (the function crop records and `predict` share) over
    the 24 full-resolution ISIC Archive images and over 594 images of the 256 px set (test split),
    with the exported segmenter from ``--models`` (``bench/seg_quality.py`` writes one) or, without
    one, the model-free fallback.
@@ -27,7 +27,7 @@ from _common import OUT, require_shared
 
 
 def _load(paths):
-    from kmel.images import load_image
+    from kmel.data.images import load_image
 
     return [load_image(p) for p in paths]
 
@@ -42,8 +42,8 @@ def _throughput(pipeline, images, batch: int) -> float:
 
 def _time_split(images, segment, seg_size, config) -> dict[str, float]:
     """Seconds per image of each step, one thread, same functions CropPipeline calls."""
-    from kmel.images import pad_to_square, resize_long_side
-    from kmel.lesion import clean_mask, crop_box, enhance_for_segmentation, estimate_skin_tone, remove_hair
+    from kmel.data.images import pad_to_square, resize_long_side
+    from kmel.lesion.lesion import clean_mask, crop_box, enhance_for_segmentation, estimate_skin_tone, remove_hair
 
     cc = config.crops
     size = config.classifier.image_size
@@ -81,7 +81,7 @@ def _time_split(images, segment, seg_size, config) -> dict[str, float]:
 
 
 def _contact_sheet(paths, masks_dir, pipeline, plain_pipeline, out: Path, tile: int = 160) -> None:
-    from kmel.images import load_image
+    from kmel.data.images import load_image
 
     rows = []
     for path in paths:
@@ -121,8 +121,8 @@ def main() -> None:
     import pandas as pd
 
     from kmel.config import load_config
-    from kmel.crops import CropPipeline, make_segment_fn
-    from kmel.lesion import hair_mask
+    from kmel.lesion.crops import CropPipeline, make_segment_fn
+    from kmel.lesion.lesion import hair_mask
 
     shared = require_shared()
     out = Path(args.out)

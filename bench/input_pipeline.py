@@ -21,8 +21,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     args = parser.parse_args()
     from kmel.config import load_config
-    from kmel.data import make_dataset
-    from kmel.records import build_records
+    from kmel.data.datasets import make_dataset
+    from kmel.data.records import build_records
 
     tmp = Path(tempfile.mkdtemp())
     data = stage_isic2018_as_2019(tmp / "data", limit=400)

@@ -54,9 +54,9 @@ def make_profile_models(profile: str, out: Path) -> Path:
     if (models / "segmenter" / "saved_model.pb").exists() and (models / "classifier" / "saved_model.pb").exists():
         return models
     from kmel.config import load_config
-    from kmel.records import build_records
-    from kmel.synthetic import make_synthetic_dataset
-    from kmel.train import fit_classifier, fit_segmenter
+    from kmel.data.records import build_records
+    from kmel.data.synthetic import make_synthetic_dataset
+    from kmel.training.train import fit_classifier, fit_segmenter
 
     one_step = {"weights": "none", "batch_size": 2, "steps_per_epoch": 1, "epochs": 1, "unfreeze": [[0, "all"]]}
     config = load_config(profile, {**{f"segmenter.{k}": v for k, v in one_step.items()},
@@ -196,7 +196,7 @@ def run_predict(models: Path, folder: Path, n: int, runtime: str, batch_size: in
 def forward_only(models: Path, runtime: str, batch_size: int | None, n: int = 64) -> tuple[float, float, float]:
     """Images/s of the segmenter + classifier alone, on prepared tensors, in the batches predict uses,
     one after the other; and each model's milliseconds per image."""
-    from kmel.predict import load_pipeline_config, load_runtime_models
+    from kmel.serving.runtime import load_pipeline_config, load_runtime_models
 
     config, pipeline = load_pipeline_config(models)
     tflite = runtime.startswith("tflite")
@@ -239,7 +239,8 @@ def main() -> None:
     models = Path(args.models) if args.models else make_profile_models(args.profile, out)
     wanted = sorted({r.split("-", 1)[1] for r in runtimes if r.startswith("tflite")})
     if wanted:
-        from kmel.litert import export_tflite, tflite_status
+        from kmel.serving.litert import export_tflite
+        from kmel.serving.runtime import tflite_status
 
         missing = [p for p in wanted if tflite_status(models, p) != "ok"]
         if missing:

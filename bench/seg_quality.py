@@ -8,7 +8,7 @@ usage: python bench/seg_quality.py [--epochs N] [--profile cpu-small] [--out ben
        [--set segmenter.unfreeze='[[0, "4"], [2, "all"]]' ...]
 (the overrides go over the profile's segmenter settings; --image-size also sets the records' seg_size)
 The fixed train/val/test partition of labels.csv is used (not kmel's own split), so numbers are
-comparable across runs and with the model-free Otsu mask of kmel.lesion (measured on the same
+comparable across runs and with the model-free Otsu mask of kmel.lesion.lesion (measured on the same
 594 test images: mean Jaccard 0.635, thresholded Jaccard 0.463).
 """
 
@@ -30,9 +30,9 @@ def per_source_metrics(records: Path, models: Path, config, split: str = "test")
     import tensorflow as tf
 
     from kmel import constants as C
-    from kmel.data import _parse_eval_data, make_record_dataset
-    from kmel.losses import DiceCoefficient, IoUScore, ThresholdedJaccard
-    from kmel.records import load_manifest, shard_paths
+    from kmel.data.datasets import _parse_eval_data, make_record_dataset
+    from kmel.training.losses import DiceCoefficient, IoUScore, ThresholdedJaccard
+    from kmel.data.records import load_manifest, shard_paths
 
     model = keras.saving.load_model(models / C.SEGMENTER_KERAS, safe_mode=True, compile=False)
     manifest = load_manifest(records)
@@ -71,7 +71,7 @@ def main() -> None:
                         help="any other config override, value read as YAML; repeatable")
     args = parser.parse_args()
     from kmel.config import load_config
-    from kmel.train import fit_segmenter
+    from kmel.training.train import fit_segmenter
 
     out = Path(args.out)
     if args.fresh:

@@ -18,7 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-images", type=int, default=120)
     args = parser.parse_args()
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.synthetic import make_synthetic_dataset
 
     result = {}
     for size in (128, 256, 512):

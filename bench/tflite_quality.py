@@ -33,8 +33,9 @@ def main() -> None:
     require_shared()
     from sklearn.metrics import roc_auc_score
 
-    from kmel.litert import export_tflite, tflite_status
-    from kmel.predict import predict_files
+    from kmel.serving.litert import export_tflite
+    from kmel.serving.runtime import tflite_status
+    from kmel.serving.runner import predict_files
 
     out = Path(args.out)
     models = out / "models"

@@ -26,11 +26,11 @@ PROFILE_HELP = (
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from kmel.records import DataError
+    from kmel.data.records import DataError
 
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, DataError]
     try:
-        from kmel.models import WeightsError
+        from kmel.models.weights.download import WeightsError
 
         errors.append(WeightsError)
     except ImportError:
@@ -68,7 +68,7 @@ def _config(profile: str, overrides: dict[str, Any], records: str | None = None)
 
     config = load_config(profile, overrides)
     if records is not None:
-        from kmel.records import load_manifest
+        from kmel.data.records import load_manifest
 
         manifest = load_manifest(records)
         data = config.to_dict()
@@ -126,7 +126,7 @@ def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images
     """Write a synthetic data folder laid out like an ISIC download (2019 + 2020 CSVs, images, masks)."""
 
     def body() -> int:
-        from kmel.synthetic import make_prediction_folder, make_synthetic_dataset
+        from kmel.data.synthetic import make_prediction_folder, make_synthetic_dataset
 
         summary = make_synthetic_dataset(Path(out), n_images=n_images, seed=seed, size=size)
         click.echo(f"wrote {out}: {summary}")
@@ -161,13 +161,13 @@ def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, w
 
     def body() -> int:
         if stage == "crops":
-            from kmel.crops import build_crop_records
+            from kmel.lesion.crops import build_crop_records
 
             config = _config(profile, {"crops.workers": workers}, records=out)
             path = build_crop_records(out, models, config, progress=not quiet)
             click.echo(f"crop records in {path}")
             return 0
-        from kmel.records import build_records, format_counts
+        from kmel.data.records import build_records, format_counts
 
         config = _config(profile, {"records.task": task, "records.workers": workers,
                                    "records.max_file_mb": max_file_mb})
@@ -237,12 +237,12 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
         config = _config(profile, overrides, records=records)
         verbose = 2 if quiet else "auto"
         if model == "seg":
-            from kmel.train import fit_segmenter
+            from kmel.training.train import fit_segmenter
 
             entry = fit_segmenter(records, out, config, logdir, strategy, precision, verbose=verbose)
             click.echo(f"segmenter exported to {Path(out) / 'segmenter'}; metrics: {entry['metrics']}")
         else:
-            from kmel.train import fit_classifier
+            from kmel.training.train import fit_classifier
 
             entry = fit_classifier(records, out, config, logdir, strategy, precision, verbose=verbose,
                                    progress=not quiet)
@@ -311,7 +311,7 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
     """
 
     def body() -> int:
-        from kmel.predict import predict_files
+        from kmel.serving.runner import predict_files
 
         inputs, target = _inputs_and_out(paths, out)
         stdin = click.get_text_stream("stdin") if "-" in inputs else None
@@ -353,7 +353,8 @@ def export(fmt: str, precisions: tuple[str, ...], models: str, records: str, cal
     """
 
     def body() -> int:
-        from kmel.litert import PRECISIONS, export_tflite
+        from kmel.serving.litert import export_tflite
+        from kmel.serving.runtime import PRECISIONS
 
         chosen = list(precisions) or list(PRECISIONS)
         section = export_tflite(models, records, chosen, calibration_images, parity_images, progress=not quiet)
@@ -387,24 +388,26 @@ def export(fmt: str, precisions: tuple[str, ...], models: str, records: str, cal
               help="Score the crop records with the classifier SavedModel (tf) or its TFLite file (tflite, from "
                    "`kmel export --format tflite`): the report shows what the served file does.")
 @TFLITE_PRECISION_OPTION
+@click.option("--tta", is_flag=True,
+              help="Score each crop as the mean over its four flips (as predict --tta); the report says so.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate(records: str, models: str, split: str, out: str, predictions: str | None, truth: str | None,
-             profile: str, strict: bool, runtime: str, tflite_precision: str, quiet: bool) -> None:
+             profile: str, strict: bool, runtime: str, tflite_precision: str, tta: bool, quiet: bool) -> None:
     """Metrics at the stored threshold and per-skin-tone fairness (with bootstrap intervals) and plots."""
 
     def body() -> int:
-        from kmel.evaluate import evaluate_exported, evaluate_predictions
+        from kmel.evaluation.evaluate import evaluate_exported, evaluate_predictions
 
         if (predictions is None) != (truth is None):
             raise ConfigError("--predictions and --truth go together")
         if predictions:
             report = evaluate_predictions(predictions, truth, out, load_config(profile))
         else:
-            from kmel.predict import load_pipeline_config
+            from kmel.serving.runtime import load_pipeline_config
 
             config, pipeline = load_pipeline_config(models)
             report = evaluate_exported(records, models, split, out, config, progress=not quiet, pipeline=pipeline,
-                                       runtime=runtime, tflite_precision=tflite_precision)
+                                       runtime=runtime, tflite_precision=tflite_precision, tta=tta)
         summary = report.get("summary", {})
         click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
         click.echo(f"report in {Path(out) / 'report.md'}")

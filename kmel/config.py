@@ -142,7 +142,7 @@ class PredictConfig:
     tta: bool = False
     workers: int = 0
     max_file_mb: int = 256  # larger input files get an error row, unread
-    # Memory bounds (see kmel.predict.staged_batches and model_chunk): finished batches waiting for the
+    # Memory bounds (see kmel.serving.runner.staged_batches and model_chunk): finished batches waiting for the
     # classifier, and input pixels per model call (4 × 512²: 4 images at 512 px, 20 at 224 px).
     queue_batches: int = 2
     max_batch_pixels: int = 1048576

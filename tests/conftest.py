@@ -64,3 +64,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = _worker_group(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture
+def pipeline_reads(monkeypatch) -> list[str]:
+    """Every read of a models folder's pipeline.json, whichever kmel module calls ``read_pipeline``: the
+    function is replaced where it is defined and in every kmel module that imported it by name."""
+    import sys
+
+    import kmel.models.pipeline
+
+    reads: list[str] = []
+    original = kmel.models.pipeline.read_pipeline
+
+    def counting(models_dir):
+        reads.append(str(models_dir))
+        return original(models_dir)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kmel") and getattr(module, "read_pipeline", None) is original:
+            monkeypatch.setattr(module, "read_pipeline", counting)
+    return reads

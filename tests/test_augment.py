@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kmel.augment import (
+from kmel.data.augment import (
     apply_coarse_dropout,
     apply_color_jitter,
     apply_elastic_warp,
@@ -179,7 +179,7 @@ def test_light_cls_policy_keeps_hue_and_texture():
     assert chroma(strong) > 1.0  # pixel noise is drawn per channel
     with pytest.raises(ConfigError, match="augment_policy"):
         make_cls_augmenter(policy="medium")
-    from kmel.augment import resolve_cls_policy
+    from kmel.data.augment import resolve_cls_policy
 
     assert resolve_cls_policy("auto", "imagenet") == "light" and resolve_cls_policy("auto", "none") == "strong"
     assert resolve_cls_policy("strong", "imagenet") == "strong"

@@ -27,7 +27,7 @@ def _invoke(*args: str):
 
 
 def _skin(h: int, w: int, seed: int) -> np.ndarray:
-    from kmel.synthetic import make_lesion_image
+    from kmel.data.synthetic_images import make_lesion_image
 
     image, _ = make_lesion_image(np.random.default_rng(seed), size=max(h, w), skin_tone=seed % 5, lesion_scale=0.3)
     return cv2.resize(image, (w, h))

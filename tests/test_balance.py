@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmel.data import balance_weights
+from kmel.data.datasets import balance_weights
 
 
 def test_balance_weights_by_hand():
@@ -32,9 +32,9 @@ def test_balanced_training_dataset_draws_the_configured_shares(tmp_path):
 
     import numpy as np
 
-    from kmel.data import group_counts, make_dataset
-    from kmel.records import build_records, load_manifest
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.datasets import group_counts, make_dataset
+    from kmel.data.records import build_records, load_manifest
+    from kmel.data.synthetic import make_synthetic_dataset
     from tests.tiny import tiny_config
 
     make_synthetic_dataset(tmp_path / "data", n_images=64, seed=7, size=96)

@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-from kmel.fairness import apply_temperature
+from kmel.models.pipeline import apply_temperature
 from tests.test_predict import models  # noqa: F401  (the hand-written SavedModels fixture)
 
 
 def test_predict_applies_the_stored_temperature(models, tmp_path):  # noqa: F811
-    from kmel.predict import Predictor
+    from kmel.serving.predictor import Predictor
 
     calibrated_dir = tmp_path / "models"
     shutil.copytree(models, calibrated_dir)

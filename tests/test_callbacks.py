@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pandas as pd
 
-from kmel.callbacks import ResumableEarlyStopping, best_so_far
-from kmel.train import _callbacks
+from kmel.training.callbacks import ResumableEarlyStopping, best_so_far
+from kmel.training.train import _callbacks
 
 
 def _model() -> keras.Model:
@@ -56,7 +56,7 @@ def test_resumed_run_keeps_best_value_and_patience(tmp_path):
 
 
 def test_precise_batchnorm_averages_batch_statistics_and_skips_frozen_layers():
-    from kmel.callbacks import apply_precise_batchnorm
+    from kmel.training.callbacks import apply_precise_batchnorm
 
     inputs = keras.Input((4,))
     x = keras.layers.BatchNormalization(momentum=0.99, name="bn_train")(inputs)

@@ -121,7 +121,7 @@ def tiny_profile(tmp_path_factory) -> Path:
 
 
 def _tiny_data(root: Path) -> Path:
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(root, n_images=16, seed=3, size=48)
     return root
@@ -178,7 +178,7 @@ def test_build_records_checks_files_before_reading_them(tmp_path, tiny_profile):
     import pandas as pd
     from PIL import Image
 
-    from kmel.synthetic import make_lesion_image
+    from kmel.data.synthetic_images import make_lesion_image
 
     data = tmp_path / "data"
     (data / "photos").mkdir(parents=True)

@@ -58,8 +58,8 @@ def _kill_when(cmd: list[str], progressed: Callable[[], bool], timeout: float = 
 
 
 def test_build_records_killed_and_rerun_gives_identical_manifest(tmp_path):
-    from kmel.synthetic import make_synthetic_dataset
-    from kmel.tfrecord import file_sha256
+    from kmel.data.synthetic import make_synthetic_dataset
+    from kmel.data.tfrecord import file_sha256
 
     data = tmp_path / "data"
     make_synthetic_dataset(data, n_images=64, seed=11, size=96)
@@ -97,8 +97,8 @@ def test_segmenter_under_mirrored_strategy_killed_mid_run_resumes_from_last_epoc
     finished epochs; the same command again ends with every epoch exactly once and two replicas.
     The classifier: tests/test_pipeline_e2e.py; an exception inside ``fit``: tests/test_train_seg.py."""
     from kmel.config import load_config
-    from kmel.records import build_records
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.records import build_records
+    from kmel.data.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "data", n_images=48, seed=4, size=96)
     # In this process: the kill is about training (build-records is killed in the test above).

@@ -12,8 +12,8 @@ import pytest
 
 from kmel import constants as C
 from kmel.config import to_plain
-from kmel.records import build_records
-from kmel.tfrecord import read_records
+from kmel.data.records import build_records
+from kmel.data.tfrecord import read_records
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -24,9 +24,10 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     """Records plus exported (untrained, seeded) tiny models and pipeline.json: no training needed here."""
     import keras
 
-    from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
-    from kmel.models import CLASSIFIER_LAST_CONV, build_classifier, build_segmenter
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
+    from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier
+    from kmel.models.segmenter import build_segmenter
+    from kmel.data.synthetic import make_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("crops")
     config = tiny_config(**{"classifier.backbone": "efficientnet_lite0"})  # exports faster than B0; any classifier does
@@ -47,7 +48,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_crop_records_cover_every_image_and_are_reused(setup):
-    from kmel.crops import build_crop_records, ensure_crop_records
+    from kmel.lesion.crops import build_crop_records, ensure_crop_records
 
     out = build_crop_records(setup["records"], setup["models"], setup["config"], progress=False)
     manifest = json.loads((out / C.MANIFEST).read_text())
@@ -65,8 +66,8 @@ def test_crop_records_cover_every_image_and_are_reused(setup):
 def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeypatch):
     """Same pixels in, same crop box, mode and skin tone out, through the same CropPipeline.pre and .finish
     (crop records call them through ``run``; predict calls them apart, to overlap decoding with the models)."""
-    import kmel.crops as crops
-    from kmel.predict import predict_folder
+    import kmel.lesion.crops as crops
+    from kmel.serving.runner import predict_folder
 
     calls: list[str] = []
     original_pre, original_finish = crops.CropPipeline.pre, crops.CropPipeline.finish
@@ -91,7 +92,7 @@ def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeyp
     # Save the img- record pixels losslessly and predict on them.
     folder = tmp_path / "same"
     folder.mkdir()
-    from kmel.records import shard_paths
+    from kmel.data.records import shard_paths
 
     img_records = {r[C.F_IMAGE_ID]: r for r in read_records(shard_paths(setup["records"], "img", "train"))}
     for image_id, record in list(img_records.items())[:6]:
@@ -110,13 +111,13 @@ def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeyp
 
 
 def test_crop_pipeline_matches_prepare_crop_directly(setup):
-    """CropPipeline adds only resizing, padding and box rescaling around kmel.lesion.prepare_crop.
+    """CropPipeline adds only resizing, padding and box rescaling around kmel.lesion.lesion.prepare_crop.
 
     A landscape 150×240 image (records at 96 px: 60×96, padded by 18 rows above and below to the
     segmenter's square) with a lesion at rows 45–105, cols 60–180: every step is a real transform.
     """
-    from kmel.crops import CropPipeline
-    from kmel.lesion import prepare_crop
+    from kmel.lesion.crops import CropPipeline
+    from kmel.lesion.lesion import prepare_crop
 
     config = setup["config"]
     assert config.records.image_size == 96

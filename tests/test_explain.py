@@ -7,8 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from kmel.explain import make_gradcam_fn, make_gradcam_graph_fn, overlay, save_overlay
-from kmel.export import export_serving
+from kmel.serving.explain import make_gradcam_fn, overlay, save_overlay
+from kmel.models.gradcam import make_gradcam_graph_fn
+from kmel.serving.export import export_serving
 from kmel import constants as C
 
 SIZE = 48

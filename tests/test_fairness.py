@@ -9,17 +9,9 @@ import pandas as pd
 import pytest
 
 from kmel import constants as C
-from kmel.fairness import (
-    age_bands,
-    apply_temperature,
-    choose_threshold,
-    expected_calibration_error,
-    fairness_report,
-    fit_temperature,
-    rank_gaps,
-    summary_metrics,
-    tone_agreement,
-)
+from kmel.evaluation.fairness import age_bands, choose_threshold, fairness_report, rank_gaps, summary_metrics, tone_agreement
+from kmel.models.pipeline import apply_temperature
+from kmel.evaluation.calibration import expected_calibration_error, fit_temperature
 
 
 def test_f1_threshold_known_optimum():
@@ -132,7 +124,7 @@ def _scored_table(n: int = 300, seed: int = 0) -> pd.DataFrame:
 
 def test_report_files(tmp_path):
     from kmel.config import load_config
-    from kmel.evaluate import report_from_table
+    from kmel.evaluation.evaluate import report_from_table
 
     config = load_config("cpu-small", {"classifier.bootstrap": 50})
     report_from_table(_scored_table(), 0.5, tmp_path, config, {"split": "test", "threshold_from": "val"})
@@ -169,7 +161,7 @@ def test_report_files(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     # Degenerate input: one class only must not crash.
-    from kmel.report import write_report
+    from kmel.evaluation.report import write_report
 
     write_report(tmp_path / "one", np.zeros(10), np.linspace(0, 1, 10), 0.5, {"skin_tone": ["a"] * 10}, n_bootstrap=10)
 
@@ -236,7 +228,7 @@ def test_tone_agreement_confusion_and_spearman():
 
 
 def test_subgroups_come_from_the_records_metadata(tmp_path):
-    from kmel.evaluate import report_groups, with_record_metadata
+    from kmel.evaluation.evaluate import report_groups, with_record_metadata
 
     crops = tmp_path / "crops-abc"
     crops.mkdir()
@@ -254,7 +246,7 @@ def test_subgroups_come_from_the_records_metadata(tmp_path):
 
 def test_evaluate_predictions_takes_subgroups_from_the_truth_table(tmp_path):
     from kmel.config import load_config
-    from kmel.evaluate import evaluate_predictions
+    from kmel.evaluation.evaluate import evaluate_predictions
 
     scored = _scored_table(120, seed=4)
     pred = pd.DataFrame({"image": scored[C.COL_IMAGE_ID], "relpath": scored[C.COL_IMAGE_ID] + ".jpg",
@@ -272,7 +264,7 @@ def test_evaluate_predictions_takes_subgroups_from_the_truth_table(tmp_path):
 
 def test_report_says_where_the_threshold_was_chosen():
     """The 'How to read this' line is derived from the split the threshold came from and the split reported."""
-    from kmel.report import _threshold_note
+    from kmel.evaluation.report import _threshold_note
 
     assert "not tuned" in _threshold_note({"threshold_split": "val", "split": "test"})
     assert "`val` split" in _threshold_note({"threshold_split": "val", "split": "test"})

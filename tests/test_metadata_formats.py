@@ -16,15 +16,10 @@ import pandas as pd
 import pytest
 
 from kmel import constants as C
-from kmel.metadata import (
-    FORMATS,
-    identify_format,
-    load_metadata,
-    read_csv_table,
-    read_metadata_csv,
-    register_format,
-    split_table,
-)
+from kmel.data.formats.registry import FORMATS
+from kmel.data.metadata import load_metadata, split_table
+from kmel.data.formats.registry import identify_format, read_metadata_csv, register_format
+from kmel.data.formats.csvread import read_csv_table
 
 ARCHIVE_HEADER = (
     "isic_id,attribution,copyright_license,age_approx,anatom_site_general,diagnosis_1,diagnosis_2,diagnosis_3,"
@@ -261,7 +256,7 @@ def test_ddi_read_with_fitzpatrick_bands_and_kept_out_of_training(tmp_path):
 
 
 def test_held_out_prediction_folder_inside_the_data_folder_is_not_training_data(tmp_path):
-    from kmel.synthetic import make_prediction_folder
+    from kmel.data.synthetic import make_prediction_folder
 
     (tmp_path / "labels.csv").write_text("\n".join(LABELS_13) + "\n")
     make_prediction_folder(tmp_path / "predict", n_images=2, seed=1, size=32)  # as make-synthetic --predict-images
@@ -275,8 +270,8 @@ def test_build_records_keeps_ddi_in_test_and_writes_annotations(tmp_path):
     import numpy as np
 
     from kmel.config import load_config
-    from kmel.records import build_records
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.records import build_records
+    from kmel.data.synthetic import make_synthetic_dataset
 
     data = tmp_path / "data"
     make_synthetic_dataset(data, n_images=16, seed=3, size=64)

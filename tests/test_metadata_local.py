@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from kmel import constants as C
-from kmel.metadata import load_metadata
+from kmel.data.metadata import load_metadata
 
 
 def test_duplicate_list_year_only_drops_that_year(tmp_path):

@@ -8,12 +8,11 @@ import pytest
 
 from kmel.config import ConfigError
 from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
-from kmel.models.resnet_unet import apply_scse, build_segmenter, set_trainable_stages
-from kmel.models.weights import (
-    WeightsError,
-    convert_torchvision_resnet,
-    load_encoder_weights,
-)
+from kmel.models.unet_decoder import apply_scse
+from kmel.models.segmenter import build_segmenter, set_trainable_stages
+from kmel.models.weights.download import WeightsError
+from kmel.models.weights.resolve import convert_torchvision_resnet
+from kmel.models.segmenter import load_encoder_weights
 from tests.tiny import tiny_config
 
 
@@ -136,7 +135,7 @@ def test_mixed_precision_outputs_float32_and_trains(float32_policy):
     seg, cls = _seg(), _cls()
     assert seg.get_layer("decoder_block1_a_conv").compute_dtype == "float16"
     assert seg.output.dtype == "float32" and cls.output.dtype == "float32"
-    from kmel.losses import TverskyLoss
+    from kmel.training.losses import TverskyLoss
 
     seg.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=TverskyLoss())
     assert isinstance(seg.optimizer, keras.optimizers.LossScaleOptimizer)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kmel.records import build_records
+from kmel.data.records import build_records
 from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def test_two_workers_train_together_and_agree(tmp_path):
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "data", n_images=48, seed=3, size=96)
     build_records(tmp_path / "data", tmp_path / "rec", tiny_config(), progress=False)
@@ -67,7 +67,7 @@ def test_two_workers_train_together_and_agree(tmp_path):
 
 def test_tf_config_read_once_with_clear_errors(monkeypatch):
     from kmel.config import ConfigError
-    from kmel.distribute import make_strategy, multiworker_requested, read_tf_config, worker_index
+    from kmel.training.distribute import make_strategy, multiworker_requested, read_tf_config, worker_index
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert read_tf_config() is None and worker_index() == (True, 0)

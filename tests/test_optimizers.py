@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from kmel.optimizers import LayerScaledAdamW
+from kmel.training.optimizers import LayerScaledAdamW
 
 
 def _model() -> keras.Model:

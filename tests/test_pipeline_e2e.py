@@ -131,12 +131,10 @@ def test_predict_tta_and_gradcam(pipeline, tmp_path):
     assert image.shape == (64, 128, 3)  # crop | overlay at the classifier size
 
 
-def test_evaluate_records_and_truth_csv(pipeline, tmp_path, monkeypatch):
-    import kmel.export
+def test_evaluate_records_and_truth_csv(pipeline, tmp_path, pipeline_reads):
+    import kmel.evaluation.evaluate  # noqa: F401  (the modules evaluate uses, loaded before reads are counted)
 
-    reads = []
-    read_pipeline = kmel.export.read_pipeline
-    monkeypatch.setattr(kmel.export, "read_pipeline", lambda d: reads.append(d) or read_pipeline(d))
+    reads = pipeline_reads
     result = _invoke("evaluate", "--records", str(pipeline["records"]), "--models", str(pipeline["models"]),
                      "--split", "test", "--out", str(tmp_path / "rep"))
     assert result.exit_code == 0, result.output
@@ -150,6 +148,36 @@ def test_evaluate_records_and_truth_csv(pipeline, tmp_path, monkeypatch):
                      "--out", str(tmp_path / "rep2"))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "rep2" / "report.json").read_text())["meta"]["n"] == 8
+
+
+def test_evaluate_tta_scores_the_mean_over_four_flips(pipeline, tmp_path):
+    import tensorflow as tf
+
+    from kmel.data.records import shard_paths
+    from kmel.data.tfrecord import read_records
+
+    models = pipeline["models"]
+    pipe = json.loads((models / C.PIPELINE_JSON).read_text())
+    for flag, out in (([], "plain"), (["--tta"], "tta")):
+        result = _invoke("evaluate", "--records", str(pipeline["records"]), "--models", str(models), "--split", "test",
+                         "--out", str(tmp_path / out), "--quiet", *flag)
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "tta" / "report.json").read_text())["meta"]["tta"].startswith("flips")
+    column = "probability_uncalibrated" if pipe["classifier"].get("temperature", 1.0) != 1.0 else "probability"
+    plain = pd.read_csv(tmp_path / "plain" / "predictions.csv").set_index("image_id")[column]
+    tta = pd.read_csv(tmp_path / "tta" / "predictions.csv").set_index("image_id")[column]
+    # Expected, by hand: the exported classifier on each test crop and its three flips, averaged.
+    serve = tf.saved_model.load(str(models / C.CLASSIFIER_DIR)).signatures["serve"]
+    crops = shard_paths(pipeline["records"] / pipe["classifier"]["crops_dir"], "crop", "test")
+    want = {}
+    for record in read_records(crops):
+        image = tf.io.decode_jpeg(record[C.F_IMAGE], channels=3).numpy().astype(np.float32)  # as evaluate decodes
+        views = np.stack([image, image[:, ::-1], image[::-1], image[::-1, ::-1]])
+        out = next(iter(serve(tf.constant(views)).values())).numpy().reshape(-1)
+        want[record[C.F_IMAGE_ID]] = float(out.mean())
+    got = tta.loc[list(want)].to_numpy()
+    np.testing.assert_allclose(got, list(want.values()), atol=2e-5)
+    assert np.abs(got - plain.loc[list(want)].to_numpy()).max() > 1e-4, "flips must change some score"
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path):
@@ -171,7 +199,7 @@ def test_every_command_has_help():
 
 
 def test_csv_cells_are_formula_escaped():
-    from kmel.predict import escape_cell
+    from kmel.serving.runner import escape_cell
 
     assert escape_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert escape_cell("@SUM") == "'@SUM" and escape_cell("ISIC_1") == "ISIC_1" and escape_cell(0.5) == 0.5
@@ -280,8 +308,9 @@ def test_threshold_is_chosen_on_val_not_on_the_reported_split(pipeline):
     temperature), says so in threshold_from, and is not what the test split would have chosen."""
     import keras
 
-    from kmel.evaluate import predict_records
-    from kmel.fairness import apply_temperature, choose_threshold
+    from kmel.evaluation.evaluate import predict_records
+    from kmel.models.pipeline import apply_temperature
+    from kmel.evaluation.fairness import choose_threshold
 
     models = pipeline["models"]
     entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
@@ -310,11 +339,11 @@ def test_predict_probabilities_are_the_classifiers(pipeline, tmp_path):
     threshold come from pipeline.json, not from the CSV itself."""
     import tensorflow as tf
 
-    from kmel.crops import CropPipeline, make_segment_fn
-    from kmel.export import load_serving
-    from kmel.fairness import apply_temperature
-    from kmel.images import load_image
-    from kmel.predict import load_pipeline_config
+    from kmel.lesion.crops import CropPipeline, make_segment_fn
+    from kmel.models.pipeline import load_serving
+    from kmel.models.pipeline import apply_temperature
+    from kmel.data.images import load_image
+    from kmel.serving.runtime import load_pipeline_config
 
     models, folder = pipeline["models"], tmp_path / "in"
     folder.mkdir()

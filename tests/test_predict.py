@@ -96,7 +96,7 @@ def _rows(path: Path) -> pd.DataFrame:
 
 
 def test_predictor_takes_images_and_returns_predictions(models):
-    from kmel.predict import Predictor
+    from kmel.serving.predictor import Predictor
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (40, 50, 3), dtype=np.uint8), np.full((30, 30, 3), 250, np.uint8)]
@@ -212,18 +212,11 @@ def test_a_symlink_loop_is_reported_not_an_error_unless_strict(models, tmp_path)
     assert _invoke("predict", str(folder), str(out), "--models", str(models), "--quiet", "--strict").exit_code == 1
 
 
-def test_pipeline_json_is_read_once_per_run(models, tmp_path, monkeypatch):
-    import kmel.export
+def test_pipeline_json_is_read_once_per_run(models, tmp_path, pipeline_reads):
+    import kmel.serving.runner  # noqa: F401  (the modules predict uses, loaded before reads are counted)
 
     _image(tmp_path / "in" / "x.jpg", 0)
-    reads: list[str] = []
-    original = kmel.export.read_pipeline
-
-    def counting(models_dir):
-        reads.append(str(models_dir))
-        return original(models_dir)
-
-    monkeypatch.setattr(kmel.export, "read_pipeline", counting)
+    reads = pipeline_reads
     result = _invoke("predict", str(tmp_path / "in"), str(tmp_path / "p.csv"), "--models", str(models),
                      "--explain", str(tmp_path / "cam"), "--quiet")
     assert result.exit_code == 0, result.output
@@ -232,7 +225,7 @@ def test_pipeline_json_is_read_once_per_run(models, tmp_path, monkeypatch):
 
 def test_jsonl_resume_and_wrong_output(models, tmp_path):
     from kmel.config import ConfigError
-    from kmel.predict import RowsFile
+    from kmel.serving.runner import RowsFile
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"relpath": "a.jpg", "status": "ok"}\n{"relpath": "b.j')

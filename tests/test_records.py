@@ -13,8 +13,8 @@ import pytest
 
 from kmel import constants as C
 from kmel.config import load_config
-from kmel.records import DataError, build_records, load_manifest, shard_paths
-from kmel.tfrecord import read_records
+from kmel.data.records import DataError, build_records, load_manifest, shard_paths
+from kmel.data.tfrecord import read_records
 
 SMALL = {
     "records.image_size": 96, "records.seg_size": 64, "records.shard_size": 16, "records.workers": 1,
@@ -24,7 +24,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def synthetic_data(tmp_path_factory) -> Path:
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.synthetic import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("data")
     make_synthetic_dataset(out, n_images=60, seed=7, size=96)
@@ -128,7 +128,7 @@ def test_missing_data_dir_and_empty_data_are_clear_errors(tmp_path):
 
 
 def test_make_dataset_batches(built):
-    from kmel.data import make_dataset
+    from kmel.data.datasets import make_dataset
 
     out, _ = built
     config = load_config("cpu-small", SMALL)
@@ -152,8 +152,8 @@ def test_manifest_is_json_with_config(built):
 
 def test_prepare_decodes_large_jpeg_reduced_with_full_size_mask(tmp_path):
     """A 2048x1536 photograph is decoded at 1/4 scale; its full-size mask still lines up."""
-    from kmel.images import encode_jpeg, pad_to_square
-    from kmel.prepare import PrepareTask, prepare_image, read_prepared
+    from kmel.data.images import encode_jpeg, pad_to_square
+    from kmel.data.prepare import PrepareTask, prepare_image, read_prepared
 
     h, w = 1536, 2048
     y, x = np.mgrid[0:h, 0:w]
@@ -185,7 +185,7 @@ def test_prepare_decodes_large_jpeg_reduced_with_full_size_mask(tmp_path):
 
 def test_byte_identical_images_under_two_ids_are_kept_once(tmp_path):
     """Same bytes, another id (a re-upload): one record, the earliest id kept, the manifest names both."""
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.synthetic import make_synthetic_dataset
 
     data = tmp_path / "data"
     make_synthetic_dataset(data, n_images=12, seed=3, size=96)

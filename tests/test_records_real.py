@@ -12,7 +12,7 @@ import pytest
 
 from kmel import constants as C
 from kmel.config import load_config
-from kmel.records import build_records
+from kmel.data.records import build_records
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -55,7 +55,7 @@ def test_real_folder_counts(real_records, shared_data):
 
 
 def test_real_records_read_back_match_the_files(real_records, shared_data):
-    from kmel.data import make_dataset
+    from kmel.data.datasets import make_dataset
 
     rec, _, config = real_records
     table = pd.read_csv(rec / C.METADATA_CSV).set_index("image_id")
@@ -64,8 +64,8 @@ def test_real_records_read_back_match_the_files(real_records, shared_data):
     assert images.shape[1:] == (config.segmenter.image_size, config.segmenter.image_size, 3)
     assert set(np.unique(masks.numpy())) <= {0.0, 1.0} and masks.numpy().mean() > 0.05
     # Pixels of one img- record against the file on disk (within JPEG loss).
-    from kmel.tfrecord import read_records
-    from kmel.records import shard_paths
+    from kmel.data.tfrecord import read_records
+    from kmel.data.records import shard_paths
 
     record = next(iter(read_records(shard_paths(rec, "img", "train"))))
     image_id = record[C.F_IMAGE_ID]

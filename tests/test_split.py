@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from kmel import constants as C
-from kmel.metadata import split_table
+from kmel.data.metadata import split_table
 
 
 def _lesion_table(seed: int = 0) -> pd.DataFrame:

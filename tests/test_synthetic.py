@@ -12,18 +12,11 @@ import pandas as pd
 import pytest
 
 from kmel.constants import ITA_CATEGORIES, ITA_EDGES, SKIN_TONE_EDGES, SKIN_TONE_GROUPS
-from kmel.synthetic import (
-    SKIN_ITA_CATEGORY,
-    SKIN_RGB,
-    _tone_counts,
-    draw_hair,
-    make_lesion_image,
-    make_prediction_folder,
-    make_synthetic_dataset,
-)
+from kmel.data.synthetic_images import SKIN_ITA_CATEGORY, SKIN_RGB, draw_hair, make_lesion_image
+from kmel.data.synthetic import _tone_counts, make_prediction_folder, make_synthetic_dataset
 
 
-# === Hand-written references (independent of kmel.synthetic) ===
+# === Hand-written references (independent of kmel.data.synthetic) ===
 def brightness_group(brightness: float) -> int:
     """Reference groups: very_light (index 0) is brightest (> 192), dark (index 4) darkest (< 96)."""
     lo = SKIN_TONE_EDGES  # (96, 128, 160, 192)

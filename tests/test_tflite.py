@@ -70,9 +70,9 @@ def _classifier(size: int):
 def setup(tmp_path_factory) -> dict[str, Path]:
     import keras
 
-    from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
-    from kmel.records import build_records
-    from kmel.synthetic import make_prediction_folder, make_synthetic_dataset
+    from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
+    from kmel.data.records import build_records
+    from kmel.data.synthetic import make_prediction_folder, make_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("tflite")
     config = tiny_config()
@@ -103,7 +103,7 @@ def _pipeline(models: Path) -> dict:
 
 
 def test_export_writes_every_precision_with_its_provenance(setup):
-    from kmel.records import load_manifest
+    from kmel.data.records import load_manifest
 
     models = setup["models"]
     pipeline = _pipeline(models)
@@ -131,7 +131,8 @@ def test_recorded_parity_is_what_the_files_give(setup):
     """Recompute max |SavedModel − TFLite| on the same val images, apart from the export code's loop."""
     import tensorflow as tf
 
-    from kmel.litert import TFLiteModel, draw_inputs
+    from kmel.serving.runtime import TFLiteModel
+    from kmel.serving.litert import draw_inputs
 
     models = setup["models"]
     pipeline = _pipeline(models)
@@ -148,7 +149,7 @@ def test_recorded_parity_is_what_the_files_give(setup):
 
 
 def test_interpreter_resizes_between_batch_sizes(setup):
-    from kmel.litert import TFLiteModel, tflite_path
+    from kmel.serving.runtime import TFLiteModel, tflite_path
 
     model = TFLiteModel(tflite_path(setup["models"], "classifier", "float32"))
     x = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype(np.float32)
@@ -236,9 +237,10 @@ def test_parity_on_real_crops(setup, shared_data):
     CropPipeline (segmenter inputs) and the tiny segmenter's crops (classifier inputs); bounds per format."""
     import tensorflow as tf
 
-    from kmel.crops import CropPipeline
-    from kmel.litert import TFLiteModel, parity
-    from kmel.predict import load_runtime_models
+    from kmel.lesion.crops import CropPipeline
+    from kmel.serving.runtime import TFLiteModel
+    from kmel.serving.litert import parity
+    from kmel.serving.runtime import load_runtime_models
 
     models = setup["models"]
     pipeline = _pipeline(models)
@@ -271,7 +273,7 @@ class _SlowPredictor:
     """Stands in for Predictor in staged_batches: records when batches are made and consumed."""
 
     def __init__(self, config, fail_at: int | None = None):
-        from kmel.crops import CropPipeline
+        from kmel.lesion.crops import CropPipeline
 
         self.config = config
         self.fail_at = fail_at
@@ -291,7 +293,7 @@ class _SlowPredictor:
 
 
 def _files(tmp_path: Path, n: int):
-    from kmel.predict import collect_inputs
+    from kmel.serving.runner import collect_inputs
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -304,7 +306,7 @@ def _files(tmp_path: Path, n: int):
 
 
 def test_staged_batches_keep_order_and_report_bad_files(tmp_path):
-    from kmel.predict import staged_batches
+    from kmel.serving.runner import staged_batches
 
     items = _files(tmp_path, 10)
     predictor = _SlowPredictor(tiny_config())
@@ -320,7 +322,7 @@ def test_staged_batches_keep_order_and_report_bad_files(tmp_path):
 def test_staged_batches_run_ahead_at_most_the_queue_depth(tmp_path):
     """The producer makes batch k+1 while the caller works on batch k, and never more than ``depth``
     batches ahead: memory is bounded by the queue, not by the number of files."""
-    from kmel.predict import staged_batches
+    from kmel.serving.runner import staged_batches
 
     items = _files(tmp_path, 12)
     predictor = _SlowPredictor(tiny_config())
@@ -339,7 +341,7 @@ def test_staged_batches_run_ahead_at_most_the_queue_depth(tmp_path):
 
 
 def test_staged_batches_raise_the_producers_error_and_stop_when_abandoned(tmp_path):
-    from kmel.predict import staged_batches
+    from kmel.serving.runner import staged_batches
 
     items = _files(tmp_path, 12)
     predictor = _SlowPredictor(tiny_config(), fail_at=2)
@@ -358,7 +360,7 @@ def test_staged_batches_raise_the_producers_error_and_stop_when_abandoned(tmp_pa
 
 
 def test_model_calls_are_bounded_in_pixels():
-    from kmel.predict import _chunked, model_chunk
+    from kmel.serving.runtime import _chunked, model_chunk
 
     assert model_chunk(512, 4 * 512 * 512) == 4 and model_chunk(224, 4 * 512 * 512) == 20
     assert model_chunk(1024, 4 * 512 * 512) == 1  # always at least one image

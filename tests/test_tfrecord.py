@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from kmel import constants as C
-from kmel.tfrecord import make_example, parse_example, parse_example_numpy, read_records, write_shard
+from kmel.data.tfrecord import make_example, parse_example, parse_example_numpy, read_records, write_shard
 
 
 def test_example_round_trip_python_and_graph(tmp_path):
@@ -43,7 +43,7 @@ def test_serialisation_is_byte_identical_across_processes():
     import sys
 
     code = (
-        "from kmel.tfrecord import make_example;import hashlib;"
+        "from kmel.data.tfrecord import make_example;import hashlib;"
         "print(hashlib.sha256(make_example(image=b'x', image_id='ISIC_1', target=1, ita=12.5)).hexdigest())"
     )
     outs = {

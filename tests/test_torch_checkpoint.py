@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from kmel.models.torch_checkpoint import CheckpointError, load_torch_state_dict
+from kmel.models.weights.torch_checkpoint import CheckpointError, load_torch_state_dict
 from tests import torch_fixtures as tf_
 
 ARRAYS = {

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from kmel import constants as C
 from kmel.config import to_plain
-from kmel.records import build_records
+from kmel.data.records import build_records
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ needs_wheel = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_py
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> Path:
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.synthetic import make_synthetic_dataset
 
     data = tmp_path_factory.mktemp("data")
     make_synthetic_dataset(data, n_images=48, seed=5, size=96)
@@ -42,8 +42,8 @@ def float32_afterwards():
 
 def _untrained_segmenter(models: Path, config) -> None:
     """An exported, seeded, untrained segmenter: enough for crop records (no training needed)."""
-    from kmel.export import export_serving, saved_model_fingerprint, update_pipeline
-    from kmel.models import build_segmenter
+    from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
+    from kmel.models.segmenter import build_segmenter
 
     keras.utils.set_random_seed(0)
     export_serving(build_segmenter(config.segmenter), models / C.SEGMENTER_DIR, config.segmenter.image_size)
@@ -78,21 +78,21 @@ class _Recorder(keras.callbacks.Callback):
 
 def _with_recorder(monkeypatch, recorder: keras.callbacks.Callback) -> None:
     """Put ``recorder`` after fit_classifier's own extras (so after StagedUnfreezing)."""
-    import kmel.train
+    import kmel.training.train
 
-    original = kmel.train._callbacks
+    original = kmel.training.train._callbacks
 
     def patched(name, models_dir, logdir, patience, extra, *args, **kwargs):
         return original(name, models_dir, logdir, patience, [*extra, recorder], *args, **kwargs)
 
-    monkeypatch.setattr(kmel.train, "_callbacks", patched)
+    monkeypatch.setattr(kmel.training.train, "_callbacks", patched)
 
 
 @needs_wheel
 def test_staged_unfreezing_inside_one_fit_with_imagenet_lite0(records, tmp_path, monkeypatch):
-    from kmel.models import build_classifier
+    from kmel.models.classifier import build_classifier
     from kmel.models.classifier import HEAD_LAYERS, TOP_BLOCK_PREFIXES
-    from kmel.train import fit_classifier
+    from kmel.training.train import fit_classifier
 
     config = tiny_config(epochs=3, **{
         "classifier.backbone": "efficientnet_lite0", "classifier.weights": "imagenet",
@@ -152,7 +152,7 @@ def mixed_run(records, tmp_path_factory) -> dict[str, Path]:
 
     The classifier is an EfficientNet-Lite0 from scratch (its train step traces faster than B0's);
     tests/test_models.py builds B0 under mixed precision."""
-    from kmel.train import fit_classifier, fit_segmenter
+    from kmel.training.train import fit_classifier, fit_segmenter
 
     tmp = tmp_path_factory.mktemp("mixed")
     config = tiny_config(epochs=2, **{"segmenter.steps_per_epoch": 2, "classifier.steps_per_epoch": 2,
@@ -167,7 +167,7 @@ def mixed_run(records, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_auto_precision_is_float32_on_a_cpu():
-    from kmel.distribute import gpu_count, resolve_precision
+    from kmel.training.distribute import gpu_count, resolve_precision
 
     if gpu_count():
         pytest.skip("a GPU is visible: auto means mixed_float16 there")
@@ -175,12 +175,12 @@ def test_auto_precision_is_float32_on_a_cpu():
 
 
 def test_mixed_bfloat16_trains_exports_and_serves_float32(mixed_run):
-    from kmel.export import load_serving
+    from kmel.models.pipeline import load_serving
 
     models = mixed_run["models"]
     pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
-    from kmel.callbacks import take_numpy
-    from kmel.data import make_dataset
+    from kmel.training.callbacks import take_numpy
+    from kmel.data.datasets import make_dataset
 
     # Lesion images (both models take 64 px here): on noise the tiny classifier saturates, where
     # bfloat16 rounding can flip a 0 to a 1.
@@ -244,8 +244,8 @@ def test_group_recall_logger_uses_the_chosen_threshold(tmp_path):
     """Scores 0.2-0.45 for every positive: recall is 1 at the chosen threshold, 0 at 0.5."""
     from functools import partial
 
-    from kmel.callbacks import GroupRecallLogger
-    from kmel.train import _chosen_threshold
+    from kmel.training.callbacks import GroupRecallLogger
+    from kmel.training.train import _chosen_threshold
 
     scores = np.array([0.05, 0.1, 0.15, 0.3, 0.35, 0.4, 0.45, 0.2], "float32")
     targets = np.array([0, 0, 0, 1, 1, 1, 1, 1])

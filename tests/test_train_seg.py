@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from kmel import constants as C
-from kmel.records import build_records
+from kmel.data.records import build_records
 from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> Path:
-    from kmel.synthetic import make_synthetic_dataset
+    from kmel.data.synthetic import make_synthetic_dataset
 
     data = tmp_path_factory.mktemp("data")
     make_synthetic_dataset(data, n_images=48, seed=3, size=96)
@@ -39,7 +39,7 @@ def _trained_config():
 
 @pytest.fixture(scope="module")
 def trained(records, tmp_path_factory) -> tuple[Path, dict]:
-    from kmel.train import fit_segmenter
+    from kmel.training.train import fit_segmenter
 
     models = tmp_path_factory.mktemp("models")
     config = _trained_config()
@@ -74,7 +74,7 @@ def test_export_reloads_with_identical_outputs(trained):
 def test_same_seed_same_weights(records, trained, tmp_path):
     """A second run with the ``trained`` fixture's config and seed (augmentation on, three epochs, best epoch
     restored) ends with the same weights, bit for bit."""
-    from kmel.train import fit_segmenter
+    from kmel.training.train import fit_segmenter
 
     entry = fit_segmenter(records, tmp_path / "b", _trained_config(), tmp_path / "runs-b", "default", "float32",
                           verbose=0)
@@ -99,7 +99,7 @@ def test_interrupted_mirrored_fit_with_one_replica_resumes_from_last_epoch(recor
     Under MirroredStrategy on one device (a user's single GPU, or this CPU), so each ``fit`` also goes
     past its first epoch: the validation data must be repeated under any distribution strategy, not
     only with two replicas. A real SIGKILL under two replicas: tests/test_crash_safety.py."""
-    import kmel.train as train
+    import kmel.training.train as train
 
     config = tiny_config(epochs=4, **{"segmenter.steps_per_epoch": 2})
     original = train._callbacks

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kmel.models import weights as kw
+from kmel.models.weights import resolve as kw
 from kmel.models.classifier import build_classifier
-from kmel.models.download import MIRROR_ENV, fetch_verified, mirror_base, source_url
-from kmel.models.resnet_unet import build_segmenter
-from kmel.models.weights import WeightsError, load_encoder_weights
+from kmel.models.segmenter import build_segmenter, load_encoder_weights
+from kmel.models.weights.download import MIRROR_ENV, WeightsError, fetch_verified, mirror_base, source_url
 from tests import torch_fixtures
 from tests.tiny import tiny_config
 
@@ -311,8 +310,8 @@ def test_segmenter_pth_copied_into_cache_is_used_offline(cache, tmp_path, monkey
 
 def test_cli_weights_mirror_reaches_config_and_errors_exit_2(monkeypatch):
     """``--weights-mirror`` sets both sections; a failed download is one ``error:`` line and exit code 2."""
-    import kmel.records
-    import kmel.train
+    import kmel.data.records
+    import kmel.training.train
     from cli import cli
 
     dead = _dead_url()
@@ -322,8 +321,8 @@ def test_cli_weights_mirror_reaches_config_and_errors_exit_2(monkeypatch):
         seen["mirrors"] = (config.segmenter.weights_mirror, config.classifier.weights_mirror)
         kw.imagenet_resnet_npz("18", mirror=config.segmenter.weights_mirror, progress=False)
 
-    monkeypatch.setattr(kmel.records, "load_manifest", lambda _: {"config": {"records": {}}})
-    monkeypatch.setattr(kmel.train, "fit_segmenter", fake_fit_segmenter)
+    monkeypatch.setattr(kmel.data.records, "load_manifest", lambda _: {"config": {"records": {}}})
+    monkeypatch.setattr(kmel.training.train, "fit_segmenter", fake_fit_segmenter)
     result = CliRunner().invoke(cli, ["train", "seg", "--weights", "imagenet", "--weights-mirror", dead])
     assert seen["mirrors"] == (dead, dead)
     assert result.exit_code == 2, result.output

@@ -1,18 +1,31 @@
-"""Model builders: the U-Net/ResNet segmenter and the EfficientNet classifier."""
+"""Model builders: the U-Net segmenter (ResNet18/34 or EfficientNet-Lite0–2 encoder, shared scSE decoder), the
+EfficientNet classifier, Grad-CAM graphs, pretrained weights (``weights/``) and the reader of exported models
+(``pipeline``)."""
 
-from kmel.models.classifier import BACKBONES, CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
-from kmel.models.resnet_unet import (
-    ENCODER_SKIPS,
-    apply_basic_block,
-    apply_scse,
-    build_segmenter,
-    encoder_stage_layers,
-    set_trainable_stages,
-)
-from kmel.models.weights import WeightsError, convert_torchvision_resnet, load_encoder_weights
+from kmel import lazy_exports
 
-__all__ = [
-    "BACKBONES", "CLASSIFIER_LAST_CONV", "ENCODER_SKIPS", "WeightsError", "apply_basic_block", "apply_scse",
-    "build_classifier", "build_segmenter", "convert_torchvision_resnet", "encoder_stage_layers",
-    "load_encoder_weights", "set_trainable_blocks", "set_trainable_stages",
-]
+_EXPORTS = {
+    "BACKBONES": "kmel.models.classifier",
+    "CLASSIFIER_LAST_CONV": "kmel.models.classifier",
+    "build_classifier": "kmel.models.classifier",
+    "set_trainable_blocks": "kmel.models.classifier",
+    "build_segmenter": "kmel.models.segmenter",
+    "encoder_stage_layers": "kmel.models.segmenter",
+    "layer_stage": "kmel.models.segmenter",
+    "load_encoder_weights": "kmel.models.segmenter",
+    "set_trainable_stages": "kmel.models.segmenter",
+    "ENCODER_SKIPS": "kmel.models.resnet_unet",
+    "apply_basic_block": "kmel.models.resnet_unet",
+    "apply_scse": "kmel.models.unet_decoder",
+    "apply_unet_decoder": "kmel.models.unet_decoder",
+    "EfficientNetLite": "kmel.models.efficientnet_lite",
+    "make_gradcam_graph_fn": "kmel.models.gradcam",
+    "apply_temperature": "kmel.models.pipeline",
+    "load_serving": "kmel.models.pipeline",
+    "read_pipeline": "kmel.models.pipeline",
+    "signature_fn": "kmel.models.pipeline",
+    "WeightsError": "kmel.models.weights",
+    "convert_torchvision_resnet": "kmel.models.weights",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

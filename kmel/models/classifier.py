@@ -16,7 +16,7 @@ from keras import layers
 
 from kmel.config import ClassifierConfig, ConfigError
 from kmel.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
-from kmel.models.weights import resolve_classifier_weights
+from kmel.models.weights.resolve import resolve_classifier_weights
 
 # === Config ===
 # name → constructor(include_top=..., weights=None|"imagenet"|path, input_tensor=...)

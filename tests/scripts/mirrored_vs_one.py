@@ -7,7 +7,7 @@ usage: mirrored_vs_one.py [sync|nosync]   (nosync: plain BatchNorm under Mirrore
 import json
 import sys
 
-from kmel.distribute import split_cpu  # noqa: E402
+from kmel.training.distribute import split_cpu  # noqa: E402
 
 split_cpu(2)
 
@@ -15,8 +15,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kmel.losses import TverskyLoss  # noqa: E402
-from kmel.models import build_segmenter  # noqa: E402
+from kmel.training.losses import TverskyLoss  # noqa: E402
+from kmel.models.segmenter import build_segmenter
 from tests.tiny import tiny_config  # noqa: E402
 
 sync = sys.argv[1:2] != ["nosync"]

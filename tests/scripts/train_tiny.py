@@ -14,13 +14,13 @@ epochs = int(sys.argv[7]) if len(sys.argv) > 7 else 1
 precision = sys.argv[8] if len(sys.argv) > 8 else "float32"
 overrides = json.loads(sys.argv[9]) if len(sys.argv) > 9 else {}
 
-from kmel.distribute import split_cpu  # noqa: E402
+from kmel.training.distribute import split_cpu  # noqa: E402
 
 if n_cpus > 1:
     split_cpu(n_cpus)
 
 from tests.tiny import tiny_config  # noqa: E402
-from kmel.train import fit_classifier, fit_segmenter  # noqa: E402
+from kmel.training.train import fit_classifier, fit_segmenter  # noqa: E402
 
 config = tiny_config(epochs=epochs, **overrides)
 fit = fit_segmenter if kind == "seg" else fit_classifier

@@ -1,0 +1,206 @@
+"""tf.data readers for kmel records (graph side: TensorFlow ops only).
+
+Pipeline order, as in TF Model Garden: interleave shards → parse (Decoder) → filter/balance on the
+still-encoded record → decode + resize (``_parse_train_data`` / ``_parse_eval_data``) → shuffle
+→ batch → augment (train only) → prefetch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import tensorflow as tf
+
+from kmel import constants as C
+from kmel.data.augment import make_cls_augmenter, make_seg_augmenter, resolve_cls_policy
+from kmel.config import Config
+from kmel.data.records import DataError, load_manifest, shard_paths
+from kmel.data.tfrecord import parse_example
+
+KINDS = ("seg", "img", "crop")
+
+
+def _is_size(image: tf.Tensor, size: int) -> tf.Tensor:
+    shape = tf.shape(image)
+    return tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+
+
+def _decode_image(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
+    """JPEG → float32 0–255 at size × size; records already at that size (seg records, crops at the
+    classifier size) skip the resize, which otherwise costs as much as the decoding."""
+    image = tf.io.decode_jpeg(record[C.F_IMAGE], channels=3)
+    image = tf.cond(
+        _is_size(image, size),
+        lambda: tf.cast(image, tf.float32),
+        lambda: tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear", antialias=True), 0.0, 255.0),
+    )
+    return tf.ensure_shape(image, [size, size, 3])
+
+
+def _decode_mask(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
+    mask = tf.io.decode_png(record[C.F_MASK], channels=1)
+    mask = tf.cond(
+        _is_size(mask, size),
+        lambda: tf.cast(mask > 127, tf.float32),
+        lambda: tf.cast(tf.image.resize(tf.cast(mask, tf.float32) / 255.0, [size, size], method="bilinear") > 0.5,
+                        tf.float32),
+    )
+    return tf.ensure_shape(mask, [size, size, 1])
+
+
+def _parse_eval_data(
+    record: Mapping[str, tf.Tensor], kind: str, size: int, with_groups: bool = False
+) -> tuple[Any, ...]:
+    """Resize only; the same decoding as training, without randomness."""
+    image = _decode_image(record, size)
+    if kind == "seg":
+        return image, _decode_mask(record, size)
+    target = tf.cast(record[C.F_TARGET], tf.float32)[None]
+    if with_groups:
+        return image, target, record[C.F_SKIN_TONE]
+    return image, target
+
+
+def _parse_train_data(
+    record: Mapping[str, tf.Tensor], kind: str, size: int, with_groups: bool = False
+) -> tuple[Any, ...]:
+    # Augmentation runs per batch after batching (see make_dataset); nothing random per record here.
+    return _parse_eval_data(record, kind, size, with_groups)
+
+
+def make_record_dataset(files: list[Path], training: bool, seed: int) -> tf.data.Dataset:
+    """Serialised → parsed records (images still encoded), shards interleaved."""
+    if not files:
+        raise DataError("no record shards to read")
+    names = tf.data.Dataset.from_tensor_slices([str(f) for f in files])
+    if training:
+        names = names.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = names.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 4),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=not training or None,
+    )
+    return ds.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training or None)
+
+
+def group_counts(manifest: Mapping[str, Any], split: str, kind: str = "crop") -> dict[tuple[int, int], int]:
+    """(target, skin-tone index) → number of records of ``split`` (from the manifest's counts)."""
+    from kmel.data.records import iter_manifest_groups
+
+    counts: dict[tuple[int, int], int] = {}
+    for target, tone, n in iter_manifest_groups(manifest, split):
+        counts[(target, C.SKIN_TONE_GROUPS.index(tone))] = n
+    return counts
+
+
+def balance_weights(
+    counts: Mapping[tuple[int, int], int], target_malignant_fraction: float, skin_tone_balance: float
+) -> dict[tuple[int, int], float]:
+    """Sampling probability of each (target, skin tone) group.
+
+    Within a class, group g gets weight ∝ n_g^(1 − b): b = 0 keeps the natural mix, b = 1 gives every
+    present skin tone the same share. Classes then get ``target_malignant_fraction`` and its
+    complement (0 keeps the natural class rate).
+    """
+    if not 0.0 <= skin_tone_balance <= 1.0:
+        raise ValueError("skin_tone_balance must be in [0, 1]")
+    if not 0.0 <= target_malignant_fraction < 1.0:
+        raise ValueError("target_malignant_fraction must be in [0, 1)")
+    present = {k: n for k, n in counts.items() if n > 0}
+    total = sum(present.values())
+    class_n = {t: sum(n for (tt, _), n in present.items() if tt == t) for t in (0, 1)}
+    if target_malignant_fraction > 0 and class_n[0] and class_n[1]:
+        class_share = {1: target_malignant_fraction, 0: 1.0 - target_malignant_fraction}
+    else:
+        class_share = {t: class_n[t] / total for t in (0, 1)}
+    weights = {}
+    for t in (0, 1):
+        raw = {k: n ** (1.0 - skin_tone_balance) for k, n in present.items() if k[0] == t}
+        norm = sum(raw.values())
+        for k, r in raw.items():
+            weights[k] = class_share[t] * r / norm
+    return weights
+
+
+def _steps(n: int, batch_size: int, configured: int) -> int:
+    return configured if configured > 0 else max(1, n // batch_size)
+
+
+def make_dataset(
+    records_dir: str | Path,
+    split: str,
+    kind: str,
+    training: bool,
+    config: Config,
+    batch_size: int | None = None,
+    balance: bool | None = None,
+    drop_remainder: bool | None = None,
+    with_groups: bool = False,
+) -> tf.data.Dataset:
+    """Batches of ``(images float32 0–255, masks | targets)`` from one split of a record set.
+
+    ``kind``: ``seg`` (image, mask [H,W,1]) at the segmenter size, ``img`` or ``crop`` (image,
+    target [1]) at the classifier size. Training datasets repeat forever (use ``steps_per_epoch``),
+    are shuffled and augmented; crop training data are balanced by (target, skin tone) when
+    ``balance`` (default: on for crop training). ``with_groups`` adds the skin-tone index as a
+    third element (evaluation and callbacks; not for ``fit``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    records_dir = Path(records_dir)
+    manifest = load_manifest(records_dir)
+    files = shard_paths(records_dir, kind, split, manifest)
+    if not files:
+        raise DataError(f"{records_dir} has no {kind}-{split} records (see {C.MANIFEST})")
+    stage = config.segmenter if kind == "seg" else config.classifier
+    size, seed = stage.image_size, stage.seed
+    batch_size = batch_size or stage.batch_size
+    balance = (training and kind == "crop") if balance is None else balance
+    drop_remainder = training if drop_remainder is None else drop_remainder
+
+    records = make_record_dataset(files, training, seed)
+    if balance:
+        weights = balance_weights(
+            group_counts(manifest, split), config.classifier.target_malignant_fraction,
+            config.classifier.skin_tone_balance,
+        )
+        keys = sorted(weights)
+        parts = [
+            records.filter(
+                lambda r, t=t, g=g: tf.logical_and(
+                    tf.equal(r[C.F_TARGET], t), tf.equal(r[C.F_SKIN_TONE], g)
+                )
+            ).repeat().shuffle(256, seed=seed + i)
+            for i, (t, g) in enumerate(keys)
+        ]
+        records = tf.data.Dataset.sample_from_datasets(
+            parts, weights=[weights[k] for k in keys], seed=seed, stop_on_empty_dataset=False
+        )
+    elif training:
+        records = records.shuffle(2048, seed=seed, reshuffle_each_iteration=True).repeat()
+
+    parse = _parse_train_data if training else _parse_eval_data
+    ds = records.map(lambda r: parse(r, kind, size, with_groups), num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=not training or None)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and stage.augment:
+        ds = ds.enumerate()
+        if kind == "seg":
+            augment = make_seg_augmenter(seed)
+            ds = ds.map(lambda i, b: augment(b[0], b[1], i), num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            augment_cls = make_cls_augmenter(
+                seed, resolve_cls_policy(config.classifier.augment_policy, config.classifier.weights))
+            ds = ds.map(lambda i, b: (augment_cls(b[0], i), b[1]), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def count_records(records_dir: str | Path, kind: str, split: str) -> int:
+    manifest = load_manifest(records_dir)
+    return sum(e["records"] for e in manifest["shards"].get(kind, {}).get(split, []))
+
+
+def steps_per_epoch(records_dir: str | Path, kind: str, split: str, batch_size: int, configured: int = 0) -> int:
+    return _steps(count_records(records_dir, kind, split), batch_size, configured)

@@ -1,0 +1,27 @@
+"""The metadata CSVs kmel recognises by their header: one module per source family, each registering its
+readers with :func:`register_format` (tried in this import order). A new format is one reader in a module
+here, one fixture and one test in ``tests/test_metadata_formats.py``."""
+
+from kmel.data.formats import isic, ham10000, fitzpatrick, archive, ddi, custom, kmel_outputs  # noqa: F401  (registers)
+from kmel.data.formats.csvread import CsvTable, read_csv_table
+from kmel.data.formats.kmel_outputs import in_kmel_output_folder
+from kmel.data.formats.registry import (
+    COL_DROP_REASON,
+    COL_FITZPATRICK_GROUP,
+    FORMATS,
+    STANDARD_COLUMNS,
+    YEARS,
+    CsvFormat,
+    ParsedCsv,
+    identify_format,
+    read_metadata_csv,
+    read_metadata_file,
+    register_format,
+    resembles,
+)
+
+__all__ = [
+    "COL_DROP_REASON", "COL_FITZPATRICK_GROUP", "FORMATS", "STANDARD_COLUMNS", "YEARS", "CsvFormat", "CsvTable",
+    "ParsedCsv", "identify_format", "in_kmel_output_folder", "read_csv_table", "read_metadata_csv",
+    "read_metadata_file", "register_format", "resembles",
+]

@@ -1,0 +1,240 @@
+"""``evaluate``: score a split of crop records (or a labelled ``predict`` CSV) and write the report.
+
+The report (metrics at the stored threshold, per-skin-tone fairness with bootstrap intervals,
+plots) is the same one ``train cls`` writes for its test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from kmel import constants as C
+from kmel.config import Config, ConfigError
+
+ScoreFn = Callable[[np.ndarray], np.ndarray]  # float32 [N, S, S, 3] 0–255 → [N] probabilities
+
+
+def as_score_fn(model: Any) -> ScoreFn:
+    """A Keras model, a loaded SavedModel (``serve`` signature) or a batch → outputs function (a
+    :class:`kmel.serving.litert.TFLiteModel`, say) as a batch → probabilities function."""
+    from kmel.models.pipeline import signature_fn
+
+    if hasattr(model, "predict_on_batch"):
+        return lambda batch: np.asarray(model.predict_on_batch(batch)).reshape(-1)
+    fn = signature_fn(model) if hasattr(model, "signatures") else model
+    return lambda batch: np.asarray(fn(batch)).reshape(-1)
+
+
+def predict_records(
+    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int = 32, progress: bool = False
+) -> pd.DataFrame:
+    """One row per crop record: id, source, target, probability, skin tone, ITA category, crop mode."""
+    import tensorflow as tf
+    from tqdm.auto import tqdm
+
+    from kmel.data.datasets import _decode_image, make_record_dataset
+    from kmel.data.records import load_manifest, shard_paths
+
+    score = as_score_fn(model)
+    manifest = load_manifest(records_dir)
+    files = shard_paths(records_dir, "crop", split, manifest)
+    total = manifest.get("n_records", {}).get("crop", {}).get(split)
+    size = config.classifier.image_size
+    ds = make_record_dataset(files, training=False, seed=0).map(
+        lambda r: (_decode_image(r, size), {k: r[k] for k in (C.F_IMAGE_ID, C.F_SOURCE, C.F_TARGET, C.F_SKIN_TONE,
+                                                             C.F_ITA, C.F_ITA_CATEGORY, C.F_CROP_MODE)}),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).batch(batch_size).prefetch(2)
+    frames = []
+    bar = tqdm(total=total, desc=f"score {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    for images, meta in ds:
+        meta = {k: v.numpy() for k, v in meta.items()}
+        frames.append(pd.DataFrame({
+            C.COL_IMAGE_ID: [b.decode() for b in meta[C.F_IMAGE_ID]],
+            C.COL_SOURCE: [b.decode() for b in meta[C.F_SOURCE]],
+            C.COL_TARGET: meta[C.F_TARGET].astype(int),
+            "probability": score(images.numpy()),
+            C.COL_SKIN_TONE_NAME: [C.SKIN_TONE_GROUPS[g] for g in meta[C.F_SKIN_TONE]],
+            C.COL_ITA: meta[C.F_ITA],
+            "ita_category_name": [C.ITA_CATEGORIES[g] for g in meta[C.F_ITA_CATEGORY]],
+            "crop_mode": [C.CROP_MODES[m] for m in meta[C.F_CROP_MODE]],
+        }))
+        bar.update(len(frames[-1]))
+    bar.close()
+    if not frames:
+        return pd.DataFrame(columns=[C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_TARGET, "probability",
+                                     C.COL_SKIN_TONE_NAME, C.COL_ITA, "ita_category_name", "crop_mode"])
+    return pd.concat(frames, ignore_index=True)
+
+
+# Subgroups reported beside skin tone: report grouping -> column of the table (from records' metadata.csv).
+SUBGROUP_COLUMNS = {"fitzpatrick": "fitzpatrick_group", "sex": C.COL_SEX, "age_band": C.COL_AGE,
+                    "anatomic_site": C.COL_SITE, "source": C.COL_SOURCE}
+
+
+def report_groups(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Groupings for the report: estimated skin tone and ITA, then every subgroup column the table has.
+
+    Missing values are ``unknown``; a grouping with no known value at all is left out.
+    """
+    from kmel.evaluation.fairness import UNKNOWN, age_bands
+
+    groups = {"skin_tone": table[C.COL_SKIN_TONE_NAME].astype(str).to_numpy()}
+    if "ita_category_name" in table:
+        groups["ita_category"] = table["ita_category_name"].astype(str).to_numpy()
+    for grouping, column in SUBGROUP_COLUMNS.items():
+        if column not in table:
+            continue
+        if grouping == "age_band":
+            values = age_bands(pd.to_numeric(table[column], errors="coerce"))
+        else:
+            text = table[column].astype(object).where(table[column].notna(), "").astype(str).str.strip()
+            if grouping != "fitzpatrick":  # bands are I-II .. V-VI; free-text columns vary in case
+                text = text.str.lower()
+            values = text.where(~text.isin(["", "nan", "none", "None"]), UNKNOWN).to_numpy().astype(str)
+        if (values != UNKNOWN).any():
+            groups[grouping] = values
+    return groups
+
+
+def with_record_metadata(table: pd.DataFrame, records_dir: str | Path) -> pd.DataFrame:
+    """Add sex, age, site and Fitzpatrick band from build-records' metadata.csv (in ``records_dir`` or its parent)."""
+    for folder in (Path(records_dir), Path(records_dir).parent):
+        path = folder / C.METADATA_CSV
+        if path.is_file():
+            meta = pd.read_csv(path, dtype={C.COL_IMAGE_ID: str}, low_memory=False)
+            wanted = [c for c in SUBGROUP_COLUMNS.values() if c in meta and c not in table and c != C.COL_SOURCE]
+            if wanted:
+                meta = meta.drop_duplicates(C.COL_IMAGE_ID).set_index(C.COL_IMAGE_ID)[wanted]
+                return table.join(meta, on=C.COL_IMAGE_ID)
+            break
+    return table
+
+
+def report_from_table(
+    table: pd.DataFrame, threshold: float, out_dir: str | Path, config: Config, meta: Mapping[str, Any],
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Write predictions.csv and the report for a scored, labelled table.
+
+    With a ``temperature`` other than 1 the table's ``probability`` is the model's own: it is kept as
+    ``probability_uncalibrated`` and replaced by the calibrated one, the scale ``threshold`` is on.
+    """
+    from kmel.models.pipeline import apply_temperature
+    from kmel.evaluation.report import write_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = table.copy()
+    raw = table["probability"].to_numpy(dtype=np.float64)
+    if temperature != 1.0:
+        table["probability_uncalibrated"] = raw
+        table["probability"] = apply_temperature(raw, temperature)
+    table["prediction"] = (table["probability"] >= threshold).astype(int)
+    table.to_csv(out_dir / "predictions.csv", index=False)
+    return write_report(
+        out_dir, table[C.COL_TARGET].to_numpy(), table["probability"].to_numpy(), threshold, report_groups(table),
+        meta={**dict(meta), "temperature": temperature}, n_bootstrap=config.classifier.bootstrap,
+        seed=config.classifier.seed, raw_scores=raw, temperature=temperature,
+    )
+
+
+def write_split_report(
+    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int, threshold: float,
+    out_dir: str | Path, meta: Mapping[str, Any] | None = None, progress: bool = False, temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Score ``split`` and write its report; ``threshold`` applies to probabilities after ``temperature``."""
+    table = with_record_metadata(predict_records(model, records_dir, split, config, batch_size, progress), records_dir)
+    meta = {"split": split, "records": str(records_dir), "n": len(table), **(meta or {})}
+    return report_from_table(table, threshold, out_dir, config, meta, temperature=temperature)
+
+
+def evaluate_exported(
+    records_dir: str | Path, models_dir: str | Path, split: str, out_dir: str | Path, config: Config,
+    progress: bool = True, pipeline: Mapping[str, Any] | None = None, runtime: str = "tf",
+    tflite_precision: str = "float32", tta: bool = False,
+) -> dict[str, Any]:
+    """Score ``split`` with the exported pipeline (segmenter crops + classifier) and write the report.
+
+    ``pipeline``: the contents of ``models_dir/pipeline.json`` when the caller has read it already.
+    ``runtime``: ``tf`` scores with the classifier SavedModel, ``tflite`` with its TFLite file of
+    ``tflite_precision`` (``kmel export --format tflite``). Either way the crops are the split's crop
+    records, which the SavedModel segmenter made. ``tta``: each crop's score is the mean over its four
+    flips, as ``predict --tta`` does (the threshold stays the one chosen without flips).
+    """
+    from kmel.lesion.crops import ensure_crop_records
+    from kmel.models.pipeline import load_serving, read_pipeline
+    from kmel.serving.runtime import RUNTIMES
+
+    pipeline = dict(read_pipeline(models_dir) if pipeline is None else pipeline)
+    if "classifier" not in pipeline:
+        raise FileNotFoundError(f"{Path(models_dir) / C.PIPELINE_JSON} has no classifier: run `kmel train cls`")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    if runtime == "tflite":
+        from kmel.serving.runtime import load_tflite
+
+        model: Any = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline)
+    else:
+        model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
+    if tta:
+        from kmel.serving.predictor import flip_averaged
+
+        model = flip_averaged(as_score_fn(model))
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline)
+    threshold = float(pipeline["classifier"]["threshold"])
+    chosen_on = pipeline["classifier"].get("threshold_from", "val")  # models from before it was recorded: val
+    # The threshold in pipeline.json is on the calibrated scale when a temperature is stored with it.
+    temperature = float(pipeline["classifier"].get("temperature", 1.0))
+    return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
+                              meta={"threshold_from": f"pipeline.json (chosen on {chosen_on})",
+                                    "threshold_split": chosen_on, "models": str(models_dir),
+                                    "runtime": runtime if runtime == "tf" else f"tflite {tflite_precision}",
+                                    "tta": "flips (4 views averaged)" if tta else "none"},
+                              progress=progress, temperature=temperature)
+
+
+def evaluate_predictions(
+    predictions_csv: str | Path, truth_csv: str | Path, out_dir: str | Path, config: Config
+) -> dict[str, Any]:
+    """Report for a ``predict`` output (CSV or JSONL) against a user's ``image,target`` CSV.
+
+    Optional truth columns ``sex``, ``age``, ``site``, ``source`` and ``fitzpatrick_group`` (I-II / III-IV /
+    V-VI) add those subgroups to the report.
+
+    With a ``relpath`` column (as in the predictions) instead of ``image``, rows are matched on it:
+    the way to tell apart files with the same name in different folders.
+    """
+
+    predictions_csv = Path(predictions_csv)
+    if predictions_csv.suffix.lower() in (".jsonl", ".ndjson"):
+        pred = pd.read_json(predictions_csv, lines=True, dtype={"image": str, "relpath": str})
+    else:
+        pred = pd.read_csv(predictions_csv, dtype={"image": str, "relpath": str})
+    truth = pd.read_csv(truth_csv, dtype={"image": str, "relpath": str})
+    key = "relpath" if "relpath" in truth.columns and "relpath" in pred.columns else "image"
+    missing = {key, "target"} - set(truth.columns)
+    if missing:
+        raise ConfigError(f"{truth_csv} must have columns image,target or relpath,target (missing: {sorted(missing)})")
+    n_not_ok = int((pred["status"] != "ok").sum())
+    pred = pred[pred["status"] == "ok"]
+    # Subgroup columns the user's truth table carries (sex, age, site, fitzpatrick_group) join the report.
+    extra = [c for c in SUBGROUP_COLUMNS.values() if c in truth.columns and c not in pred.columns]
+    table = pred.merge(truth[[key, "target", *extra]], on=key, how="inner")
+    if table.empty:
+        raise ConfigError(f"no {key} in {truth_csv} matches an ok row of {predictions_csv}")
+    table = table.rename(columns={"image": C.COL_IMAGE_ID, "skin_tone_group": C.COL_SKIN_TONE_NAME,
+                                  "ita_category": "ita_category_name"})
+    table[C.COL_TARGET] = table["target"].astype(int)
+    threshold = float(table["threshold"].iloc[0])
+    # The threshold is the models' (pipeline.json, written into every predicted row), chosen on their validation
+    # split, not on these labelled images.
+    meta = {"split": "your labelled images", "threshold_from": "the predictions' threshold column (pipeline.json)",
+            "threshold_split": "models' validation",
+            "predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table), "matched_on": key,
+            "unmatched_truth_rows": int(len(truth) - len(table)), "prediction_rows_not_ok": n_not_ok}
+    return report_from_table(table, threshold, out_dir, config, meta)

@@ -1,0 +1,139 @@
+"""The :class:`Predictor`: the exported segmenter and classifier with their pipeline settings, loaded once
+(``pipeline.json`` is read once): RGB images in, :class:`Prediction` records out. Each image goes through
+the same :class:`kmel.lesion.crops.CropPipeline` as the training crops (segment → crop → hair removal →
+skin tone), then the classifier. It knows nothing of files, so ``evaluate``, the file runner
+(:mod:`kmel.serving.runner`) or a web service can reuse it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kmel.config import ConfigError
+from kmel.lesion.crops import CropPipeline
+from kmel.models.pipeline import apply_temperature, read_pipeline
+from kmel.serving.runtime import config_from_pipeline, load_runtime_models
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the models say about one image; boxes are in the image's own pixels."""
+
+    probability: float
+    prediction: int
+    label: str
+    threshold: float
+    skin_tone_group: str
+    ita: float
+    ita_category: str
+    crop_mode: str
+    box: tuple[int, int, int, int]
+    tta: bool
+    crop: np.ndarray = field(repr=False)  # the classifier's input, RGB uint8
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM in [0, 1] when explaining
+
+    def columns(self) -> dict[str, Any]:
+        """The model's columns of an output row."""
+        x0, y0, x1, y1 = self.box
+        return {
+            "probability": round(self.probability, 6), "prediction": self.prediction, "label": self.label,
+            "threshold": self.threshold, "skin_tone_group": self.skin_tone_group, "ita": round(self.ita, 2),
+            "ita_category": self.ita_category, "crop_mode": self.crop_mode,
+            "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "tta": self.tta,
+        }
+
+
+def flip_views(batch: np.ndarray) -> list[np.ndarray]:
+    """The four flips ``--tta`` averages over: as is, left–right, up–down, both."""
+    return [batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1]]
+
+
+def flip_averaged(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``classify`` (a batch of crops → one score each) averaged over the four :func:`flip_views`."""
+
+    def averaged(batch: np.ndarray) -> np.ndarray:
+        return np.mean([np.asarray(classify(np.ascontiguousarray(v))).reshape(-1) for v in flip_views(batch)], axis=0)
+
+    return averaged
+
+
+class Predictor:
+    """The exported segmenter and classifier with their pipeline settings, loaded once.
+
+    ``predict(images)`` takes RGB uint8 images of any size and returns one :class:`Prediction` each;
+    it is :meth:`prepare` (segment → crop → hair removal → skin tone) then :meth:`classify`, which a
+    caller may also run apart, in two threads, to overlap them. ``runtime``: ``tf`` (SavedModels) or
+    ``tflite`` (``tflite_precision`` files from ``kmel export --format tflite``). Use it as a context
+    manager (or call :meth:`close`) to stop its worker threads.
+    """
+
+    def __init__(self, models_dir: str | Path = "saved_models", tta: bool = False, explain: bool = False,
+                 workers: int | None = None, runtime: str = "tf", tflite_precision: str = "float32",
+                 max_batch_pixels: int | None = None):
+        self.models_dir = Path(models_dir)
+        self.pipeline = read_pipeline(self.models_dir)  # the one read of pipeline.json
+        self.config = config_from_pipeline(self.pipeline, self.models_dir)
+        classifier = self.pipeline["classifier"]
+        self.threshold = float(classifier["threshold"])
+        self.temperature = float(classifier.get("temperature", 1.0))  # the threshold is on the calibrated scale
+        self.class_names = list(classifier.get("class_names", ["benign", "malignant"]))
+        self.tta = tta
+        if explain and runtime != "tf":
+            raise ConfigError("--explain (Grad-CAM) needs the SavedModel runtime: drop --runtime tflite")
+        self.models = load_runtime_models(self.models_dir, self.pipeline, runtime, tflite_precision, max_batch_pixels)
+        self._classify = flip_averaged(self.models.classify) if tta else self.models.classify
+        self._explain = None
+        if explain:
+            from kmel.serving.explain import make_gradcam_fn
+
+            self._explain = make_gradcam_fn(self.models_dir, self.models.classifier_savedmodel)
+        workers = self.config.predict.workers if workers is None else workers
+        self.crops = CropPipeline(self.models.segment, self.models.seg_size, self.config, workers)
+
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of float32 crops (flip-averaged with ``tta``)."""
+        probs = self._classify(crops)
+        if self.temperature != 1.0:
+            probs = apply_temperature(probs, self.temperature)
+        return probs
+
+    def prepare(self, images: Sequence[np.ndarray]) -> list[Any]:
+        """Segment, crop, remove hair, estimate skin tone: one :class:`kmel.lesion.crops.PreparedCrop` each."""
+        return self.crops.run(list(images))
+
+    def classify(self, prepared: Sequence[Any]) -> list[Prediction]:
+        """One prediction per prepared crop, in order."""
+        if not len(prepared):
+            return []
+        batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
+        probs = self.probabilities(batch)
+        heat = self._explain(batch) if self._explain is not None else [None] * len(prepared)
+        out = []
+        for prep, prob, cam in zip(prepared, probs, heat):
+            pred = int(prob >= self.threshold)
+            tone = prep.result.skin_tone
+            out.append(Prediction(
+                probability=float(prob), prediction=pred, label=self.class_names[pred], threshold=self.threshold,
+                skin_tone_group=tone.group_name, ita=float(tone.ita), ita_category=tone.ita_category_name,
+                crop_mode=prep.result.crop_mode, box=tuple(int(v) for v in prep.box), tta=self.tta,
+                crop=prep.result.crop, heatmap=cam,
+            ))
+        return out
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """One prediction per image, in order (an empty list for no images)."""
+        if not len(images):
+            return []
+        return self.classify(self.prepare(images))
+
+    def close(self) -> None:
+        self.crops.close()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

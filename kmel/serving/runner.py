@@ -1,0 +1,401 @@
+"""``predict``'s file runner: the exported models over image files, one row per input file (CSV or JSONL).
+
+:func:`predict_files` resolves the inputs (files, folders, ``-`` for paths on standard input) to one
+:class:`InputFile` each, identified by its ``relpath``. A background thread (:func:`staged_batches`)
+decodes, segments and crops batch after batch into a bounded queue while the caller's thread
+classifies (:class:`kmel.serving.predictor.Predictor`) and appends rows in input order, flushed to disk.
+Rerunning the same command resumes: files whose ``relpath`` is already in the output are skipped, so a
+killed run loses nothing and writes no duplicates. A file that cannot be used gets a row with
+``status=error`` and the reason.
+
+Memory is bounded by settings, not by the number of files: ``predict.queue_batches`` finished batches
+wait at most, each image is held at the records' size once decoded, and one model call sees at most
+``predict.max_batch_pixels`` input pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, Full, Queue
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from kmel.config import ConfigError
+from kmel.data.images import MIB, Found, ImageReadError, check_file, load_image_reduced, read_file, walk_images
+from kmel.serving.explain import save_overlay
+from kmel.serving.predictor import Predictor
+
+COLUMNS = (
+    "image", "relpath", "path", "probability", "prediction", "label", "threshold", "skin_tone_group", "ita",
+    "ita_category", "crop_mode", "box_x0", "box_y0", "box_x1", "box_y1", "tta", "status", "error",
+)
+FORMATS = ("csv", "jsonl")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def escape_cell(value: Any) -> Any:
+    """Text a spreadsheet would run as a formula gets a leading apostrophe (CSV injection).
+
+    Numbers written as text (``-22.11``) are numbers, not formulas, and stay as they are.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
+        return "'" + value
+    return value
+
+
+# === Models: images in, predictions out ===
+
+
+# === Inputs: files, folders and standard input, one row each ===
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file and its identity in the output.
+
+    ``relpath``: the path relative to the folder it was found in — with several inputs, relative to
+    their common folder, so two ``ISIC_1.jpg`` in two folders stay two rows. ``status``: ``file`` (to
+    read), ``error`` (cannot be read; the reason says why) or ``skipped`` (reported, not an error).
+    """
+
+    path: Path
+    relpath: str
+    status: str = "file"
+    reason: str = ""
+
+
+def collect_inputs(inputs: Sequence[str | Path], stdin: Iterable[str] | None = None) -> list[InputFile]:
+    """Every input file once, in order: each file named, every image-like file under each folder, and
+    for ``-`` each path read from ``stdin`` (one per line).
+
+    A path named on the command line that does not exist is a usage error (``FileNotFoundError``);
+    one read from ``stdin`` gets an error row.
+    """
+    named: list[Path] = []
+    for item in inputs:
+        if str(item) == "-":
+            if stdin is None:
+                raise ConfigError("'-' reads the paths to predict from standard input, and none was given")
+            named += [Path(line.rstrip("\r\n")) for line in stdin if line.strip()]
+        elif not os.path.lexists(item):
+            raise FileNotFoundError(f"input {item} does not exist")
+        else:
+            named.append(Path(item))
+    found: list[tuple[str, Found]] = []  # (the folder its relpath is taken from, entry)
+    for path in named:
+        if path.is_dir():
+            found += [(os.path.abspath(path), f) for f in walk_images(path)]
+        else:
+            reason = check_file(path, max_bytes=1 << 62)  # the size bound is the reader's
+            found.append((os.path.dirname(os.path.abspath(path)), Found(path, "error", reason) if reason else Found(path)))
+    if not found:
+        return []
+    common = os.path.commonpath([base for base, _ in found])
+    files, seen = [], set()
+    for _, entry in found:
+        absolute = os.path.abspath(entry.path)
+        if absolute in seen:
+            continue
+        seen.add(absolute)
+        relpath = Path(os.path.relpath(absolute, common)).as_posix()
+        files.append(InputFile(entry.path, relpath, entry.status, entry.reason))
+    return files
+
+
+# === Output: CSV or JSONL rows, appended batch by batch ===
+
+
+def format_for(path: str | Path) -> str:
+    """``jsonl`` for ``.jsonl`` / ``.ndjson`` files, else ``csv``."""
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "csv"
+
+
+class RowsFile:
+    """An output file of predict rows (CSV or JSONL), appended and fsynced batch by batch."""
+
+    def __init__(self, path: str | Path, fmt: str | None = None):
+        self.path = Path(path)
+        self.fmt = fmt or format_for(self.path)
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"unknown output format {self.fmt!r}; known: {', '.join(FORMATS)}")
+        self._handle: Any = None
+        self._csv: Any = None
+
+    def done(self) -> set[str]:
+        """The ``relpath`` of every row an earlier (possibly killed) run wrote; a torn last line is cut off."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return set()
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            self.path.write_bytes(data)
+        wrong = ConfigError(f"{self.path} exists and is not a kmel predict {self.fmt.upper()} of this version: "
+                            "choose another output file or delete it")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise wrong from None
+        if self.fmt == "csv":
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise wrong
+            return {row["relpath"] for row in reader}
+        done = set()
+        for line in text.split("\n")[:-1]:  # not splitlines(): U+2028 may sit inside a JSON string
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise wrong from None
+            if not isinstance(row, dict) or "relpath" not in row:
+                raise wrong
+            done.add(row["relpath"])
+        return done
+
+    def __enter__(self) -> "RowsFile":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._handle = open(self.path, "a", newline="", encoding="utf-8")
+        if self.fmt == "csv":
+            self._csv = csv.DictWriter(self._handle, fieldnames=COLUMNS)
+            if new:
+                self._csv.writeheader()
+        return self
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        for row in rows:
+            if self.fmt == "csv":
+                self._csv.writerow({k: escape_cell(row.get(k, "")) for k in COLUMNS})
+            else:
+                self._handle.write(json.dumps({k: row.get(k) for k in COLUMNS}, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.close()
+
+
+# === The runner ===
+
+
+@dataclass
+class PredictSummary:
+    n_ok: int = 0
+    n_error: int = 0
+    n_skipped: int = 0  # reported only (a folder reached twice through a symlink)
+    n_malignant: int = 0
+    n_resumed: int = 0
+    seconds: float = 0.0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.n_ok + self.n_error) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Staged:
+    """One batch of input files on its way through predict: crops for the files that could be used,
+    the reason for each that could not (keys: index in ``items``)."""
+
+    items: list[InputFile]
+    prepared: dict[int, Any]
+    errors: dict[int, str]
+
+
+_DONE = object()
+
+
+def _decode_and_pre(item: InputFile, max_bytes: int, crops: Any) -> Any:
+    """The file decoded and reduced to the segmenter's input (:class:`kmel.lesion.crops.PreStage`), or why not.
+
+    Decoded as ``build-records`` decodes (a large JPEG at 1/2–1/8 scale in the DCT domain, down to the
+    records' size), so predict sees the pixels training saw, faster and in a fraction of the memory.
+    The decode is dropped here: at most one per decoding thread is alive at a time.
+    """
+    if item.status != "file":
+        return item.reason
+    records = crops.config.records
+    try:
+        data = read_file(item.path, max_bytes)  # only a regular file within the size bound is opened
+        image, size = load_image_reduced(data, max(records.image_size, records.seg_size), name=str(item.path))
+        del data
+    except ImageReadError as exc:
+        return str(exc)
+    except Exception as exc:  # an unexpected decoder failure is still one bad file, not the end of the run
+        return f"{item.path}: {type(exc).__name__}: {exc}"
+    try:
+        return crops.pre(image, original_size=size)
+    except Exception as exc:  # an image the preprocessing cannot use (e.g. 1 × 1 px) is one bad file
+        return f"{item.path}: cannot be prepared: {type(exc).__name__}: {exc}"
+
+
+def staged_batches(
+    predictor: Predictor, items: Sequence[InputFile], batch_size: int, max_bytes: int, depth: int | None = None,
+) -> Iterator[_Staged]:
+    """Batches of ``items`` decoded, segmented and cropped, in order, made by a background thread while
+    the caller classifies and writes earlier ones.
+
+    Memory is bounded by design, not by the number of files: at most ``depth`` finished batches wait in
+    the queue (``predict.queue_batches``), one more is being made, and each holds only images at the
+    records' size (full-resolution decodes are dropped as soon as they are reduced; at most one per
+    decoding thread exists at a time). Stopping early (an error, Ctrl-C) stops the thread after the
+    batch it is on.
+    """
+    depth = predictor.config.predict.queue_batches if depth is None else depth
+    queue: Queue = Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(value, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(predictor.crops.workers, thread_name_prefix="kmel-decode") as decoder:
+                for start in range(0, len(items), batch_size):
+                    if stop.is_set():
+                        return
+                    batch = list(items[start : start + batch_size])
+                    staged = list(decoder.map(lambda it: _decode_and_pre(it, max_bytes, predictor.crops), batch))
+                    good = [i for i, s in enumerate(staged) if not isinstance(s, str)]
+                    crops = predictor.crops.finish([staged[i] for i in good])
+                    errors = {i: s for i, s in enumerate(staged) if isinstance(s, str)}
+                    del staged
+                    if not put(_Staged(batch, dict(zip(good, crops)), errors)):
+                        return
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            put(exc)
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="kmel-prepare", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value = queue.get()
+            if value is _DONE:
+                return
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                queue.get(timeout=0.1)  # unblock a producer waiting to put
+            except Empty:
+                pass
+        thread.join()
+
+
+def overlay_path(explain_dir: str | Path, relpath: str) -> Path:
+    """Where the Grad-CAM overlay of the file at ``relpath`` goes: the same relative path, so none collide."""
+    return Path(explain_dir) / f"{relpath}_gradcam.png"
+
+
+def run_predictions(
+    predictor: Predictor, items: Sequence[InputFile], rows_file: RowsFile, batch_size: int | None = None,
+    explain_dir: str | Path | None = None, max_file_mb: int | None = None, progress: bool = True,
+    done: set[str] | None = None,
+) -> PredictSummary:
+    """Predict ``items`` whose ``relpath`` is not in ``rows_file`` yet (``done``: its relpaths, when
+    the caller has read them already) and append their rows."""
+    done = rows_file.done() if done is None else done
+    summary = PredictSummary(n_resumed=len(done))
+    todo = [item for item in items if item.relpath not in done]
+    batch_size = batch_size or predictor.config.predict.batch_size
+    max_bytes = (max_file_mb if max_file_mb is not None else predictor.config.predict.max_file_mb) * MIB
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    with rows_file:
+        for staged in staged_batches(predictor, todo, batch_size, max_bytes):
+            good = sorted(staged.prepared)
+            predictions = dict(zip(good, predictor.classify([staged.prepared[i] for i in good])))
+            rows = []
+            for i, item in enumerate(staged.items):
+                row = {"image": item.path.stem, "relpath": item.relpath, "path": str(item.path), "tta": predictor.tta}
+                if i in predictions:
+                    result = predictions[i]
+                    row.update(result.columns(), status="ok", error="")
+                    summary.n_ok += 1
+                    summary.n_malignant += result.prediction
+                    if explain_dir is not None and result.heatmap is not None:
+                        target = overlay_path(explain_dir, item.relpath)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        save_overlay(target, result.crop, result.heatmap)
+                elif item.status == "skipped":
+                    row.update(status="skipped", error=item.reason)
+                    summary.n_skipped += 1
+                else:
+                    row.update(status="error", error=staged.errors[i])
+                    summary.n_error += 1
+                    summary.errors.append((str(item.path), staged.errors[i]))
+                rows.append(row)
+            rows_file.write(rows)
+            bar.update(len(rows))
+            bar.set_postfix(ok=summary.n_ok, errors=summary.n_error)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def predict_files(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    models_dir: str | Path = "saved_models",
+    batch_size: int | None = None,
+    tta: bool = False,
+    explain_dir: str | Path | None = None,
+    fmt: str | None = None,
+    stdin: Iterable[str] | None = None,
+    max_file_mb: int | None = None,
+    progress: bool = True,
+    runtime: str = "tf",
+    tflite_precision: str = "float32",
+) -> PredictSummary:
+    """Predict every input file (files, folders, ``-`` for paths on ``stdin``) into ``out``
+    (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output. ``runtime``: ``tf``
+    (SavedModels) or ``tflite`` (the ``tflite_precision`` files of ``kmel export --format tflite``)."""
+    rows_file = RowsFile(out, fmt)
+    done = rows_file.done()  # a wrong output file is a usage error before the models load
+    items = collect_inputs(inputs, stdin)
+    with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime,
+                   tflite_precision=tflite_precision) as predictor:
+        return run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
+
+
+def predict_folder(
+    input_dir: str | Path,
+    out_csv: str | Path,
+    models_dir: str | Path = "saved_models",
+    batch_size: int | None = None,
+    tta: bool = False,
+    explain_dir: str | Path | None = None,
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every image under ``input_dir`` into ``out_csv`` (see :func:`predict_files`)."""
+    if not Path(input_dir).is_dir():
+        raise FileNotFoundError(f"input folder {input_dir} does not exist")
+    return predict_files([input_dir], out_csv, models_dir, batch_size, tta, explain_dir, progress=progress)

@@ -1,0 +1,203 @@
+"""Runtimes that serve the two exported models as NumPy functions: the SavedModels (``tf``) or the TFLite
+files of ``kmel export --format tflite`` (``tflite``, through the LiteRT interpreter, TensorFlow's own
+``tf.lite`` one as the fallback), and the training config the exported models carry in pipeline.json.
+Below both ``predict`` and the TFLite export, which check their files with it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kmel import constants as C
+from kmel.config import Config, ConfigError, config_from_dict
+from kmel.models.pipeline import load_serving, read_pipeline, signature_fn
+
+
+def config_from_pipeline(pipeline: dict[str, Any], models_dir: str | Path = "saved_models") -> Config:
+    """The config the exported models were trained with (preprocessing must match it)."""
+    for part in ("segmenter", "classifier"):
+        if part not in pipeline:
+            raise FileNotFoundError(
+                f"{Path(models_dir) / C.PIPELINE_JSON} has no {part}: train it first (`kmel train "
+                f"{'seg' if part == 'segmenter' else 'cls'}`) or pass --models pointing at exported models"
+            )
+    seg = pipeline["segmenter"]
+    return config_from_dict({"records": seg["records"], "crops": seg["crops"], "segmenter": seg["config"],
+                             "classifier": pipeline["classifier"]["config"]})
+
+
+def load_pipeline_config(models_dir: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The training config and the contents of ``models_dir/pipeline.json``."""
+    pipeline = read_pipeline(models_dir)
+    return config_from_pipeline(pipeline, models_dir), pipeline
+
+
+RUNTIMES = ("tf", "tflite")
+
+
+def _chunked(fn: Callable[[np.ndarray], np.ndarray], size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn`` called on at most ``size`` images at a time (the results concatenated)."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if len(batch) <= size:
+            return fn(batch)
+        return np.concatenate([fn(batch[i : i + size]) for i in range(0, len(batch), size)])
+
+    return run
+
+
+def model_chunk(image_size: int, max_batch_pixels: int) -> int:
+    """Images per model call so that one call sees at most ``max_batch_pixels`` input pixels (at least one):
+    the activations of a call grow with its pixels, so this bounds the models' working memory."""
+    return max(1, max_batch_pixels // (image_size * image_size))
+
+
+@dataclass(frozen=True)
+class RuntimeModels:
+    """The exported segmenter and classifier as plain functions, whichever runtime serves them.
+
+    ``segment``: float32 [N, S, S, 3] 0–255 → [N, S, S] lesion probabilities. ``classify``: float32
+    [N, C, C, 3] 0–255 → [N] probabilities, uncalibrated. Both split a batch into calls of at most
+    ``max_batch_pixels`` input pixels.
+    """
+
+    runtime: str
+    precision: str
+    seg_size: int
+    cls_size: int
+    segment: Callable[[np.ndarray], np.ndarray]
+    classify: Callable[[np.ndarray], np.ndarray]
+    classifier_savedmodel: Any = None  # the loaded SavedModel (tf runtime): its gradcam endpoint explains
+
+
+def load_runtime_models(
+    models_dir: str | Path, pipeline: dict[str, Any] | None = None, runtime: str = "tf",
+    tflite_precision: str = "float32", max_batch_pixels: int | None = None, threads: int | None = None,
+) -> RuntimeModels:
+    """Load the two exported models for ``runtime``: ``tf`` (the SavedModels) or ``tflite`` (the files
+    ``kmel export --format tflite`` wrote, of ``tflite_precision``). ``pipeline``: the contents of
+    pipeline.json when the caller has read it already."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    models_dir = Path(models_dir)
+    pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
+    config = config_from_pipeline(pipeline, models_dir)
+    seg_size = int(pipeline["segmenter"]["image_size"])
+    cls_size = config.classifier.image_size
+    pixels = config.predict.max_batch_pixels if max_batch_pixels is None else max_batch_pixels
+    if runtime == "tflite":
+        from kmel.serving.runtime import load_tflite
+
+        seg = load_tflite(models_dir, C.SEGMENTER_DIR, tflite_precision, pipeline, threads)
+        cls = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline, threads)
+        return RuntimeModels(
+            "tflite", tflite_precision, seg_size, cls_size,
+            _chunked(lambda x: seg(x)[..., 0], model_chunk(seg_size, pixels)),
+            _chunked(lambda x: cls(x).reshape(-1), model_chunk(cls_size, pixels)),
+        )
+    from kmel.lesion.crops import make_segment_fn
+
+    segment, _ = make_segment_fn(models_dir, pipeline)
+    loaded = load_serving(models_dir / C.CLASSIFIER_DIR)
+    cls_serve = signature_fn(loaded)
+    return RuntimeModels("tf", "float32", seg_size, cls_size, _chunked(segment, model_chunk(seg_size, pixels)),
+                         _chunked(lambda x: cls_serve(x).reshape(-1), model_chunk(cls_size, pixels)), loaded)
+
+
+PRECISIONS = ("float32", "float16", "int8")
+
+
+MODELS = (C.SEGMENTER_DIR, C.CLASSIFIER_DIR)
+
+
+TFLITE_DIR = "tflite"
+
+
+SECTION = "tflite"
+
+
+def tflite_path(models_dir: str | Path, model: str, precision: str) -> Path:
+    return Path(models_dir) / TFLITE_DIR / f"{model}-{precision}.tflite"
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown TFLite precision {precision!r}; known: {', '.join(PRECISIONS)}")
+
+
+def tflite_status(models_dir: str | Path, precision: str, pipeline: dict[str, Any] | None = None) -> str:
+    """``ok`` when both TFLite files of ``precision`` exist and were made from the current SavedModels;
+    otherwise what is wrong, naming the command that fixes it."""
+    _check_precision(precision)
+    pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
+    fix = f"run `kmel export --format tflite --precision {precision} --models {models_dir}`"
+    entry = pipeline.get(SECTION, {}).get(precision)
+    if not entry:
+        return f"no {precision} TFLite files in {models_dir}: {fix}"
+    for model in MODELS:
+        path = Path(models_dir) / entry[model]["file"]
+        if not path.is_file():
+            return f"{path} is missing: {fix}"
+        if entry[model]["source_fingerprint"] != pipeline.get(model, {}).get("fingerprint"):
+            return f"{path} was made from an earlier {model} (the model was retrained since): {fix}"
+    return "ok"
+
+
+def load_tflite(models_dir: str | Path, model: str, precision: str, pipeline: dict[str, Any] | None = None,
+                threads: int | None = None) -> "TFLiteModel":
+    """``model``'s TFLite file of ``precision``, refused (naming the fix) when the files are missing or
+    older than the SavedModels (:func:`tflite_status`)."""
+    status = tflite_status(models_dir, precision, pipeline)
+    if status != "ok":
+        raise FileNotFoundError(status)
+    return TFLiteModel(tflite_path(models_dir, model, precision), threads)
+
+
+def _interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "tf.lite.Interpreter is deprecated": it is the fallback
+            return tf.lite.Interpreter
+
+
+class TFLiteModel:
+    """One TFLite model as ``fn(float32 batch) -> float32 outputs``, any batch size (the interpreter is
+    resized when it changes). Calls are serialised: one interpreter runs one batch at a time."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} not found: run `kmel export --format tflite`")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._interpreter = _interpreter_class()(model_path=str(self.path), num_threads=threads or os.cpu_count())
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        self.input_shape = tuple(int(v) for v in self._input["shape_signature"])
+        self._batch = -1
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.float32)
+        if batch.shape[1:] != self.input_shape[1:]:
+            raise ValueError(f"{self.path.name} takes {self.input_shape[1:]} inputs, got {batch.shape[1:]}")
+        with self._lock:
+            if batch.shape[0] != self._batch:
+                self._interpreter.resize_tensor_input(self._input["index"], list(batch.shape))
+                self._interpreter.allocate_tensors()
+                self._batch = batch.shape[0]
+            self._interpreter.set_tensor(self._input["index"], batch)
+            self._interpreter.invoke()
+            return self._interpreter.get_tensor(self._output["index"]).copy()

@@ -1,0 +1,401 @@
+"""``train seg`` and ``train cls``: fit, pick the best epoch, export, record in pipeline.json.
+
+Both loops share one shape: seed → precision → strategy → datasets (global batch scales with
+replicas) → model + optimizer built over every weight → staged unfreezing, early stopping,
+best-weights checkpoint, BackupAndRestore (a killed run resumes at its last finished epoch),
+TensorBoard → best weights → ``.keras`` + SavedModel → metrics → ``pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kmel import constants as C
+from kmel.training.callbacks import (
+    GroupRecallLogger,
+    LearningRateLogger,
+    PreciseBatchNorm,
+    ResumableEarlyStopping,
+    SegmentationImages,
+    StagedUnfreezing,
+    best_so_far,
+    stage_for_epoch,
+    take_numpy,
+)
+from kmel.config import ClassifierConfig, Config, save_config, to_plain
+from kmel.data.datasets import count_records, make_dataset, steps_per_epoch
+from kmel.training.distribute import (
+    jit_compile_setting,
+    make_strategy,
+    multiworker_requested,
+    set_precision,
+    shard_for_workers,
+    worker_index,
+)
+from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
+from kmel.data.records import load_manifest, shard_paths
+
+
+def _callbacks(
+    name: str, models_dir: Path, logdir: Path, patience: int, extra: list[keras.callbacks.Callback],
+    monitor: str = "val_loss", mode: str = "min",
+) -> tuple[list[keras.callbacks.Callback], Path]:
+    """Backup (resume), extras, checkpoint of the best epoch, early stopping, CSV and TensorBoard.
+
+    A fresh run (no backup folder) first removes a previous run's history and best weights, so
+    they are not mixed with its own. A resumed run starts the checkpoint and early stopping from
+    the best value in the history of its finished epochs.
+    """
+    best = models_dir / f".{name}.best.weights.h5"
+    history = models_dir / f"{name}_history.csv"
+    backup = models_dir / f".backup-{name}"
+    prior: list[float] = []
+    if not backup.exists():
+        history.unlink(missing_ok=True)
+        best.unlink(missing_ok=True)
+    else:
+        prior = [row.get(monitor, float("nan")) for row in _history(models_dir, name)]
+    found = best_so_far(prior, mode) if best.exists() else None
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(backup)),
+        *extra,
+        LearningRateLogger(),
+        keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, mode=mode, save_best_only=True,
+                                        save_weights_only=True,
+                                        initial_value_threshold=None if found is None else float(found[0])),
+        ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience, prior=prior),
+        keras.callbacks.CSVLogger(str(history), append=True),
+        keras.callbacks.TensorBoard(str(logdir / name), write_graph=False, update_freq="epoch"),
+    ]
+    return callbacks, best
+
+
+def _val_data(records_dir: Path, kind: str, config: Config, batch: int,
+              strat: tf.distribute.Strategy) -> tuple[Any, int]:
+    """Validation dataset for ``fit`` and its exact number of batches.
+
+    With several replicas the batch is a multiple of them that the data can fill and the ragged
+    last batch is dropped (it cannot be split evenly); the final metrics use every image. Passing
+    the step count keeps Keras from reading past the end (its "ran out of data" warning).
+    """
+    replicas = strat.num_replicas_in_sync
+    n = count_records(records_dir, kind, "val")
+    if replicas > 1:
+        batch = replicas * max(1, min(batch // replicas, n // replicas))
+    dataset = make_dataset(records_dir, "val", kind, False, config, drop_remainder=replicas > 1, batch_size=batch)
+    # Any distribution strategy, one replica included (MirroredStrategy on one GPU or CPU).
+    if isinstance(strat, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        # Every worker validates on all of it (OFF): the val step count above is for the whole split.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        # Repeated: under a distribution strategy Keras (3.15) takes one batch from the previous
+        # epoch's validation iterator to build the model before each evaluation; on a finite
+        # dataset that iterator is spent from the second epoch on and fit dies with StopIteration.
+        # Each evaluation still starts a fresh iterator and reads exactly `steps` batches.
+        dataset = dataset.with_options(options).repeat()
+    steps = n // batch if replicas > 1 else -(-n // batch)
+    return dataset, max(1, steps)
+
+
+def _worker_dirs(strat: tf.distribute.Strategy, models_dir: Path, logdir: Path) -> tuple[Path, Path, Path | None]:
+    """Multi-worker runs: only the chief writes to ``models_dir`` / ``logdir``; every other worker
+    trains identically into its own scratch folder (removed at the end) so files never collide."""
+    if not isinstance(strat, tf.distribute.MultiWorkerMirroredStrategy):
+        return models_dir, logdir, None
+    is_chief, index = worker_index()
+    if is_chief:
+        return models_dir, logdir, None
+    scratch = models_dir / f".worker-{index}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch, logdir / f"worker-{index}", scratch
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 (16 hex) of a model's weight values in order: the same digest means the same weights."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _finish_model(
+    model: keras.Model, best: Path, models_dir: Path, keras_name: str, export_dir: str, size: int,
+    gradcam_layer: str | None = None,
+) -> str:
+    if best.exists():
+        model.load_weights(str(best))
+    model.save(str(models_dir / keras_name))
+    export_serving(model, models_dir / export_dir, size, gradcam_layer)
+    return saved_model_fingerprint(models_dir / export_dir)
+
+
+def _history(models_dir: Path, name: str) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    path = models_dir / f"{name}_history.csv"
+    if not path.exists():
+        return []
+    return json.loads(pd.read_csv(path).to_json(orient="records"))
+
+
+def fit_segmenter(
+    records_dir: str | Path,
+    models_dir: str | Path,
+    config: Config,
+    logdir: str | Path = "runs",
+    strategy: str = "auto",
+    precision: str = "auto",
+    verbose: int | str = "auto",
+) -> dict[str, Any]:
+    """Train the lesion segmenter on seg- records; export ``models_dir/segmenter``. Returns its pipeline entry."""
+    from kmel.training.losses import DiceCoefficient, IoUScore, ThresholdedJaccard, TverskyLoss
+    from kmel.models.segmenter import build_segmenter, load_encoder_weights, set_trainable_stages
+
+    records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    sc = config.segmenter
+    keras.utils.set_random_seed(sc.seed)
+    policy = set_precision(precision)
+    strat = make_strategy(strategy)
+    models_dir, logdir, scratch = _worker_dirs(strat, models_dir, logdir)
+    replicas = strat.num_replicas_in_sync
+    batch = sc.batch_size * replicas
+    train_ds = make_dataset(records_dir, "train", "seg", True, config, batch_size=batch)
+    train_ds = shard_for_workers(train_ds, strat, len(shard_paths(records_dir, "seg", "train")))
+    val_ds, val_steps = _val_data(records_dir, "seg", config, batch, strat)
+    steps = steps_per_epoch(records_dir, "seg", "train", batch, sc.steps_per_epoch)
+
+    with strat.scope():
+        model = build_segmenter(sc, sync_batchnorm=replicas > 1)
+        load_encoder_weights(model, sc.weights, mirror=sc.weights_mirror)
+        optimizer = keras.optimizers.AdamW(sc.learning_rate, weight_decay=sc.weight_decay)
+        optimizer.build(model.trainable_variables)
+        set_trainable_stages(model, stage_for_epoch(sc.unfreeze, 0))
+        model.compile(
+            optimizer=optimizer,
+            loss=TverskyLoss(alpha=sc.tversky_alpha, beta=sc.tversky_beta),
+            metrics=[DiceCoefficient(name="dice"), IoUScore(name="iou"), ThresholdedJaccard(name="thresholded_jaccard")],
+            jit_compile=jit_compile_setting(),
+        )
+    sample_images, sample_masks = take_numpy(make_dataset(records_dir, "val", "seg", False, config, batch_size=4), 4)
+    callbacks, best = _callbacks(
+        "segmenter",
+        models_dir,
+        logdir,
+        sc.early_stopping_patience,
+        [
+            StagedUnfreezing(sc.unfreeze, set_trainable_stages),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=sc.reduce_lr_factor,
+                                              patience=sc.reduce_lr_patience, min_lr=1e-6),
+            SegmentationImages(str(logdir / "segmenter" / "images"), sample_images, sample_masks),
+        ],
+    )
+    model.fit(train_ds, epochs=sc.epochs, steps_per_epoch=steps, validation_data=val_ds,
+              validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
+              shuffle=False)  # the tf.data pipeline shuffles
+    fingerprint = _finish_model(model, best, models_dir, C.SEGMENTER_KERAS, C.SEGMENTER_DIR, sc.image_size)
+    final = keras.saving.load_model(models_dir / C.SEGMENTER_KERAS, safe_mode=True)
+    manifest = load_manifest(records_dir)
+    metrics = {}
+    for split in ("val", "test"):
+        if manifest["n_records"].get("seg", {}).get(split):
+            ds = make_dataset(records_dir, split, "seg", False, config, batch_size=sc.batch_size)
+            n_batches = -(-count_records(records_dir, "seg", split) // sc.batch_size)
+            metrics[split] = final.evaluate(ds, steps=n_batches, return_dict=True, verbose=0)
+    save_config(config, models_dir / "segmenter_config.yaml")
+    entry = {
+        "image_size": sc.image_size,
+        "backbone": sc.backbone,
+        "fingerprint": fingerprint,
+        "records_fingerprint": manifest["fingerprint"],
+        "precision": policy,
+        "replicas": replicas,
+        "metrics": {k: {m: float(v) for m, v in d.items()} for k, d in metrics.items()},
+        "epochs_run": len(_history(models_dir, "segmenter")),
+        "config": to_plain(sc),
+        "records": to_plain(config.records),
+        "crops": to_plain(config.crops),
+    }
+    entry["weights_digest"] = weights_digest(final)
+    update_pipeline(models_dir, "segmenter", entry)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return entry
+
+
+def _chosen_threshold(cc: ClassifierConfig, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """The threshold fit_classifier exports, by the same rule, on the given validation predictions."""
+    from kmel.evaluation.fairness import choose_threshold
+
+    return float(choose_threshold(targets, scores, method=cc.threshold_method, groups=groups,
+                                  min_group_recall=cc.min_group_recall,
+                                  target_sensitivity=cc.target_sensitivity)["threshold"])
+
+
+def fit_classifier(
+    records_dir: str | Path,
+    models_dir: str | Path,
+    config: Config,
+    logdir: str | Path = "runs",
+    strategy: str = "auto",
+    precision: str = "auto",
+    verbose: int | str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the classifier on crop records (built first if missing or stale); threshold on val,
+    report on test; export ``models_dir/classifier``. Returns its pipeline entry."""
+    from kmel.lesion.crops import ensure_crop_records
+    from kmel.evaluation.evaluate import predict_records, write_split_report
+    from kmel.models.pipeline import apply_temperature
+    from kmel.evaluation.fairness import choose_threshold
+    from kmel.evaluation.calibration import expected_calibration_error, fit_temperature
+    from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
+    from kmel.models.classifier import HEAD_LAYERS
+    from kmel.training.optimizers import LayerScaledAdamW
+    from kmel.training.schedules import OneCycleSchedule
+
+    records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
+    cc = config.classifier
+    # Several workers must not build the same crop records at once: multi-worker runs need them built first.
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress,
+                                    build=not multiworker_requested(strategy))
+    keras.utils.set_random_seed(cc.seed)
+    policy = set_precision(precision)
+    strat = make_strategy(strategy)
+    models_dir, logdir, scratch = _worker_dirs(strat, models_dir, logdir)
+    replicas = strat.num_replicas_in_sync
+    batch = cc.batch_size * replicas
+    manifest = load_manifest(crops_dir)
+    print(balance_table(manifest, config))
+    train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
+    train_ds = shard_for_workers(train_ds, strat, len(shard_paths(crops_dir, "crop", "train")))
+    val_ds, val_steps = _val_data(crops_dir, "crop", config, batch, strat)
+    steps = steps_per_epoch(crops_dir, "crop", "train", batch, cc.steps_per_epoch)
+
+    # Pretrained BatchNorm statistics stay frozen; from scratch they must be learned.
+    freeze_bn = cc.weights not in ("none", "", None)
+    with strat.scope():
+        model = build_classifier(cc)
+        schedule = OneCycleSchedule(cc.max_learning_rate, total_steps=steps * cc.epochs,
+                                    warmup_fraction=cc.warmup_fraction)
+        # Pretrained layers learn at backbone_lr_scale × the head's rate (kmel/optimizers.py says why).
+        optimizer = LayerScaledAdamW(schedule, weight_decay=cc.weight_decay, full_rate_layers=HEAD_LAYERS,
+                                     scale=cc.backbone_lr_scale)
+        optimizer.build(model.trainable_variables)
+        set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0), freeze_bn)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.BinaryFocalCrossentropy(
+                apply_class_balancing=True, alpha=cc.focal_alpha, gamma=cc.focal_gamma,
+                label_smoothing=cc.label_smoothing,
+            ),
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.Recall(name="recall"),
+                     keras.metrics.Precision(name="precision")],
+            jit_compile=jit_compile_setting(),
+        )
+    val_meta = make_dataset(crops_dir, "val", "crop", False, config, batch_size=batch, with_groups=True)
+    v_images, v_targets, v_groups = take_numpy(val_meta, 256)
+    extra: list[keras.callbacks.Callback] = []
+    if not freeze_bn:  # from scratch: BatchNorm statistics recomputed before each validation
+        n_bn = max(1, min(8, 128 // cc.batch_size))
+        bn_source = make_dataset(crops_dir, "train", "crop", True, config, batch_size=cc.batch_size)
+        extra.append(PreciseBatchNorm([images for images, _ in bn_source.take(n_bn).as_numpy_iterator()]))
+    callbacks, best = _callbacks(
+        "classifier", models_dir, logdir, cc.early_stopping_patience,
+        [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
+         *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups,
+                                   choose=functools.partial(_chosen_threshold, cc))],
+        # Ranking, not loss: training is resampled (more malignant than in val), so the val loss
+        # mostly measures the calibration shift and favours the earliest, most timid epoch.
+        monitor="val_auc", mode="max",
+    )
+    model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,
+              validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
+              shuffle=False)  # the tf.data pipeline shuffles
+    fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
+                                CLASSIFIER_LAST_CONV)
+
+    # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
+    final = keras.saving.load_model(models_dir / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
+    # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
+    threshold_split = "val"
+    val = predict_records(final, crops_dir, threshold_split, config, cc.batch_size)
+    # One temperature fitted on val; the threshold is chosen on the calibrated scale that predict reports.
+    temperature = fit_temperature(val["target"].to_numpy(), val["probability"].to_numpy())
+    calibrated = apply_temperature(val["probability"].to_numpy(), temperature)
+    calibration = {"temperature": temperature, "fitted_on": threshold_split, "val_ece_before": expected_calibration_error(
+        val["target"].to_numpy(), val["probability"].to_numpy()),
+        "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
+    choice = choose_threshold(
+        val["target"].to_numpy(), calibrated, method=cc.threshold_method,
+        groups=val["skin_tone_name"].to_numpy(), min_group_recall=cc.min_group_recall,
+        target_sensitivity=cc.target_sensitivity,
+    )
+    report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
+    report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
+                                models_dir / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
+                                                              "threshold_choice": choice},
+                                temperature=temperature)
+    save_config(config, models_dir / "classifier_config.yaml")
+    entry = {
+        "image_size": cc.image_size,
+        "backbone": cc.backbone,
+        "task": config.records.task,
+        "class_names": ["benign", "malignant"] if config.records.task == "malignant" else ["other", config.records.task],
+        "threshold": float(choice["threshold"]),
+        "threshold_choice": choice,
+        "threshold_from": threshold_split,
+        "temperature": temperature,
+        "calibration": calibration,
+        "fingerprint": fingerprint,
+        "crops_dir": crops_dir.name,
+        "records_fingerprint": manifest["fingerprint"],
+        "precision": policy,
+        "replicas": replicas,
+        "report_split": report_split,
+        "metrics": report.get("summary", {}),
+        "epochs_run": len(_history(models_dir, "classifier")),
+        "config": to_plain(cc),
+        "skin_tone": {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
+                      "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)},
+    }
+    entry["weights_digest"] = weights_digest(final)
+    update_pipeline(models_dir, "classifier", entry)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return entry
+
+
+def balance_table(manifest: dict[str, Any], config: Config) -> str:
+    """Before/after composition of one training epoch by (target, skin tone)."""
+    from kmel.data.datasets import balance_weights, group_counts
+
+    counts = group_counts(manifest, "train")
+    weights = balance_weights(counts, config.classifier.target_malignant_fraction,
+                              config.classifier.skin_tone_balance)
+    total = sum(counts.values()) or 1
+    lines = ["training composition per epoch (natural -> balanced):"]
+    for t in (0, 1):
+        for g, name in enumerate(C.SKIN_TONE_GROUPS):
+            n = counts.get((t, g), 0)
+            if n:
+                label = "malignant" if t else "benign"
+                lines.append(f"  {label:9s} {name:10s} {100 * n / total:5.1f}% -> {100 * weights[(t, g)]:5.1f}%  (n={n})")
+    mal = sum(n for (t, _), n in counts.items() if t == 1) / total
+    lines.append(f"  malignant overall {100 * mal:.1f}% -> {100 * sum(w for (t, _), w in weights.items() if t == 1):.1f}%")
+    return "\n".join(lines)
+
+
+def clear_training_state(models_dir: str | Path, name: str) -> None:
+    """Remove a finished run's backup so the next run starts fresh."""
+    shutil.rmtree(Path(models_dir) / f".backup-{name}", ignore_errors=True)
+
