@@ -167,20 +167,29 @@ def main() -> None:
     parser.add_argument("--cls", default=str(OUT / "cls-union"))
     parser.add_argument("--out", default=str(OUT / "union-eval"))
     parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--seg-only", action="store_true", help="only the segmenter part (no classifier needed)")
     args = parser.parse_args()
+    from kmel.config import config_from_dict
     from kmel.models.pipeline import read_pipeline
     from kmel.serving.runtime import config_from_pipeline
 
     seg, cls, out = Path(args.seg), Path(args.cls), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records, models = seg / "records", cls / "models"
+    records = seg / "records"
+    seg_pipeline = read_pipeline(seg / "models")["segmenter"]
+    seg_config = config_from_dict({"records": seg_pipeline["records"], "crops": seg_pipeline["crops"],
+                                   "segmenter": seg_pipeline["config"]})
+    rows, keep = seg_by_image(records, seg / "models", seg_config)
+    worst = contact_sheet(rows, keep, out / "seg_worst16.png")
+    result = {"segmenter_test": seg_summary(rows), "segmenter_worst16": worst}
+    if args.seg_only:
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["segmenter_test"], indent=2))
+        return
+    models = cls / "models"
     pipeline = read_pipeline(models)
     config = config_from_pipeline(pipeline, models)
     crops = records / pipeline["classifier"]["crops_dir"]
-
-    rows, keep = seg_by_image(records, models, config)
-    worst = contact_sheet(rows, keep, out / "seg_worst16.png")
-    result = {"segmenter_test": seg_summary(rows), "segmenter_worst16": worst}
 
     shipped = float(pipeline["classifier"]["threshold"])
     val = score_split(models, crops, "val", config, tta=False)
