@@ -22,7 +22,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from _common import OUT, require_shared
 
 
@@ -43,7 +42,13 @@ def _throughput(pipeline, images, batch: int) -> float:
 def _time_split(images, segment, seg_size, config) -> dict[str, float]:
     """Seconds per image of each step, one thread, same functions CropPipeline calls."""
     from kmel.data.images import pad_to_square, resize_long_side
-    from kmel.lesion.lesion import clean_mask, crop_box, enhance_for_segmentation, estimate_skin_tone, remove_hair
+    from kmel.lesion.lesion import (
+        clean_mask,
+        crop_box,
+        enhance_for_segmentation,
+        estimate_skin_tone,
+        remove_hair,
+    )
 
     cc = config.crops
     size = config.classifier.image_size

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import OUT, REPO, SHARED, Timer, require_shared
 
 REFERENCE_PYTORCH_IMAGES_PER_S = 1.30  # issue 14: the reference pipeline's predict.py on 99 full-resolution images

@@ -31,8 +31,8 @@ def per_source_metrics(records: Path, models: Path, config, split: str = "test")
 
     from kmel import constants as C
     from kmel.data.datasets import _parse_eval_data, make_record_dataset
-    from kmel.training.losses import DiceCoefficient, IoUScore, ThresholdedJaccard
     from kmel.data.records import load_manifest, shard_paths
+    from kmel.training.losses import DiceCoefficient, IoUScore, ThresholdedJaccard
 
     model = keras.saving.load_model(models / C.SEGMENTER_KERAS, safe_mode=True, compile=False)
     manifest = load_manifest(records)

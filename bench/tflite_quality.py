@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from _common import OUT, Timer, require_shared
 
 
@@ -34,8 +33,8 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     from kmel.serving.litert import export_tflite
-    from kmel.serving.runtime import tflite_status
     from kmel.serving.runner import predict_files
+    from kmel.serving.runtime import tflite_status
 
     out = Path(args.out)
     models = out / "models"

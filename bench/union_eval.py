@@ -100,7 +100,12 @@ def score_split(models: Path, crops: Path, split: str, config, tta: bool):
 
     from kmel import constants as C
     from kmel.evaluation.evaluate import predict_records
-    from kmel.models.pipeline import apply_temperature, load_serving, read_pipeline, signature_fn
+    from kmel.models.pipeline import (
+        apply_temperature,
+        load_serving,
+        read_pipeline,
+        signature_fn,
+    )
     from kmel.serving.predictor import flip_views
 
     serve = signature_fn(load_serving(models / C.CLASSIFIER_DIR))

@@ -127,6 +127,9 @@ class ClassifierConfig:
     augment_policy: str = "auto"
     threshold_method: str = "f1_group_floor"  # f1_group_floor | f1 | youden | sensitivity
     min_group_recall: float = 0.7
+    # Groups whose validation recall f1_group_floor keeps >= min_group_recall: "skin_tone", "source" (the archive
+    # or clinic each image came from), or both (every skin tone within every source).
+    threshold_groups: tuple[str, ...] = ("skin_tone",)
     target_sensitivity: float = 0.9
     bootstrap: int = 1000
     weights: str = "none"

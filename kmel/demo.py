@@ -26,10 +26,10 @@ def run_demo(
     out: Path, n_images: int = 240, quick: bool = False, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
     """make-synthetic → build-records → train seg → crops → train cls → predict → evaluate."""
-    from kmel.evaluation.evaluate import evaluate_predictions
-    from kmel.serving.runner import predict_folder
     from kmel.data.records import build_records
     from kmel.data.synthetic import make_prediction_folder, make_synthetic_dataset
+    from kmel.evaluation.evaluate import evaluate_predictions
+    from kmel.serving.runner import predict_folder
     from kmel.training.train import fit_classifier, fit_segmenter
 
     out = Path(out)

@@ -31,7 +31,6 @@ def test_version_names_kmel_tensorflow_and_keras():
 
 def test_the_clone_shim_and_python_m_kmel_run_the_same_group():
     import cli as shim
-
     from kmel.cli import cli
 
     assert shim.cli is cli

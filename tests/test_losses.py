@@ -8,7 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-from kmel.training.losses import DiceCoefficient, IoUScore, ThresholdedJaccard, TverskyLoss
+from kmel.training.losses import (
+    DiceCoefficient,
+    IoUScore,
+    ThresholdedJaccard,
+    TverskyLoss,
+)
 from kmel.training.schedules import OneCycleSchedule
 
 

@@ -10,8 +10,13 @@ import pandas as pd
 import pytest
 
 from kmel import constants as C
-from kmel.data.metadata import apply_task, load_metadata, read_duplicate_list, split_table
 from kmel.data.formats.registry import read_metadata_csv
+from kmel.data.metadata import (
+    apply_task,
+    load_metadata,
+    read_duplicate_list,
+    split_table,
+)
 
 pytestmark = pytest.mark.realdata
 

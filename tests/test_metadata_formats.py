@@ -16,10 +16,14 @@ import pandas as pd
 import pytest
 
 from kmel import constants as C
-from kmel.data.formats.registry import FORMATS
-from kmel.data.metadata import load_metadata, split_table
-from kmel.data.formats.registry import identify_format, read_metadata_csv, register_format
 from kmel.data.formats.csvread import read_csv_table
+from kmel.data.formats.registry import (
+    FORMATS,
+    identify_format,
+    read_metadata_csv,
+    register_format,
+)
+from kmel.data.metadata import load_metadata, split_table
 
 ARCHIVE_HEADER = (
     "isic_id,attribution,copyright_license,age_approx,anatom_site_general,diagnosis_1,diagnosis_2,diagnosis_3,"

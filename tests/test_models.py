@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 
 from kmel.config import ConfigError
-from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
+from kmel.models.classifier import (
+    CLASSIFIER_LAST_CONV,
+    build_classifier,
+    set_trainable_blocks,
+)
+from kmel.models.segmenter import (
+    build_segmenter,
+    load_encoder_weights,
+    set_trainable_stages,
+)
 from kmel.models.unet_decoder import apply_scse
-from kmel.models.segmenter import build_segmenter, set_trainable_stages
 from kmel.models.weights.download import WeightsError
 from kmel.models.weights.resolve import convert_torchvision_resnet
-from kmel.models.segmenter import load_encoder_weights
 from tests.tiny import tiny_config
 
 

@@ -67,7 +67,12 @@ def test_two_workers_train_together_and_agree(tmp_path):
 
 def test_tf_config_read_once_with_clear_errors(monkeypatch):
     from kmel.config import ConfigError
-    from kmel.training.distribute import make_strategy, multiworker_requested, read_tf_config, worker_index
+    from kmel.training.distribute import (
+        make_strategy,
+        multiworker_requested,
+        read_tf_config,
+        worker_index,
+    )
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert read_tf_config() is None and worker_index() == (True, 0)

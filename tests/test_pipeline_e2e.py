@@ -309,8 +309,8 @@ def test_threshold_is_chosen_on_val_not_on_the_reported_split(pipeline):
     import keras
 
     from kmel.evaluation.evaluate import predict_records
-    from kmel.models.pipeline import apply_temperature
     from kmel.evaluation.fairness import choose_threshold
+    from kmel.models.pipeline import apply_temperature
 
     models = pipeline["models"]
     entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
@@ -339,10 +339,9 @@ def test_predict_probabilities_are_the_classifiers(pipeline, tmp_path):
     threshold come from pipeline.json, not from the CSV itself."""
     import tensorflow as tf
 
-    from kmel.lesion.crops import CropPipeline, make_segment_fn
-    from kmel.models.pipeline import load_serving
-    from kmel.models.pipeline import apply_temperature
     from kmel.data.images import load_image
+    from kmel.lesion.crops import CropPipeline, make_segment_fn
+    from kmel.models.pipeline import apply_temperature, load_serving
     from kmel.serving.runtime import load_pipeline_config
 
     models, folder = pipeline["models"], tmp_path / "in"

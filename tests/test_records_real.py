@@ -64,8 +64,8 @@ def test_real_records_read_back_match_the_files(real_records, shared_data):
     assert images.shape[1:] == (config.segmenter.image_size, config.segmenter.image_size, 3)
     assert set(np.unique(masks.numpy())) <= {0.0, 1.0} and masks.numpy().mean() > 0.05
     # Pixels of one img- record against the file on disk (within JPEG loss).
-    from kmel.data.tfrecord import read_records
     from kmel.data.records import shard_paths
+    from kmel.data.tfrecord import read_records
 
     record = next(iter(read_records(shard_paths(rec, "img", "train"))))
     image_id = record[C.F_IMAGE_ID]

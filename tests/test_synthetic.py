@@ -12,8 +12,17 @@ import pandas as pd
 import pytest
 
 from kmel.constants import ITA_CATEGORIES, ITA_EDGES, SKIN_TONE_EDGES, SKIN_TONE_GROUPS
-from kmel.data.synthetic_images import SKIN_ITA_CATEGORY, SKIN_RGB, draw_hair, make_lesion_image
-from kmel.data.synthetic import _tone_counts, make_prediction_folder, make_synthetic_dataset
+from kmel.data.synthetic import (
+    _tone_counts,
+    make_prediction_folder,
+    make_synthetic_dataset,
+)
+from kmel.data.synthetic_images import (
+    SKIN_ITA_CATEGORY,
+    SKIN_RGB,
+    draw_hair,
+    make_lesion_image,
+)
 
 
 # === Hand-written references (independent of kmel.data.synthetic) ===

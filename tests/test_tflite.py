@@ -70,9 +70,13 @@ def _classifier(size: int):
 def setup(tmp_path_factory) -> dict[str, Path]:
     import keras
 
-    from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
     from kmel.data.records import build_records
     from kmel.data.synthetic import make_prediction_folder, make_synthetic_dataset
+    from kmel.serving.export import (
+        export_serving,
+        saved_model_fingerprint,
+        update_pipeline,
+    )
 
     tmp = tmp_path_factory.mktemp("tflite")
     config = tiny_config()
@@ -131,8 +135,8 @@ def test_recorded_parity_is_what_the_files_give(setup):
     """Recompute max |SavedModel − TFLite| on the same val images, apart from the export code's loop."""
     import tensorflow as tf
 
-    from kmel.serving.runtime import TFLiteModel
     from kmel.serving.litert import draw_inputs
+    from kmel.serving.runtime import TFLiteModel
 
     models = setup["models"]
     pipeline = _pipeline(models)
@@ -238,9 +242,8 @@ def test_parity_on_real_crops(setup, shared_data):
     import tensorflow as tf
 
     from kmel.lesion.crops import CropPipeline
-    from kmel.serving.runtime import TFLiteModel
     from kmel.serving.litert import parity
-    from kmel.serving.runtime import load_runtime_models
+    from kmel.serving.runtime import TFLiteModel, load_runtime_models
 
     models = setup["models"]
     pipeline = _pipeline(models)

@@ -7,7 +7,13 @@ import pytest
 import tensorflow as tf
 
 from kmel import constants as C
-from kmel.data.tfrecord import make_example, parse_example, parse_example_numpy, read_records, write_shard
+from kmel.data.tfrecord import (
+    make_example,
+    parse_example,
+    parse_example_numpy,
+    read_records,
+    write_shard,
+)
 
 
 def test_example_round_trip_python_and_graph(tmp_path):

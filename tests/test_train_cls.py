@@ -42,8 +42,12 @@ def float32_afterwards():
 
 def _untrained_segmenter(models: Path, config) -> None:
     """An exported, seeded, untrained segmenter: enough for crop records (no training needed)."""
-    from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
     from kmel.models.segmenter import build_segmenter
+    from kmel.serving.export import (
+        export_serving,
+        saved_model_fingerprint,
+        update_pipeline,
+    )
 
     keras.utils.set_random_seed(0)
     export_serving(build_segmenter(config.segmenter), models / C.SEGMENTER_DIR, config.segmenter.image_size)
@@ -90,8 +94,7 @@ def _with_recorder(monkeypatch, recorder: keras.callbacks.Callback) -> None:
 
 @needs_wheel
 def test_staged_unfreezing_inside_one_fit_with_imagenet_lite0(records, tmp_path, monkeypatch):
-    from kmel.models.classifier import build_classifier
-    from kmel.models.classifier import HEAD_LAYERS, TOP_BLOCK_PREFIXES
+    from kmel.models.classifier import HEAD_LAYERS, TOP_BLOCK_PREFIXES, build_classifier
     from kmel.training.train import fit_classifier
 
     config = tiny_config(epochs=3, **{
@@ -179,8 +182,8 @@ def test_mixed_bfloat16_trains_exports_and_serves_float32(mixed_run):
 
     models = mixed_run["models"]
     pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
-    from kmel.training.callbacks import take_numpy
     from kmel.data.datasets import make_dataset
+    from kmel.training.callbacks import take_numpy
 
     # Lesion images (both models take 64 px here): on noise the tiny classifier saturates, where
     # bfloat16 rounding can flip a 0 to a 1.
@@ -267,3 +270,34 @@ def test_group_recall_logger_uses_the_chosen_threshold(tmp_path):
     plain.on_epoch_end(0)
     assert {t: float(v[0]) for t, v in _events(tmp_path / "plain").items()} == {
         f"val_recall_by_skin_tone_at_0.5/{name}": 0.0 for name in C.SKIN_TONE_GROUPS[:4]}
+
+
+def test_threshold_groups_keep_every_source_above_the_recall_floor(tmp_path):
+    """Source B's malignant images score lower than source A's: a floor over skin tone alone (one tone here)
+    lets B's recall fall below min_group_recall; threshold_groups [source] keeps it above."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from kmel.config import ConfigError, load_config
+    from kmel.training.train import choose_classifier_threshold, fit_classifier
+
+    a_pos, a_neg = [0.8, 0.85, 0.9, 0.95, 0.99], [0.1, 0.15, 0.2, 0.25, 0.3]
+    b_pos, b_neg = [0.40, 0.42, 0.44, 0.46, 0.48], list(np.linspace(0.35, 0.55, 20))
+    table = pd.DataFrame({
+        "probability": a_pos + a_neg + b_pos + b_neg,
+        "target": [1] * 5 + [0] * 5 + [1] * 5 + [0] * 20,
+        "source": ["a"] * 10 + ["b"] * 25,
+        "skin_tone_name": "light",
+    })
+    b = table[(table["source"] == "b") & (table["target"] == 1)]["probability"].to_numpy()
+    cc = replace(tiny_config().classifier, threshold_method="f1_group_floor", min_group_recall=0.5)
+    by_tone = choose_classifier_threshold(replace(cc, threshold_groups=("skin_tone",)), table)["threshold"]
+    by_source = choose_classifier_threshold(replace(cc, threshold_groups=("source",)), table)
+    both = choose_classifier_threshold(replace(cc, threshold_groups=("skin_tone", "source")), table)["threshold"]
+    assert (b >= by_tone).mean() < 0.5  # F1-best over all images: above every B positive
+    assert (b >= by_source["threshold"]).mean() >= 0.5 and by_source["floor_met"]
+    assert both == by_source["threshold"]  # one tone: the pairs are the sources
+    bad = load_config("cpu-small", {"classifier.threshold_groups": ["clinic"]})
+    with pytest.raises(ConfigError, match="threshold_groups"):
+        fit_classifier(tmp_path / "no-records", tmp_path / "models", bad)

@@ -17,10 +17,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kmel.models.weights import resolve as kw
 from kmel.models.classifier import build_classifier
 from kmel.models.segmenter import build_segmenter, load_encoder_weights
-from kmel.models.weights.download import MIRROR_ENV, WeightsError, fetch_verified, mirror_base, source_url
+from kmel.models.weights import resolve as kw
+from kmel.models.weights.download import (
+    MIRROR_ENV,
+    WeightsError,
+    fetch_verified,
+    mirror_base,
+    source_url,
+)
 from tests import torch_fixtures
 from tests.tiny import tiny_config
 
@@ -191,7 +197,9 @@ def test_classifier_dead_server_gives_clear_error(cache):
 def _legacy_h5(model: keras.Model, path: Path) -> bytes:
     """The weights as Keras' published ``*_notop.h5`` files hold them (the legacy HDF5 layout)."""
     import h5py
-    from keras.src.legacy.saving import legacy_h5_format  # test only: Keras 3 saves only .weights.h5 publicly
+    from keras.src.legacy.saving import (
+        legacy_h5_format,  # test only: Keras 3 saves only .weights.h5 publicly
+    )
 
     with h5py.File(path, "w") as file:
         legacy_h5_format.save_weights_to_hdf5_group(file, model)

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import tensorflow as tf
 
 from kmel import constants as C
-from kmel.data.augment import make_cls_augmenter, make_seg_augmenter, resolve_cls_policy
 from kmel.config import Config
+from kmel.data.augment import make_cls_augmenter, make_seg_augmenter, resolve_cls_policy
 from kmel.data.records import DataError, load_manifest, shard_paths
 from kmel.data.tfrecord import parse_example
 

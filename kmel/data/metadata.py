@@ -45,9 +45,15 @@ import numpy as np
 import pandas as pd
 
 from kmel import constants as C
-from kmel.data.formats.registry import COL_DROP_REASON, COL_FITZPATRICK_GROUP, STANDARD_COLUMNS, YEARS, read_metadata_file
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.kmel_outputs import in_kmel_output_folder
+from kmel.data.formats.registry import (
+    COL_DROP_REASON,
+    COL_FITZPATRICK_GROUP,
+    STANDARD_COLUMNS,
+    YEARS,
+    read_metadata_file,
+)
 from kmel.data.images import check_file
 
 TASKS = {"malignant": C.COL_MALIGNANT, "melanoma": C.COL_MELANOMA, "keratosis": C.COL_KERATOSIS}

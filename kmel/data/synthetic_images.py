@@ -16,7 +16,6 @@ import numpy as np
 
 from kmel.constants import ITA_CATEGORIES
 
-
 # === Skin ===
 # Base sRGB colours per group of kmel.constants.SKIN_TONE_GROUPS. Each sits near the middle of its
 # brightness group (mean of R, G, B; edges 96/128/160/192) and of the ITA category in

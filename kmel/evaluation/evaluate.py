@@ -124,8 +124,8 @@ def report_from_table(
     With a ``temperature`` other than 1 the table's ``probability`` is the model's own: it is kept as
     ``probability_uncalibrated`` and replaced by the calibrated one, the scale ``threshold`` is on.
     """
-    from kmel.models.pipeline import apply_temperature
     from kmel.evaluation.report import write_report
+    from kmel.models.pipeline import apply_temperature
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

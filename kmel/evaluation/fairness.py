@@ -15,7 +15,11 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+)
 from sklearn import metrics as skm
 
 THRESHOLD_METHODS = ("f1_group_floor", "f1", "youden", "sensitivity")

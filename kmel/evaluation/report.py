@@ -14,8 +14,15 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from kmel.constants import ITA_CATEGORIES, SKIN_TONE_GROUPS  # noqa: E402
-from kmel.evaluation.fairness import MIN_GROUP_SIZE, _clean, fairness_report, rank_gaps, summary_metrics, tone_agreement
 from kmel.evaluation.calibration import calibration_report
+from kmel.evaluation.fairness import (
+    MIN_GROUP_SIZE,
+    _clean,
+    fairness_report,
+    rank_gaps,
+    summary_metrics,
+    tone_agreement,
+)
 
 # Groupings with an estimated tone, compared with the annotated Fitzpatrick band where both exist.
 ESTIMATED_SCALES = {"skin_tone": SKIN_TONE_GROUPS, "ita_category": ITA_CATEGORIES}

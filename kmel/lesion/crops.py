@@ -184,9 +184,9 @@ def build_crop_records(
 
     ``pipeline``: the contents of ``models_dir/pipeline.json`` when the caller has read it already.
     """
-    from kmel.models.pipeline import read_pipeline
     from kmel.data.records import load_manifest
     from kmel.data.tfrecord import file_sha256, read_records, write_shard
+    from kmel.models.pipeline import read_pipeline
 
     records_dir = Path(records_dir)
     manifest = load_manifest(records_dir)

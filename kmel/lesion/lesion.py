@@ -15,7 +15,13 @@ import cv2
 import numpy as np
 
 from kmel.config import CropsConfig
-from kmel.constants import CROP_MODES, ITA_CATEGORIES, ITA_EDGES, SKIN_TONE_EDGES, SKIN_TONE_GROUPS
+from kmel.constants import (
+    CROP_MODES,
+    ITA_CATEGORIES,
+    ITA_EDGES,
+    SKIN_TONE_EDGES,
+    SKIN_TONE_GROUPS,
+)
 
 WORK_SIDE = 512  # mask cleaning resolution
 TONE_SIDE = 256  # skin-tone resolution

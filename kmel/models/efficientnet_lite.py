@@ -27,9 +27,9 @@ import keras
 import numpy as np
 from keras import layers
 
-from kmel.models.weights.torch_checkpoint import CheckpointError, load_torch_state_dict
 from kmel.models.weights.download import WeightsError
 from kmel.models.weights.resolve import lite_checkpoint_path
+from kmel.models.weights.torch_checkpoint import CheckpointError, load_torch_state_dict
 
 
 # === Config ===

@@ -10,10 +10,24 @@ import keras
 import numpy as np
 
 from kmel.config import ConfigError, SegmenterConfig
-from kmel.models.lite_unet import LITE_SKIPS, build_lite_unet, lite_layer_stage, load_lite_unet_encoder
-from kmel.models.resnet_unet import ENCODER_DEPTHS, STAGE_ORDER, build_resnet_unet, resnet_layer_stage
+from kmel.models.lite_unet import (
+    LITE_SKIPS,
+    build_lite_unet,
+    lite_layer_stage,
+    load_lite_unet_encoder,
+)
+from kmel.models.resnet_unet import (
+    ENCODER_DEPTHS,
+    STAGE_ORDER,
+    build_resnet_unet,
+    resnet_layer_stage,
+)
 from kmel.models.weights.download import WeightsError
-from kmel.models.weights.resolve import imagenet_resnet_npz, keras_cache_dir, load_encoder_arrays
+from kmel.models.weights.resolve import (
+    imagenet_resnet_npz,
+    keras_cache_dir,
+    load_encoder_arrays,
+)
 
 
 # === Functional Model ===

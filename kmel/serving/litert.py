@@ -33,8 +33,15 @@ import numpy as np
 
 from kmel import constants as C
 from kmel.config import ConfigError
-from kmel.serving.runtime import MODELS, PRECISIONS, SECTION, TFLITE_DIR, TFLiteModel, _check_precision, tflite_path
-
+from kmel.serving.runtime import (
+    MODELS,
+    PRECISIONS,
+    SECTION,
+    TFLITE_DIR,
+    TFLiteModel,
+    _check_precision,
+    tflite_path,
+)
 
 # === Conversion ===
 
@@ -102,10 +109,10 @@ def draw_inputs(records_dir: str | Path, split: str, n: int, models_dir: str | P
     the caller has loaded it already."""
     import cv2
 
-    from kmel.lesion.crops import CropPipeline, make_segment_fn
-    from kmel.serving.runtime import config_from_pipeline
     from kmel.data.records import load_manifest, shard_paths
     from kmel.data.tfrecord import read_records
+    from kmel.lesion.crops import CropPipeline, make_segment_fn
+    from kmel.serving.runtime import config_from_pipeline
 
     records_dir = Path(records_dir)
     if not (records_dir / C.MANIFEST).is_file():

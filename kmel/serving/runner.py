@@ -19,18 +19,26 @@ import csv
 import io
 import json
 import os
-import time
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from queue import Empty, Full, Queue
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, Full, Queue
 from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
 from kmel.config import ConfigError
-from kmel.data.images import MIB, Found, ImageReadError, check_file, load_image_reduced, read_file, walk_images
+from kmel.data.images import (
+    MIB,
+    Found,
+    ImageReadError,
+    check_file,
+    load_image_reduced,
+    read_file,
+    walk_images,
+)
 from kmel.serving.explain import save_overlay
 from kmel.serving.predictor import Predictor
 

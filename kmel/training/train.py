@@ -13,13 +13,17 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from kmel import constants as C
+from kmel.config import ClassifierConfig, Config, ConfigError, save_config, to_plain
+from kmel.data.datasets import count_records, make_dataset, steps_per_epoch
+from kmel.data.records import load_manifest, shard_paths
+from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
 from kmel.training.callbacks import (
     GroupRecallLogger,
     LearningRateLogger,
@@ -31,8 +35,6 @@ from kmel.training.callbacks import (
     stage_for_epoch,
     take_numpy,
 )
-from kmel.config import ClassifierConfig, Config, save_config, to_plain
-from kmel.data.datasets import count_records, make_dataset, steps_per_epoch
 from kmel.training.distribute import (
     jit_compile_setting,
     make_strategy,
@@ -41,8 +43,6 @@ from kmel.training.distribute import (
     shard_for_workers,
     worker_index,
 )
-from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
-from kmel.data.records import load_manifest, shard_paths
 
 
 def _callbacks(
@@ -157,8 +157,17 @@ def fit_segmenter(
     verbose: int | str = "auto",
 ) -> dict[str, Any]:
     """Train the lesion segmenter on seg- records; export ``models_dir/segmenter``. Returns its pipeline entry."""
-    from kmel.training.losses import DiceCoefficient, IoUScore, ThresholdedJaccard, TverskyLoss
-    from kmel.models.segmenter import build_segmenter, load_encoder_weights, set_trainable_stages
+    from kmel.models.segmenter import (
+        build_segmenter,
+        load_encoder_weights,
+        set_trainable_stages,
+    )
+    from kmel.training.losses import (
+        DiceCoefficient,
+        IoUScore,
+        ThresholdedJaccard,
+        TverskyLoss,
+    )
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +241,35 @@ def fit_segmenter(
     return entry
 
 
+THRESHOLD_GROUP_COLUMNS = {"skin_tone": C.COL_SKIN_TONE_NAME, "source": C.COL_SOURCE}
+
+
+def check_threshold_groups(cc: ClassifierConfig) -> None:
+    unknown = [g for g in cc.threshold_groups if g not in THRESHOLD_GROUP_COLUMNS]
+    if unknown or not cc.threshold_groups:
+        raise ConfigError(f"classifier.threshold_groups must be a non-empty list of {sorted(THRESHOLD_GROUP_COLUMNS)}, "
+                          f"got {list(cc.threshold_groups)}")
+
+
+def threshold_group_labels(table: Any, names: Sequence[str]) -> np.ndarray:
+    """One group label per row of a scored table: its values of ``names`` joined by "/" (e.g. ``ham10000/light``)."""
+    labels = None
+    for name in names:
+        values = table[THRESHOLD_GROUP_COLUMNS[name]].astype(str)
+        labels = values if labels is None else labels + "/" + values
+    return labels.to_numpy()
+
+
+def choose_classifier_threshold(cc: ClassifierConfig, table: Any) -> dict[str, Any]:
+    """The threshold ``fit_classifier`` exports, chosen on a scored validation table (``target``, calibrated
+    ``probability``, ``skin_tone_name``, ``source``) by the profile's method over ``threshold_groups``."""
+    from kmel.evaluation.fairness import choose_threshold
+
+    return choose_threshold(table["target"].to_numpy(), table["probability"].to_numpy(), method=cc.threshold_method,
+                            groups=threshold_group_labels(table, cc.threshold_groups),
+                            min_group_recall=cc.min_group_recall, target_sensitivity=cc.target_sensitivity)
+
+
 def _chosen_threshold(cc: ClassifierConfig, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     """The threshold fit_classifier exports, by the same rule, on the given validation predictions."""
     from kmel.evaluation.fairness import choose_threshold
@@ -253,18 +291,22 @@ def fit_classifier(
 ) -> dict[str, Any]:
     """Train the classifier on crop records (built first if missing or stale); threshold on val,
     report on test; export ``models_dir/classifier``. Returns its pipeline entry."""
-    from kmel.lesion.crops import ensure_crop_records
-    from kmel.evaluation.evaluate import predict_records, write_split_report
-    from kmel.models.pipeline import apply_temperature
-    from kmel.evaluation.fairness import choose_threshold
     from kmel.evaluation.calibration import expected_calibration_error, fit_temperature
-    from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier, set_trainable_blocks
-    from kmel.models.classifier import HEAD_LAYERS
+    from kmel.evaluation.evaluate import predict_records, write_split_report
+    from kmel.lesion.crops import ensure_crop_records
+    from kmel.models.classifier import (
+        CLASSIFIER_LAST_CONV,
+        HEAD_LAYERS,
+        build_classifier,
+        set_trainable_blocks,
+    )
+    from kmel.models.pipeline import apply_temperature
     from kmel.training.optimizers import LayerScaledAdamW
     from kmel.training.schedules import OneCycleSchedule
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
     cc = config.classifier
+    check_threshold_groups(cc)
     # Several workers must not build the same crop records at once: multi-worker runs need them built first.
     crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress,
                                     build=not multiworker_requested(strategy))
@@ -335,11 +377,7 @@ def fit_classifier(
     calibration = {"temperature": temperature, "fitted_on": threshold_split, "val_ece_before": expected_calibration_error(
         val["target"].to_numpy(), val["probability"].to_numpy()),
         "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
-    choice = choose_threshold(
-        val["target"].to_numpy(), calibrated, method=cc.threshold_method,
-        groups=val["skin_tone_name"].to_numpy(), min_group_recall=cc.min_group_recall,
-        target_sensitivity=cc.target_sensitivity,
-    )
+    choice = choose_classifier_threshold(cc, val.assign(probability=calibrated))
     report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
     report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
                                 models_dir / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,

@@ -15,8 +15,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kmel.training.losses import TverskyLoss  # noqa: E402
 from kmel.models.segmenter import build_segmenter
+from kmel.training.losses import TverskyLoss  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
 
 sync = sys.argv[1:2] != ["nosync"]

@@ -19,8 +19,8 @@ from kmel.training.distribute import split_cpu  # noqa: E402
 if n_cpus > 1:
     split_cpu(n_cpus)
 
-from tests.tiny import tiny_config  # noqa: E402
 from kmel.training.train import fit_classifier, fit_segmenter  # noqa: E402
+from tests.tiny import tiny_config  # noqa: E402
 
 config = tiny_config(epochs=epochs, **overrides)
 fit = fit_segmenter if kind == "seg" else fit_classifier

@@ -8,7 +8,6 @@ import pandas as pd
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.registry import YEARS, _frame, register_format
 
-
 # ISIC Archive diagnosis names (old ``diagnosis`` and the ``diagnosis_2..5`` hierarchy) to codes; the
 # first fragment found in the most specific name wins.
 ARCHIVE_DX = (

@@ -7,7 +7,6 @@ import pandas as pd
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.registry import YEARS, _frame, register_format
 
-
 DDI_SKIN_TONE = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
 
 

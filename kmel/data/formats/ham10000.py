@@ -8,7 +8,6 @@ from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.isic import MALIGNANT_2019
 from kmel.data.formats.registry import _frame, register_format
 
-
 HAM_DX = {"mel": "MEL", "nv": "NV", "bcc": "BCC", "akiec": "AK", "bkl": "BKL", "df": "DF", "vasc": "VASC"}
 
 

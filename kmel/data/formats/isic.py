@@ -11,7 +11,6 @@ import pandas as pd
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.registry import _frame, _onehot, register_format
 
-
 MALIGNANT_2018 = {"MEL", "BCC", "AKIEC", "AK"}
 
 

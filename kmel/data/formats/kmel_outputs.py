@@ -11,7 +11,6 @@ import pandas as pd
 from kmel import constants as C
 from kmel.data.formats.registry import register_format
 
-
 # Folders kmel writes (records, saved models) hold one of these, with a "kmel_version" in it.
 KMEL_OUTPUT_MARKERS = (C.MANIFEST, "pipeline.json")
 

@@ -13,7 +13,6 @@ import pandas as pd
 from kmel import constants as C
 from kmel.data.formats.csvread import CsvTable, read_csv_table
 
-
 # Fitzpatrick type as I-II / III-IV / V-VI: the only resolution DDI publishes, filled for every annotated source.
 COL_FITZPATRICK_GROUP = "fitzpatrick_group"
 

@@ -1,7 +1,12 @@
 """Pretrained weights: download with a hash check and a mirror, the PyTorch-free checkpoint reader, and
 resolution of ``--weights imagenet | none | PATH`` to files (below the model builders that use them)."""
 
-from kmel.models.weights.download import DownloadError, WeightsError, fetch_verified, mirror_base
+from kmel.models.weights.download import (
+    DownloadError,
+    WeightsError,
+    fetch_verified,
+    mirror_base,
+)
 from kmel.models.weights.resolve import (
     PRETRAINED,
     convert_torchvision_resnet,

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from kmel import __version__
 
+
 class WeightsError(RuntimeError):
     """Weights that cannot be loaded; the message says which file, where, and what to do."""
 

@@ -22,15 +22,14 @@ deleted: later runs need neither network nor ``.pth``.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
-
-import hashlib
-import importlib.util
-from dataclasses import dataclass
 
 import keras
 import numpy as np
