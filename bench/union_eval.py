@@ -12,8 +12,10 @@ Threshold choices compared (each chosen on val, reported on both test splits, IS
 - ``shipped``: the one ``train cls`` chose (the profile's method on the mixed val split, skin-tone floor);
 - ``isic_val_only``: the same method on the ISIC part of val only (a threshold from one clinic's data);
 - ``source_floor``: F1-best among thresholds where every source in val keeps recall >= the profile's
-  ``min_group_recall`` (the shipped rule with sources as the groups instead of skin tones);
-- ``source_tone_floor``: the same over every (source, skin tone) group with a malignant image.
+  ``min_group_recall`` (``classifier.threshold_groups: [source]``);
+- ``source_tone_floor``: the same over every (source, skin tone) group with a malignant image
+  (``threshold_groups: [skin_tone, source]``);
+- ``mixed_val_f1_no_floor``: plain F1-best on the mixed val split, no group floor.
 Test AUC does not depend on the threshold; sensitivity and specificity do.
 """
 
@@ -130,24 +132,24 @@ def at_threshold(table, threshold: float) -> dict:
 
 
 def thresholds(val, config, shipped: float) -> dict[str, float]:
-    import numpy as np
+    """Each threshold rule of the comparison, chosen on the scored val table by ``train cls``'s own rule
+    (:func:`kmel.training.train.choose_classifier_threshold`) with other groups or other rows."""
+    from dataclasses import replace
 
-    from kmel.evaluation.fairness import choose_threshold
+    from kmel.training.train import choose_classifier_threshold
 
     cc = config.classifier
 
-    def choose(part, groups):
-        return float(choose_threshold(part["target"].to_numpy(), part["probability"].to_numpy(), cc.threshold_method,
-                                      groups=groups, min_group_recall=cc.min_group_recall,
-                                      target_sensitivity=cc.target_sensitivity)["threshold"])
+    def choose(part, groups, method=cc.threshold_method):
+        return float(choose_classifier_threshold(replace(cc, threshold_groups=groups, threshold_method=method),
+                                                 part)["threshold"])
 
-    isic = val[val["source"] != "ham10000"]
     return {
         "shipped": shipped,
-        "isic_val_only": choose(isic, isic["skin_tone_name"].to_numpy()),
-        "source_floor": choose(val, val["source"].to_numpy()),
-        "source_tone_floor": choose(val, (val["source"] + "/" + val["skin_tone_name"]).to_numpy()),
-        "mixed_val_no_groups": choose(val, np.zeros(len(val))),
+        "isic_val_only": choose(val[val["source"] != "ham10000"], ("skin_tone",)),
+        "source_floor": choose(val, ("source",)),
+        "source_tone_floor": choose(val, ("skin_tone", "source")),
+        "mixed_val_f1_no_floor": choose(val, ("skin_tone",), "f1"),
     }
 
 
