@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--seg", default=str(OUT / "seg"), help="output folder of bench/seg_quality.py")
     parser.add_argument("--out", default=str(OUT / "cls"))
     parser.add_argument("--fresh", action="store_true", help="retrain from scratch (crop records are reused)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                        help="any other config override, value read as YAML (e.g. classifier.source_balance=1); "
+                             "repeatable")
     args = parser.parse_args()
     from kmel import constants as C
     from kmel.config import load_config
@@ -101,8 +104,12 @@ def main() -> None:
     if not (models / C.SEGMENTER_DIR).exists():
         shutil.copytree(seg_models / C.SEGMENTER_DIR, models / C.SEGMENTER_DIR)
         shutil.copy(seg_models / C.PIPELINE_JSON, models / C.PIPELINE_JSON)
+    import yaml
+
     config = load_config(args.profile, {"classifier.epochs": args.epochs,
-                                        "classifier.early_stopping_patience": args.patience})
+                                        "classifier.early_stopping_patience": args.patience,
+                                        **{key: yaml.safe_load(value)
+                                           for key, _, value in (item.partition("=") for item in args.set)}})
 
     start = time.perf_counter()
     crops = ensure_crop_records(records, models, config)
@@ -115,7 +122,7 @@ def main() -> None:
     summary = report["summary"]
     manifest = json.loads((crops / C.MANIFEST).read_text())
     result = {
-        "profile": args.profile, "backbone": config.classifier.backbone, "image_size": config.classifier.image_size,
+        "profile": args.profile, "overrides": args.set, "backbone": config.classifier.backbone, "image_size": config.classifier.image_size,
         "epochs_run": entry["epochs_run"], "threshold": round(entry["threshold"], 4),
         "threshold_method": config.classifier.threshold_method,
         "crop_modes": manifest.get("crop_modes"),

@@ -122,6 +122,9 @@ class ClassifierConfig:
     # rare skin-tone groups are raised towards the largest (0: not at all, 1: equal counts).
     target_malignant_fraction: float = 0.38
     skin_tone_balance: float = 0.5
+    # How far the sources (archives, clinics) within each (class, skin tone) group are raised towards the
+    # largest (0: their natural shares, 1: equal), so a small source is not drowned by a large one.
+    source_balance: float = 0.0
     augment: bool = True
     # strong | light | auto (light when fine-tuning pretrained weights, strong from scratch)
     augment_policy: str = "auto"

@@ -63,3 +63,72 @@ def test_balanced_training_dataset_draws_the_configured_shares(tmp_path):
     for t in (0, 1):
         shares = [drawn[k] / n for k in expected if k[0] == t]
         assert np.ptp(shares) < 2 * tolerance
+
+
+def test_split_by_source_by_hand():
+    from kmel.data.datasets import split_by_source
+
+    weights = {(0, 0): 0.6, (1, 0): 0.4}
+    counts = {("ham", 0, 0): 900, ("isic", 0, 0): 100, ("ham", 1, 0): 300, ("isic", 1, 0): 100, ("isic", 1, 3): 0}
+    natural = split_by_source(weights, counts, 0.0)
+    assert natural == pytest.approx({("ham", 0, 0): 0.54, ("isic", 0, 0): 0.06, ("ham", 1, 0): 0.3,
+                                     ("isic", 1, 0): 0.1})
+    equal = split_by_source(weights, counts, 1.0)
+    assert equal == pytest.approx({("ham", 0, 0): 0.3, ("isic", 0, 0): 0.3, ("ham", 1, 0): 0.2, ("isic", 1, 0): 0.2})
+    with pytest.raises(ValueError):
+        split_by_source(weights, counts, 1.5)
+
+
+@pytest.mark.slow
+def test_source_balance_draws_every_source_equally(tmp_path):
+    """The synthetic folder has two sources (2019- and 2020-style CSVs) of unequal size: with source_balance 1
+    each gets the same share of every (class, skin tone) group, counted on the records make_dataset's sampler
+    draws."""
+    from collections import Counter
+
+    from kmel.data.datasets import (
+        group_counts,
+        make_balanced_records,
+        make_record_dataset,
+        source_counts,
+        split_by_source,
+    )
+    from kmel.data.records import build_records, load_manifest, shard_paths
+    from kmel.data.synthetic import make_synthetic_dataset
+    from tests.tiny import tiny_config
+
+    make_synthetic_dataset(tmp_path / "data", n_images=96, seed=7, size=96)
+    for image in sorted((tmp_path / "data" / "images" / "2020").iterdir())[::3]:
+        image.unlink()  # a third of one source's images missing: the two sources now differ in size
+    config = tiny_config(**{"classifier.target_malignant_fraction": 0.5, "classifier.skin_tone_balance": 0.0})
+    build_records(tmp_path / "data", tmp_path / "rec", config, progress=False)
+    manifest = load_manifest(tmp_path / "rec")
+    counts = source_counts(manifest, "train")
+    totals = Counter()
+    for (source, _, _), n in counts.items():
+        totals[source] += n
+    assert len(totals) == 2 and max(totals.values()) > 1.3 * min(totals.values()), totals  # unequal to begin with
+
+    def drawn_shares(source_balance: float) -> dict[tuple, float]:
+        from dataclasses import replace
+
+        cfg = replace(config, classifier=replace(config.classifier, source_balance=source_balance))
+        records = make_record_dataset(shard_paths(tmp_path / "rec", "img", "train", manifest), True, 0)
+        drawn = Counter()
+        for r in make_balanced_records(records, manifest, "train", cfg, 0).take(4000).as_numpy_iterator():
+            drawn[(r["source"].decode(), int(r["target"]))] += 1
+        return {k: v / 4000 for k, v in drawn.items()}
+
+    def expected_shares(source_balance: float) -> dict[tuple, float]:
+        weights = split_by_source(balance_weights(group_counts(manifest, "train"), 0.5, 0.0), counts, source_balance)
+        out = Counter()
+        for (source, t, _), w in weights.items():
+            out[(source, t)] += w
+        return out
+
+    want_natural, want_balanced = expected_shares(0.0), expected_shares(1.0)
+    assert max(abs(want_natural[k] - want_balanced[k]) for k in want_natural) > 0.05  # balancing changes the mix
+    for source_balance, want in ((0.0, want_natural), (1.0, want_balanced)):
+        got = drawn_shares(source_balance)
+        for key, share in want.items():  # about 4 standard errors of a share near 0.25 over 4,000 draws
+            assert got.get(key, 0.0) == pytest.approx(share, abs=0.03), (source_balance, key, got, want)

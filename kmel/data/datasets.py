@@ -124,8 +124,55 @@ def balance_weights(
     return weights
 
 
+def source_counts(manifest: Mapping[str, Any], split: str) -> dict[tuple[str, int, int], int]:
+    """(source, target, skin-tone index) → number of records of ``split`` (from the manifest's counts)."""
+    counts: dict[tuple[str, int, int], int] = {}
+    for source, targets in manifest["counts"].get(split, {}).items():
+        for target, tones in targets.items():
+            for tone, n in tones.items():
+                counts[(source, int(target), C.SKIN_TONE_GROUPS.index(tone))] = int(n)
+    return counts
+
+
+def split_by_source(
+    weights: Mapping[tuple[int, int], float], counts: Mapping[tuple[str, int, int], int], source_balance: float
+) -> dict[tuple[str, int, int], float]:
+    """Each (target, skin tone) group's weight shared among its sources, source s getting ∝ n_s^(1 − b): b = 0
+    keeps each source's natural share of the group, b = 1 gives every source present in it the same share."""
+    if not 0.0 <= source_balance <= 1.0:
+        raise ValueError("source_balance must be in [0, 1]")
+    out: dict[tuple[str, int, int], float] = {}
+    for (t, g), weight in weights.items():
+        raw = {s: n ** (1.0 - source_balance) for (s, tt, gg), n in counts.items() if (tt, gg) == (t, g) and n > 0}
+        norm = sum(raw.values())
+        for s, r in raw.items():
+            out[(s, t, g)] = weight * r / norm
+    return out
+
+
 def _steps(n: int, batch_size: int, configured: int) -> int:
     return configured if configured > 0 else max(1, n // batch_size)
+
+
+def make_balanced_records(
+    records: tf.data.Dataset, manifest: Mapping[str, Any], split: str, config: Config, seed: int
+) -> tf.data.Dataset:
+    """Parsed records drawn (forever) with the classifier's balancing: class share, skin tone and, with
+    ``source_balance``, source (:func:`balance_weights`, :func:`split_by_source`)."""
+    cc = config.classifier
+    weights: Mapping[Any, float] = balance_weights(group_counts(manifest, split), cc.target_malignant_fraction,
+                                                   cc.skin_tone_balance)
+    if cc.source_balance > 0:
+        weights = split_by_source(weights, source_counts(manifest, split), cc.source_balance)
+    keys = sorted(weights)
+
+    def matches(key: tuple) -> Any:
+        fields = (C.F_SOURCE, C.F_TARGET, C.F_SKIN_TONE)[-len(key):]
+        return lambda r: tf.reduce_all(tf.stack([tf.equal(r[f], v) for f, v in zip(fields, key)]))
+
+    parts = [records.filter(matches(key)).repeat().shuffle(256, seed=seed + i) for i, key in enumerate(keys)]
+    return tf.data.Dataset.sample_from_datasets(parts, weights=[weights[k] for k in keys], seed=seed,
+                                                stop_on_empty_dataset=False)
 
 
 def make_dataset(
@@ -162,22 +209,7 @@ def make_dataset(
 
     records = make_record_dataset(files, training, seed)
     if balance:
-        weights = balance_weights(
-            group_counts(manifest, split), config.classifier.target_malignant_fraction,
-            config.classifier.skin_tone_balance,
-        )
-        keys = sorted(weights)
-        parts = [
-            records.filter(
-                lambda r, t=t, g=g: tf.logical_and(
-                    tf.equal(r[C.F_TARGET], t), tf.equal(r[C.F_SKIN_TONE], g)
-                )
-            ).repeat().shuffle(256, seed=seed + i)
-            for i, (t, g) in enumerate(keys)
-        ]
-        records = tf.data.Dataset.sample_from_datasets(
-            parts, weights=[weights[k] for k in keys], seed=seed, stop_on_empty_dataset=False
-        )
+        records = make_balanced_records(records, manifest, split, config, seed)
     elif training:
         records = records.shuffle(2048, seed=seed, reshuffle_each_iteration=True).repeat()
 

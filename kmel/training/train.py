@@ -430,6 +430,15 @@ def balance_table(manifest: dict[str, Any], config: Config) -> str:
                 lines.append(f"  {label:9s} {name:10s} {100 * n / total:5.1f}% -> {100 * weights[(t, g)]:5.1f}%  (n={n})")
     mal = sum(n for (t, _), n in counts.items() if t == 1) / total
     lines.append(f"  malignant overall {100 * mal:.1f}% -> {100 * sum(w for (t, _), w in weights.items() if t == 1):.1f}%")
+    if config.classifier.source_balance > 0:
+        from kmel.data.datasets import source_counts, split_by_source
+
+        by_source = source_counts(manifest, "train")
+        shares = split_by_source(weights, by_source, config.classifier.source_balance)
+        for source in sorted({s for s, _, _ in by_source}):
+            n = sum(v for (s, _, _), v in by_source.items() if s == source)
+            w = sum(v for (s, _, _), v in shares.items() if s == source)
+            lines.append(f"  source {source:20s} {100 * n / total:5.1f}% -> {100 * w:5.1f}%")
     return "\n".join(lines)
 
 
