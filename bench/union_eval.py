@@ -98,7 +98,6 @@ def seg_summary(rows) -> dict:
 
 def score_split(models: Path, crops: Path, split: str, config, tta: bool):
     """One row per crop of ``split``: source, target, skin tone and the calibrated probability."""
-    import numpy as np
 
     from kmel import constants as C
     from kmel.evaluation.evaluate import predict_records
@@ -108,11 +107,10 @@ def score_split(models: Path, crops: Path, split: str, config, tta: bool):
         read_pipeline,
         signature_fn,
     )
-    from kmel.serving.predictor import flip_views
+    from kmel.serving.predictor import flip_averaged
 
     serve = signature_fn(load_serving(models / C.CLASSIFIER_DIR))
-    score = (lambda x: np.mean([serve(np.ascontiguousarray(v)).reshape(-1) for v in flip_views(x)], 0)) if tta \
-        else (lambda x: serve(x).reshape(-1))
+    score = flip_averaged(serve) if tta else (lambda x: serve(x).reshape(-1))
     table = predict_records(score, crops, split, config, batch_size=64)
     temperature = float(read_pipeline(models)["classifier"].get("temperature", 1.0))
     table["probability"] = apply_temperature(table["probability"].to_numpy(), temperature)
