@@ -118,3 +118,21 @@ def build_benchmark_records(out: Path, config, data: str = "isic") -> Path:
     finally:
         records.split_table = original
     return out / "records"
+
+
+def per_source(table, threshold: float) -> dict[str, dict]:
+    """AUC, and sensitivity / specificity at ``threshold``, per ``source`` of a scored table (``target``,
+    ``probability``: a report's predictions.csv or :func:`kmel.evaluation.evaluate.predict_records`)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for source, part in table.groupby("source"):
+        y, p = part["target"].to_numpy(), part["probability"].to_numpy()
+        pos, neg = y == 1, y == 0
+        out[source] = {
+            "n": int(len(part)), "malignant": int(pos.sum()),
+            "auc": round(float(roc_auc_score(y, p)), 4) if pos.any() and neg.any() else None,
+            "sensitivity": round(float((p[pos] >= threshold).mean()), 4) if pos.any() else None,
+            "specificity": round(float((p[neg] < threshold).mean()), 4) if neg.any() else None,
+        }
+    return out

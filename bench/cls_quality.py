@@ -23,7 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import OUT
+import pandas as pd
+from _common import OUT, per_source
 
 
 def colour_baseline(crops_dir: Path, config) -> dict[str, float]:
@@ -55,25 +56,6 @@ def colour_baseline(crops_dir: Path, config) -> dict[str, float]:
     x_test, y_test = features("test")
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
     return {"test_auc": round(float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1])), 4)}
-
-
-def per_source(predictions_csv: Path, threshold: float) -> dict[str, dict[str, float]]:
-    """AUC, sensitivity and specificity at ``threshold`` per record source of a report's predictions.csv."""
-    import pandas as pd
-    from sklearn.metrics import roc_auc_score
-
-    table = pd.read_csv(predictions_csv)
-    out = {}
-    for source, part in table.groupby("source"):
-        y, p = part["target"].to_numpy(), part["probability"].to_numpy()
-        pos, neg = y == 1, y == 0
-        out[source] = {
-            "n": int(len(part)), "malignant": int(pos.sum()),
-            "auc": round(float(roc_auc_score(y, p)), 4) if pos.any() and neg.any() else None,
-            "sensitivity": round(float((p[pos] >= threshold).mean()), 4) if pos.any() else None,
-            "specificity": round(float((p[neg] < threshold).mean()), 4) if neg.any() else None,
-        }
-    return out
 
 
 def main() -> None:
@@ -127,7 +109,7 @@ def main() -> None:
         "threshold_method": config.classifier.threshold_method,
         "crop_modes": manifest.get("crop_modes"),
         "test": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()},
-        "test_by_source": per_source(models / "report" / "predictions.csv", entry["threshold"]),
+        "test_by_source": per_source(pd.read_csv(models / "report" / "predictions.csv"), entry["threshold"]),
         "crop_seconds": round(cropped - start, 1), "train_seconds": round(done - cropped, 1),
         "colour_statistics_logistic_regression": baseline,
     }

@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import OUT
+from _common import OUT, per_source
 
 
 def seg_by_image(records: Path, models: Path, config, split: str = "test"):
@@ -117,18 +117,6 @@ def score_split(models: Path, crops: Path, split: str, config, tta: bool):
     return table
 
 
-def at_threshold(table, threshold: float) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    out = {}
-    for source, part in table.groupby("source"):
-        y, p = part["target"].to_numpy(), part["probability"].to_numpy()
-        out[source] = {"n": int(len(part)), "malignant": int(y.sum()), "auc": round(float(roc_auc_score(y, p)), 4),
-                       "sensitivity": round(float((p[y == 1] >= threshold).mean()), 4),
-                       "specificity": round(float((p[y == 0] < threshold).mean()), 4)}
-    return out
-
-
 def thresholds(val, config, shipped: float) -> dict[str, float]:
     """Each threshold rule of the comparison, chosen on the scored val table by ``train cls``'s own rule
     (:func:`kmel.training.train.choose_classifier_threshold`) with other groups or other rows."""
@@ -200,11 +188,11 @@ def main() -> None:
     val = score_split(models, crops, "val", config, tta=False)
     test = score_split(models, crops, "test", config, tta=False)
     chosen = thresholds(val, config, shipped)
-    result["thresholds"] = {name: {"threshold": round(t, 4), "test": at_threshold(test, t)} for name, t in chosen.items()}
+    result["thresholds"] = {name: {"threshold": round(t, 4), "test": per_source(test, t)} for name, t in chosen.items()}
     result["skin_tone_test"] = tone_table(test, shipped, args.bootstrap)
     test.to_csv(out / "test_scores.csv", index=False)
     # Test-time flips: AUC (threshold-free) and sensitivity / specificity at the shipped threshold.
-    result["tta_flips_test"] = at_threshold(score_split(models, crops, "test", config, tta=True), shipped)
+    result["tta_flips_test"] = per_source(score_split(models, crops, "test", config, tta=True), shipped)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "segmenter_worst16"}, indent=2))
     print(f"contact sheet: {out / 'seg_worst16.png'}")

@@ -85,13 +85,21 @@ def make_record_dataset(files: list[Path], training: bool, seed: int) -> tf.data
     return ds.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training or None)
 
 
-def group_counts(manifest: Mapping[str, Any], split: str, kind: str = "crop") -> dict[tuple[int, int], int]:
-    """(target, skin-tone index) → number of records of ``split`` (from the manifest's counts)."""
-    from kmel.data.records import iter_manifest_groups
+def source_counts(manifest: Mapping[str, Any], split: str) -> dict[tuple[str, int, int], int]:
+    """(source, target, skin-tone index) → number of records of ``split`` (from the manifest's counts)."""
+    counts: dict[tuple[str, int, int], int] = {}
+    for source, targets in manifest["counts"].get(split, {}).items():
+        for target, tones in targets.items():
+            for tone, n in tones.items():
+                counts[(source, int(target), C.SKIN_TONE_GROUPS.index(tone))] = int(n)
+    return counts
 
+
+def group_counts(manifest: Mapping[str, Any], split: str) -> dict[tuple[int, int], int]:
+    """(target, skin-tone index) → number of records of ``split``, over all sources (from the manifest's counts)."""
     counts: dict[tuple[int, int], int] = {}
-    for target, tone, n in iter_manifest_groups(manifest, split):
-        counts[(target, C.SKIN_TONE_GROUPS.index(tone))] = n
+    for (_, target, tone), n in source_counts(manifest, split).items():
+        counts[(target, tone)] = counts.get((target, tone), 0) + n
     return counts
 
 
@@ -122,16 +130,6 @@ def balance_weights(
         for k, r in raw.items():
             weights[k] = class_share[t] * r / norm
     return weights
-
-
-def source_counts(manifest: Mapping[str, Any], split: str) -> dict[tuple[str, int, int], int]:
-    """(source, target, skin-tone index) → number of records of ``split`` (from the manifest's counts)."""
-    counts: dict[tuple[str, int, int], int] = {}
-    for source, targets in manifest["counts"].get(split, {}).items():
-        for target, tones in targets.items():
-            for tone, n in tones.items():
-                counts[(source, int(target), C.SKIN_TONE_GROUPS.index(tone))] = int(n)
-    return counts
 
 
 def split_by_source(

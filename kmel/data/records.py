@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import shutil
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -356,14 +355,3 @@ def format_counts(manifest: dict[str, Any]) -> str:
         lines.append(f"label conflicts resolved as malignant: {len(cleaning['conflicts'])}")
     lines.append("details: manifest.json (cleaning, skipped, mask_issues) and skipped.csv")
     return "\n".join(lines)
-
-
-def iter_manifest_groups(manifest: dict[str, Any], split: str) -> Iterable[tuple[int, str, int]]:
-    """(target, skin-tone name, count) over all sources of a split."""
-    merged: dict[tuple[int, str], int] = defaultdict(int)
-    for source in manifest["counts"].get(split, {}).values():
-        for target, tones in source.items():
-            for tone, n in tones.items():
-                merged[(int(target), tone)] += n
-    for (target, tone), n in sorted(merged.items()):
-        yield target, tone, n

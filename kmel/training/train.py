@@ -260,23 +260,24 @@ def threshold_group_labels(table: Any, names: Sequence[str]) -> np.ndarray:
     return labels.to_numpy()
 
 
-def choose_classifier_threshold(cc: ClassifierConfig, table: Any) -> dict[str, Any]:
-    """The threshold ``fit_classifier`` exports, chosen on a scored validation table (``target``, calibrated
-    ``probability``, ``skin_tone_name``, ``source``) by the profile's method over ``threshold_groups``."""
+def _threshold_choice(cc: ClassifierConfig, targets: Any, scores: Any, groups: Any) -> dict[str, Any]:
+    """``choose_threshold`` with the profile's method, recall floor and target sensitivity."""
     from kmel.evaluation.fairness import choose_threshold
 
-    return choose_threshold(table["target"].to_numpy(), table["probability"].to_numpy(), method=cc.threshold_method,
-                            groups=threshold_group_labels(table, cc.threshold_groups),
+    return choose_threshold(targets, scores, method=cc.threshold_method, groups=groups,
                             min_group_recall=cc.min_group_recall, target_sensitivity=cc.target_sensitivity)
 
 
-def _chosen_threshold(cc: ClassifierConfig, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
-    """The threshold fit_classifier exports, by the same rule, on the given validation predictions."""
-    from kmel.evaluation.fairness import choose_threshold
+def choose_classifier_threshold(cc: ClassifierConfig, table: Any) -> dict[str, Any]:
+    """The threshold ``fit_classifier`` exports, chosen on a scored validation table (``target``, calibrated
+    ``probability``, ``skin_tone_name``, ``source``) by the profile's method over ``threshold_groups``."""
+    return _threshold_choice(cc, table["target"].to_numpy(), table["probability"].to_numpy(),
+                             threshold_group_labels(table, cc.threshold_groups))
 
-    return float(choose_threshold(targets, scores, method=cc.threshold_method, groups=groups,
-                                  min_group_recall=cc.min_group_recall,
-                                  target_sensitivity=cc.target_sensitivity)["threshold"])
+
+def _chosen_threshold(cc: ClassifierConfig, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
+    """The profile's rule over the given groups (the per-epoch skin-tone recall log of GroupRecallLogger)."""
+    return float(_threshold_choice(cc, targets, scores, groups)["threshold"])
 
 
 def fit_classifier(
