@@ -38,6 +38,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
 STRICT_HELP = ("Exit 1 when anything is reported (orphan masks, rows without an image, CSVs not "
                "recognised...), not only when a file could not be read.")
 
@@ -117,10 +120,10 @@ def cli() -> None:
 
 @cli.command("make-synthetic")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--n-images", default=120, show_default=True, help="Number of labelled images to draw.")
-@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
-@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
-@click.option("--predict-images", default=0, show_default=True,
+@click.option("--n-images", default=120, show_default=True, type=POSITIVE, help="Number of labelled images to draw.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(min=32), help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Random seed (same seed, same bytes).")
+@click.option("--predict-images", default=0, show_default=True, type=NON_NEGATIVE,
               help="Also write this many held-out images to OUT/predict/ with OUT/predict/truth.csv.")
 def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images: int) -> None:
     """Write a synthetic data folder laid out like an ISIC download (2019 + 2020 CSVs, images, masks)."""
@@ -146,12 +149,12 @@ def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images
 @click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP)
 @click.option("--task", type=click.Choice(["malignant", "melanoma", "keratosis"]), default=None,
               help="Label to learn [profile: malignant].")
-@click.option("--workers", type=int, default=None, help="Processes for decoding (0: one per core) [profile].")
+@click.option("--workers", type=NON_NEGATIVE, default=None, help="Processes for decoding (0: one per core) [profile].")
 @click.option("--stage", type=click.Choice(["images", "crops"]), default="images", show_default=True,
               help="images: records from the data folder; crops: lesion crops from trained segmenter.")
 @click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
               help="With --stage crops: folder of the exported segmenter.")
-@click.option("--max-file-mb", type=int, default=None,
+@click.option("--max-file-mb", type=POSITIVE, default=None,
               help="Larger image and mask files are refused unread (skipped.csv) [profile: 256].")
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -187,10 +190,10 @@ def _train_options(fn: Callable) -> Callable:
         click.option("--out", default="saved_models", show_default=True, type=click.Path(file_okay=False),
                      help="Where the exported model, .keras file, pipeline.json and report go."),
         click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP),
-        click.option("--epochs", type=int, default=None, help="Training epochs [profile]."),
-        click.option("--batch-size", type=int, default=None, help="Batch size per replica [profile]."),
-        click.option("--steps-per-epoch", type=int, default=None, help="Steps per epoch (0: one pass) [profile]."),
-        click.option("--image-size", type=int, default=None, help="Model input side in pixels [profile]."),
+        click.option("--epochs", type=POSITIVE, default=None, help="Training epochs [profile]."),
+        click.option("--batch-size", type=POSITIVE, default=None, help="Batch size per replica [profile]."),
+        click.option("--steps-per-epoch", type=NON_NEGATIVE, default=None, help="Steps per epoch (0: one pass) [profile]."),
+        click.option("--image-size", type=click.IntRange(min=32), default=None, help="Model input side in pixels [profile]."),
         click.option("--backbone", default=None,
                      help="seg: resnet34|resnet18; cls: efficientnet_b0..efficientnet_b7 or efficientnet_lite0..efficientnet_lite4 (ImageNet weights offline for lite0-2) [profile]."),
         click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
@@ -206,7 +209,7 @@ def _train_options(fn: Callable) -> Callable:
                           "static web server, or a local folder path) [profile; env KMEL_WEIGHTS_MIRROR]."),
         click.option("--logdir", default="runs", show_default=True, type=click.Path(file_okay=False),
                      help="TensorBoard log folder."),
-        click.option("--seed", type=int, default=None, help="Random seed [profile]."),
+        click.option("--seed", type=NON_NEGATIVE, default=None, help="Random seed [profile]."),
         click.option("--quiet", is_flag=True, help="One line per epoch, no progress bars."),
     ]
     for option in reversed(options):
@@ -271,6 +274,22 @@ def _inputs_and_out(paths: tuple[str, ...], out: str | None) -> tuple[list[str],
     return inputs, out
 
 
+def _model_check_options(fn: Callable) -> Callable:
+    """--no-verify and --trust-model: what is checked before exported models run (kmel.models.integrity)."""
+    fn = click.option("--trust-model", is_flag=True,
+                      help="Load SavedModels whose graphs use operations kmel's own models never use (file, "
+                           "network or process operations): only for models whose origin you trust.")(fn)
+    return click.option("--no-verify", is_flag=True,
+                        help="Skip comparing the model files' fingerprints and SHA-256s with pipeline.json "
+                             "(and the check that segmenter and classifier come from one training).")(fn)
+
+
+def _checks(no_verify: bool, trust_model: bool) -> Any:
+    from kmel.models.integrity import ModelChecks
+
+    return ModelChecks(verify=not no_verify, trust_model=trust_model)
+
+
 TFLITE_PRECISION_OPTION = click.option(
     "--tflite-precision", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True,
     help="Which TFLite files --runtime tflite uses (int8: quantised, fastest, least exact; pipeline.json's "
@@ -285,29 +304,36 @@ TFLITE_PRECISION_OPTION = click.option(
               help="Output format [default: jsonl for .jsonl/.ndjson files, else csv].")
 @click.option("--models", default="saved_models", show_default=True, type=click.Path(file_okay=False),
               help="Folder with segmenter/, classifier/ and pipeline.json.")
-@click.option("--batch-size", type=int, default=None, help="Images per model batch [pipeline: predict.batch_size].")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Images per model batch [pipeline: predict.batch_size].")
 @click.option("--explain", "explain_dir", default=None, type=click.Path(file_okay=False),
               help="Write Grad-CAM overlays (crop | heat map) as PNGs into this folder, at each file's "
                    "relpath + _gradcam.png.")
 @click.option("--tta", is_flag=True, help="Average the classifier over flips (noted in the output's tta column).")
-@click.option("--max-file-mb", type=int, default=None,
+@click.option("--max-file-mb", type=POSITIVE, default=None,
               help="Larger input files get an error row, unread [predict.max_file_mb: 256].")
 @click.option("--runtime", type=click.Choice(["tf", "tflite"]), default="tf", show_default=True,
               help="tf: the SavedModels; tflite: the .tflite files `kmel export --format tflite` wrote "
                    "(XNNPACK on the CPU; no --explain).")
 @TFLITE_PRECISION_OPTION
+@click.option("--overwrite", is_flag=True,
+              help="Start OUT afresh (its rows are replaced) instead of resuming it, e.g. after changing models "
+                   "or --tta / --runtime / --tflite-precision.")
+@_model_check_options
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: str, batch_size: int | None,
             explain_dir: str | None, tta: bool, max_file_mb: int | None, runtime: str, tflite_precision: str,
-            strict: bool, quiet: bool) -> None:
+            overwrite: bool, no_verify: bool, trust_model: bool, strict: bool, quiet: bool) -> None:
     """Classify image files into a CSV or JSONL file, one row per input file.
 
     INPUT is any mix of image files and folders (searched recursively), or - to read paths from
     standard input, one per line: `kmel predict scans/ out.csv`, `kmel predict a.jpg b.png scans/
     --out out.jsonl`, `find . -name '*.jpg' | kmel predict - out.csv`. Each row names its file by
     relpath (relative to the input folder; with several inputs, to their common folder). Rerunning
-    the same command resumes a killed run: files already in the output are skipped.
+    the same command resumes a killed run: files already in the output are skipped, files with an error
+    row are tried again. OUT.meta.json records the models and options that wrote OUT; resuming with
+    others is refused (use --overwrite or another OUT). Models are checked before they run: their
+    files against pipeline.json, and their graphs against the operations kmel's own models use.
     """
 
     def body() -> int:
@@ -316,7 +342,8 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
         inputs, target = _inputs_and_out(paths, out)
         stdin = click.get_text_stream("stdin") if "-" in inputs else None
         s = predict_files(inputs, target, models, batch_size, tta, explain_dir, fmt, stdin, max_file_mb,
-                          progress=not quiet, runtime=runtime, tflite_precision=tflite_precision)
+                          progress=not quiet, runtime=runtime, tflite_precision=tflite_precision,
+                          checks=_checks(no_verify, trust_model), overwrite=overwrite)
         click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_skipped} skipped, {s.n_malignant} predicted positive "
                    f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {target}")
         for path, reason in s.errors[:20]:
@@ -338,9 +365,9 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
               help="Folder with segmenter/, classifier/ and pipeline.json; the files go to MODELS/tflite/.")
 @click.option("--records", default="tfrecords", show_default=True, type=click.Path(file_okay=False),
               help="Records the models were trained on: calibration (train) and parity (val) images come from them.")
-@click.option("--calibration-images", default=64, show_default=True,
+@click.option("--calibration-images", default=64, show_default=True, type=POSITIVE,
               help="Train images for int8 calibration.")
-@click.option("--parity-images", default=16, show_default=True,
+@click.option("--parity-images", default=16, show_default=True, type=POSITIVE,
               help="Val images on which each file is compared with its SavedModel (max |difference| is recorded).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(fmt: str, precisions: tuple[str, ...], models: str, records: str, calibration_images: int,
@@ -390,9 +417,11 @@ def export(fmt: str, precisions: tuple[str, ...], models: str, records: str, cal
 @TFLITE_PRECISION_OPTION
 @click.option("--tta", is_flag=True,
               help="Score each crop as the mean over its four flips (as predict --tta); the report says so.")
+@_model_check_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate(records: str, models: str, split: str, out: str, predictions: str | None, truth: str | None,
-             profile: str, strict: bool, runtime: str, tflite_precision: str, tta: bool, quiet: bool) -> None:
+             profile: str, strict: bool, runtime: str, tflite_precision: str, tta: bool, no_verify: bool,
+             trust_model: bool, quiet: bool) -> None:
     """Metrics at the stored threshold and per-skin-tone fairness (with bootstrap intervals) and plots."""
 
     def body() -> int:
@@ -407,7 +436,8 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
 
             config, pipeline = load_pipeline_config(models)
             report = evaluate_exported(records, models, split, out, config, progress=not quiet, pipeline=pipeline,
-                                       runtime=runtime, tflite_precision=tflite_precision, tta=tta)
+                                       runtime=runtime, tflite_precision=tflite_precision, tta=tta,
+                                       checks=_checks(no_verify, trust_model))
         summary = report.get("summary", {})
         click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
         click.echo(f"report in {Path(out) / 'report.md'}")
@@ -424,7 +454,7 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
 @cli.command("demo")
 @click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the demo makes (data, records, models, runs, reports).")
-@click.option("--n-images", default=240, show_default=True, help="Synthetic labelled images.")
+@click.option("--n-images", default=240, show_default=True, type=click.IntRange(min=16), help="Synthetic labelled images.")
 @click.option("--quick", is_flag=True, help="Tiny sizes and one epoch each (a smoke test, not a result).")
 @click.option("--quiet", is_flag=True, help="No progress bars (one line per stage and per epoch).")
 def demo(out: str, n_images: int, quick: bool, quiet: bool) -> None:

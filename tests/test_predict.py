@@ -1,9 +1,9 @@
 """`predict` as a runner: inputs (files, folders, stdin), one row per file keyed by relpath, overlays,
 CSV / JSONL, resume, files checked before reading, exit codes, pipeline.json read once.
 
-The models are tiny hand-written SavedModels (a brightness threshold for the segmenter, mean brightness
-for the classifier, a flat Grad-CAM) exported in a second: the point here is the runner and what it does
-with files; tests/test_pipeline_e2e.py runs the same command with trained models.
+The models are tiny hand-written SavedModels (tests/handmade.py) exported in a second: the point here is
+the runner and what it does with files; tests/test_pipeline_e2e.py runs the same command with trained
+models, tests/test_integrity.py the checks before models load and what keeps outputs unmixed.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tests.tiny import tiny_config
-
-SEG, CLS = 32, 32
+from tests.handmade import CLS, write_handmade_models, write_image
 
 
 def _invoke(*args: str, input: str | None = None):
@@ -49,46 +47,11 @@ def _deadline(seconds: int):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    import tensorflow as tf
-
-    out = tmp_path_factory.mktemp("models")
-
-    class Segmenter(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, SEG, SEG, 3], tf.float32)])
-        def serve(self, images):
-            dark = tf.reduce_mean(images, axis=-1, keepdims=True) < 110.0
-            return {"probability": tf.cast(dark, tf.float32)}
-
-    class Classifier(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, CLS, CLS, 3], tf.float32)])
-        def serve(self, images):
-            return {"probability": 1.0 - tf.reduce_mean(images, axis=[1, 2, 3])[:, None] / 255.0}
-
-        @tf.function(input_signature=[tf.TensorSpec([None, CLS, CLS, 3], tf.float32)])
-        def gradcam(self, images):
-            return {"heat": tf.ones_like(images[..., 0]) * 0.5}
-
-    seg, cls = Segmenter(), Classifier()
-    tf.saved_model.save(seg, str(out / "segmenter"), signatures={"serve": seg.serve})
-    tf.saved_model.save(cls, str(out / "classifier"), signatures={"serve": cls.serve, "gradcam": cls.gradcam})
-    config = tiny_config(**{"segmenter.image_size": SEG, "classifier.image_size": CLS}).to_dict()
-    pipeline = {
-        "segmenter": {"image_size": SEG, "records": config["records"], "crops": config["crops"],
-                      "config": config["segmenter"], "fingerprint": "handmade"},
-        "classifier": {"config": config["classifier"], "threshold": 0.5, "class_names": ["benign", "malignant"]},
-    }
-    (out / "pipeline.json").write_text(json.dumps(pipeline))
-    return out
+    return write_handmade_models(tmp_path_factory.mktemp("models"))
 
 
 def _image(path: Path, seed: int, size: tuple[int, int] = (48, 64)) -> Path:
-    rng = np.random.default_rng(seed)
-    image = np.full((*size, 3), 200, np.uint8)
-    cv2.circle(image, (size[1] // 2, size[0] // 2), size[0] // 4, tuple(int(v) for v in rng.integers(20, 90, 3)), -1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(path.suffix if path.suffix in (".jpg", ".png") else ".png", image)
-    path.write_bytes(buf.tobytes())
-    return path
+    return write_image(path, seed, size)
 
 
 def _rows(path: Path) -> pd.DataFrame:

@@ -6,8 +6,9 @@ plots) is the same one ``train cls`` writes for its test split.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -156,7 +157,7 @@ def write_split_report(
 def evaluate_exported(
     records_dir: str | Path, models_dir: str | Path, split: str, out_dir: str | Path, config: Config,
     progress: bool = True, pipeline: Mapping[str, Any] | None = None, runtime: str = "tf",
-    tflite_precision: str = "float32", tta: bool = False,
+    tflite_precision: str = "float32", tta: bool = False, checks: Any = None,
 ) -> dict[str, Any]:
     """Score ``split`` with the exported pipeline (segmenter crops + classifier) and write the report.
 
@@ -164,9 +165,11 @@ def evaluate_exported(
     ``runtime``: ``tf`` scores with the classifier SavedModel, ``tflite`` with its TFLite file of
     ``tflite_precision`` (``kmel export --format tflite``). Either way the crops are the split's crop
     records, which the SavedModel segmenter made. ``tta``: each crop's score is the mean over its four
-    flips, as ``predict --tta`` does (the threshold stays the one chosen without flips).
+    flips, as ``predict --tta`` does (the threshold stays the one chosen without flips). ``checks``: what
+    is verified before the models load (:class:`kmel.models.integrity.ModelChecks`; all by default).
     """
     from kmel.lesion.crops import ensure_crop_records
+    from kmel.models.integrity import DEFAULT_CHECKS, check_pipeline
     from kmel.models.pipeline import load_serving, read_pipeline
     from kmel.serving.runtime import RUNTIMES
 
@@ -175,17 +178,20 @@ def evaluate_exported(
         raise FileNotFoundError(f"{Path(models_dir) / C.PIPELINE_JSON} has no classifier: run `kmel train cls`")
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    checks = DEFAULT_CHECKS if checks is None else checks
+    check_pipeline(models_dir, pipeline, checks)
     if runtime == "tflite":
         from kmel.serving.runtime import load_tflite
 
-        model: Any = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline)
+        model: Any = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline, checks=checks)
     else:
-        model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR)
+        model = load_serving(Path(models_dir) / C.CLASSIFIER_DIR, checks, pipeline["classifier"].get("fingerprint"))
     if tta:
         from kmel.serving.predictor import flip_averaged
 
         model = flip_averaged(as_score_fn(model))
-    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline)
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline,
+                                    checks=checks)
     threshold = float(pipeline["classifier"]["threshold"])
     chosen_on = pipeline["classifier"].get("threshold_from", "val")  # models from before it was recorded: val
     # The threshold in pipeline.json is on the calibrated scale when a temperature is stored with it.

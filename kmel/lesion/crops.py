@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ from kmel import constants as C
 from kmel.config import Config, to_plain
 from kmel.data.images import encode_jpeg, pad_to_square, resize_long_side
 from kmel.lesion.lesion import CropResult, enhance_for_segmentation, prepare_crop
+from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
 
 SegmentFn = Callable[[np.ndarray], np.ndarray]  # float32 [N, S, S, 3] 0–255 → [N, S, S] probabilities
 
@@ -51,10 +53,11 @@ class PreStage:
 
 
 def make_segment_fn(
-    models_dir: str | Path, pipeline: dict[str, Any] | None = None
+    models_dir: str | Path, pipeline: dict[str, Any] | None = None, checks: ModelChecks = DEFAULT_CHECKS,
 ) -> tuple[SegmentFn, int]:
     """The exported segmenter's ``serve`` function and its input size (from ``pipeline``, the
-    contents of pipeline.json, read from ``models_dir`` when not given)."""
+    contents of pipeline.json, read from ``models_dir`` when not given), loaded after ``checks``
+    (:mod:`kmel.models.integrity`)."""
     from kmel.models.pipeline import load_serving, read_pipeline, signature_fn
 
     pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
@@ -62,7 +65,7 @@ def make_segment_fn(
         raise FileNotFoundError(
             f"{Path(models_dir) / C.PIPELINE_JSON} has no segmenter: run `python cli.py train seg` first"
         )
-    serve = signature_fn(load_serving(Path(models_dir) / C.SEGMENTER_DIR))
+    serve = signature_fn(load_serving(Path(models_dir) / C.SEGMENTER_DIR, checks, pipeline["segmenter"].get("fingerprint")))
 
     def segment(batch: np.ndarray) -> np.ndarray:
         return serve(batch)[..., 0]
@@ -81,10 +84,10 @@ class CropPipeline:
     def close(self) -> None:
         self.pool.shutdown()
 
-    def __enter__(self) -> "CropPipeline":
+    def __enter__(self) -> CropPipeline:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def pre(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> PreStage:
@@ -178,7 +181,7 @@ def _batched(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
 
 def build_crop_records(
     records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True,
-    pipeline: dict[str, Any] | None = None,
+    pipeline: dict[str, Any] | None = None, checks: ModelChecks = DEFAULT_CHECKS,
 ) -> Path:
     """Run the exported segmenter over every img- record and write crop records; returns their folder.
 
@@ -194,7 +197,7 @@ def build_crop_records(
     fingerprint = pipeline.get("segmenter", {}).get("fingerprint")
     if not fingerprint:
         raise FileNotFoundError(f"no trained segmenter in {models_dir}: run `python cli.py train seg` first")
-    segment, seg_size = make_segment_fn(models_dir, pipeline)
+    segment, seg_size = make_segment_fn(models_dir, pipeline, checks)
     out = crops_dir_for(records_dir, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.dumps({"crops": to_plain(config.crops), "size": config.classifier.image_size,
@@ -262,7 +265,7 @@ def build_crop_records(
 
 def ensure_crop_records(
     records_dir: str | Path, models_dir: str | Path, config: Config, progress: bool = True, build: bool = True,
-    pipeline: dict[str, Any] | None = None,
+    pipeline: dict[str, Any] | None = None, checks: ModelChecks = DEFAULT_CHECKS,
 ) -> Path:
     """Crop records for the current segmenter: reused when complete, (re)built otherwise
     (``build=False``: an error instead, for multi-worker training where one machine builds them first).
@@ -288,4 +291,4 @@ def ensure_crop_records(
             f"crop records for this segmenter are missing or stale under {out}: build them once with "
             f"`python cli.py build-records --stage crops --out {records_dir}` before multi-worker training"
         )
-    return build_crop_records(records_dir, models_dir, config, progress, pipeline)
+    return build_crop_records(records_dir, models_dir, config, progress, pipeline, checks)

@@ -5,24 +5,41 @@ that loads exported models (crops, predict, evaluate, serve) reads them through 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from kmel import constants as C
+from kmel.models.integrity import (
+    DEFAULT_CHECKS,
+    ModelChecks,
+    ModelIntegrityError,
+    check_fingerprint,
+    check_graph,
+    check_pipeline,
+)
 
 
-def load_serving(path: str | Path) -> Any:
-    """Load an exported model's ``serve`` function (no Keras objects needed)."""
+def load_serving(path: str | Path, checks: ModelChecks = DEFAULT_CHECKS, fingerprint: str | None = None) -> Any:
+    """Load an exported model's ``serve`` function (no Keras objects needed), after the checks of
+    :mod:`kmel.models.integrity`: its graph uses only kmel's operations (unless ``checks.trust_model``),
+    and its weights are the ``fingerprint`` pipeline.json recorded (when given, with ``checks.verify``)."""
     path = Path(path)
     if not (path / "saved_model.pb").is_file():
         raise FileNotFoundError(
             f"{path} is not an exported kmel model (no saved_model.pb): train it with `python cli.py train ...`"
         )
-    loaded = tf.saved_model.load(str(path))
-    return loaded
+    check_graph(path, checks)
+    check_fingerprint(path, fingerprint, checks)
+    try:
+        return tf.saved_model.load(str(path))
+    except Exception as exc:  # truncated or bit-flipped variables, a graph this TensorFlow cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelIntegrityError(f"{path} cannot be loaded ({type(exc).__name__}: {first[:200]}): the model files "
+                                  "are damaged or incomplete; copy the models folder again or retrain") from None
 
 
 def signature_fn(loaded: Any, name: str = "serve") -> Callable[[np.ndarray], np.ndarray]:
@@ -38,10 +55,20 @@ def signature_fn(loaded: Any, name: str = "serve") -> Callable[[np.ndarray], np.
 
 
 def read_pipeline(models_dir: str | Path) -> dict[str, Any]:
+    """The contents of ``models_dir/pipeline.json`` ({} when there is none); a damaged file or one newer
+    than this kmel reads is refused, naming it."""
     path = Path(models_dir) / C.PIPELINE_JSON
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelIntegrityError(f"{path} is damaged ({exc}): copy the models folder again, or retrain "
+                                  "(`kmel train seg` then `kmel train cls`)") from None
+    if not isinstance(data, dict):
+        raise ModelIntegrityError(f"{path} is not a kmel pipeline.json (not a JSON object)")
+    check_pipeline(models_dir, data, ModelChecks(verify=False))  # the format version; mixing is checked at load
+    return data
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ _EXPORTS = {
     "predict_folder": "kmel.serving.runner",
     "collect_inputs": "kmel.serving.runner",
     "export_serving": "kmel.serving.export",
-    "saved_model_fingerprint": "kmel.serving.export",
+    "saved_model_fingerprint": "kmel.models.integrity",
     "update_pipeline": "kmel.serving.export",
     "export_tflite": "kmel.serving.litert",
     "make_gradcam_fn": "kmel.serving.explain",

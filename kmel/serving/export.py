@@ -7,18 +7,19 @@ serving needs no training code and no ``.keras`` file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import keras
 import tensorflow as tf
 
 import kmel
 from kmel import constants as C
+from kmel.models.integrity import FORMAT_VERSION, saved_model_fingerprint  # noqa: F401 (re-exported)
 from kmel.models.pipeline import read_pipeline
 
 
@@ -47,22 +48,13 @@ def export_serving(
     return path
 
 
-def saved_model_fingerprint(path: str | Path) -> str:
-    """Hash of a SavedModel's variables: names the weights, not the export time."""
-    digest = hashlib.sha256()
-    var_dir = Path(path) / "variables"
-    for file in sorted(var_dir.glob("*")):
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def update_pipeline(models_dir: str | Path, section: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Set ``pipeline[section] = values`` atomically and return the whole pipeline."""
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     data = read_pipeline(models_dir)
     data["kmel_version"] = kmel.__version__
+    data["format_version"] = FORMAT_VERSION
     data[section] = dict(values)
     tmp = models_dir / (C.PIPELINE_JSON + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=_json_default))

@@ -6,14 +6,16 @@ skin tone), then the classifier. It knows nothing of files, so ``evaluate``, the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from kmel.config import ConfigError
 from kmel.lesion.crops import CropPipeline
+from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
 from kmel.models.pipeline import apply_temperature, read_pipeline
 from kmel.serving.runtime import config_from_pipeline, load_runtime_models
 
@@ -67,14 +69,17 @@ class Predictor:
     it is :meth:`prepare` (segment → crop → hair removal → skin tone) then :meth:`classify`, which a
     caller may also run apart, in two threads, to overlap them. ``runtime``: ``tf`` (SavedModels) or
     ``tflite`` (``tflite_precision`` files from ``kmel export --format tflite``). Use it as a context
-    manager (or call :meth:`close`) to stop its worker threads.
+    manager (or call :meth:`close`) to stop its worker threads. ``checks``: what is verified before the
+    models load (:mod:`kmel.models.integrity`).
     """
 
     def __init__(self, models_dir: str | Path = "saved_models", tta: bool = False, explain: bool = False,
                  workers: int | None = None, runtime: str = "tf", tflite_precision: str = "float32",
-                 max_batch_pixels: int | None = None):
+                 max_batch_pixels: int | None = None, checks: ModelChecks = DEFAULT_CHECKS,
+                 pipeline: dict[str, Any] | None = None):
         self.models_dir = Path(models_dir)
-        self.pipeline = read_pipeline(self.models_dir)  # the one read of pipeline.json
+        # the one read of pipeline.json (``pipeline``: its contents, when the caller has read it)
+        self.pipeline = read_pipeline(self.models_dir) if pipeline is None else pipeline
         self.config = config_from_pipeline(self.pipeline, self.models_dir)
         classifier = self.pipeline["classifier"]
         self.threshold = float(classifier["threshold"])
@@ -83,7 +88,8 @@ class Predictor:
         self.tta = tta
         if explain and runtime != "tf":
             raise ConfigError("--explain (Grad-CAM) needs the SavedModel runtime: drop --runtime tflite")
-        self.models = load_runtime_models(self.models_dir, self.pipeline, runtime, tflite_precision, max_batch_pixels)
+        self.models = load_runtime_models(self.models_dir, self.pipeline, runtime, tflite_precision, max_batch_pixels,
+                                          checks=checks)
         self._classify = flip_averaged(self.models.classify) if tta else self.models.classify
         self._explain = None
         if explain:
@@ -132,8 +138,8 @@ class Predictor:
     def close(self) -> None:
         self.crops.close()
 
-    def __enter__(self) -> "Predictor":
+    def __enter__(self) -> Predictor:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

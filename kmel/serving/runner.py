@@ -4,9 +4,10 @@
 :class:`InputFile` each, identified by its ``relpath``. A background thread (:func:`staged_batches`)
 decodes, segments and crops batch after batch into a bounded queue while the caller's thread
 classifies (:class:`kmel.serving.predictor.Predictor`) and appends rows in input order, flushed to disk.
-Rerunning the same command resumes: files whose ``relpath`` is already in the output are skipped, so a
-killed run loses nothing and writes no duplicates. A file that cannot be used gets a row with
-``status=error`` and the reason.
+Rerunning the same command resumes: files already in the output (by ``relpath`` or path) are skipped, so
+a killed run loses nothing and writes no duplicates, and files with an error row are tried again; the
+output and its ``OUT.meta.json`` are :mod:`kmel.serving.outputs`. A file that cannot be used gets a row
+with ``status=error`` and the reason; so does one the classifier scores as NaN or infinite.
 
 Memory is bounded by settings, not by the number of files: ``predict.queue_batches`` finished batches
 wait at most, each image is held at the records' size once decoded, and one model call sees at most
@@ -15,9 +16,7 @@ wait at most, each image is held at the records' size once decoded, and one mode
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import math
 import os
 import threading
 import time
@@ -39,34 +38,17 @@ from kmel.data.images import (
     read_file,
     walk_images,
 )
+from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
+from kmel.models.pipeline import read_pipeline
 from kmel.serving.explain import save_overlay
-from kmel.serving.predictor import Predictor
-
-COLUMNS = (
-    "image", "relpath", "path", "probability", "prediction", "label", "threshold", "skin_tone_group", "ita",
-    "ita_category", "crop_mode", "box_x0", "box_y0", "box_x1", "box_y1", "tta", "status", "error",
+from kmel.serving.outputs import (  # noqa: F401 (re-exported)
+    COLUMNS,
+    RowsFile,
+    escape_cell,
+    output_identity,
+    printable,
 )
-FORMATS = ("csv", "jsonl")
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def escape_cell(value: Any) -> Any:
-    """Text a spreadsheet would run as a formula gets a leading apostrophe (CSV injection).
-
-    Numbers written as text (``-22.11``) are numbers, not formulas, and stay as they are.
-    """
-    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
-        return "'" + value
-    return value
-
+from kmel.serving.predictor import Predictor
 
 # === Models: images in, predictions out ===
 
@@ -125,78 +107,6 @@ def collect_inputs(inputs: Sequence[str | Path], stdin: Iterable[str] | None = N
         relpath = Path(os.path.relpath(absolute, common)).as_posix()
         files.append(InputFile(entry.path, relpath, entry.status, entry.reason))
     return files
-
-
-# === Output: CSV or JSONL rows, appended batch by batch ===
-
-
-def format_for(path: str | Path) -> str:
-    """``jsonl`` for ``.jsonl`` / ``.ndjson`` files, else ``csv``."""
-    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "csv"
-
-
-class RowsFile:
-    """An output file of predict rows (CSV or JSONL), appended and fsynced batch by batch."""
-
-    def __init__(self, path: str | Path, fmt: str | None = None):
-        self.path = Path(path)
-        self.fmt = fmt or format_for(self.path)
-        if self.fmt not in FORMATS:
-            raise ConfigError(f"unknown output format {self.fmt!r}; known: {', '.join(FORMATS)}")
-        self._handle: Any = None
-        self._csv: Any = None
-
-    def done(self) -> set[str]:
-        """The ``relpath`` of every row an earlier (possibly killed) run wrote; a torn last line is cut off."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return set()
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            data = data[: data.rfind(b"\n") + 1]
-            self.path.write_bytes(data)
-        wrong = ConfigError(f"{self.path} exists and is not a kmel predict {self.fmt.upper()} of this version: "
-                            "choose another output file or delete it")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise wrong from None
-        if self.fmt == "csv":
-            reader = csv.DictReader(io.StringIO(text, newline=""))
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise wrong
-            return {row["relpath"] for row in reader}
-        done = set()
-        for line in text.split("\n")[:-1]:  # not splitlines(): U+2028 may sit inside a JSON string
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise wrong from None
-            if not isinstance(row, dict) or "relpath" not in row:
-                raise wrong
-            done.add(row["relpath"])
-        return done
-
-    def __enter__(self) -> "RowsFile":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._handle = open(self.path, "a", newline="", encoding="utf-8")
-        if self.fmt == "csv":
-            self._csv = csv.DictWriter(self._handle, fieldnames=COLUMNS)
-            if new:
-                self._csv.writeheader()
-        return self
-
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        for row in rows:
-            if self.fmt == "csv":
-                self._csv.writerow({k: escape_cell(row.get(k, "")) for k in COLUMNS})
-            else:
-                self._handle.write(json.dumps({k: row.get(k) for k in COLUMNS}, ensure_ascii=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._handle.close()
 
 
 # === The runner ===
@@ -318,6 +228,19 @@ def staged_batches(
         thread.join()
 
 
+def check_writable_folder(folder: str | Path, option: str) -> None:
+    """Create ``folder`` if needed and make sure files can be written in it, or say why not (one line)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kmel-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{option} folder {folder} cannot be written ({exc.strerror or type(exc).__name__}): "
+                          "choose a folder you can write to") from None
+
+
 def overlay_path(explain_dir: str | Path, relpath: str) -> Path:
     """Where the Grad-CAM overlay of the file at ``relpath`` goes: the same relative path, so none collide."""
     return Path(explain_dir) / f"{relpath}_gradcam.png"
@@ -331,8 +254,8 @@ def run_predictions(
     """Predict ``items`` whose ``relpath`` is not in ``rows_file`` yet (``done``: its relpaths, when
     the caller has read them already) and append their rows."""
     done = rows_file.done() if done is None else done
-    summary = PredictSummary(n_resumed=len(done))
-    todo = [item for item in items if item.relpath not in done]
+    todo = [item for item in items if printable(item.relpath) not in done and os.path.abspath(item.path) not in done]
+    summary = PredictSummary(n_resumed=len(items) - len(todo))
     batch_size = batch_size or predictor.config.predict.batch_size
     max_bytes = (max_file_mb if max_file_mb is not None else predictor.config.predict.max_file_mb) * MIB
     start = time.perf_counter()
@@ -343,8 +266,15 @@ def run_predictions(
             predictions = dict(zip(good, predictor.classify([staged.prepared[i] for i in good])))
             rows = []
             for i, item in enumerate(staged.items):
-                row = {"image": item.path.stem, "relpath": item.relpath, "path": str(item.path), "tta": predictor.tta}
-                if i in predictions:
+                row = {"image": printable(item.path.stem), "relpath": printable(item.relpath),
+                       "path": printable(str(item.path)), "tta": predictor.tta}
+                if i in predictions and not math.isfinite(predictions[i].probability):
+                    reason = (f"{printable(str(item.path))}: the classifier returned {predictions[i].probability} (not "
+                              "a number): its files may be damaged; `kmel predict` checks them unless --no-verify")
+                    row.update(status="error", error=reason)
+                    summary.n_error += 1
+                    summary.errors.append((printable(str(item.path)), reason))
+                elif i in predictions:
                     result = predictions[i]
                     row.update(result.columns(), status="ok", error="")
                     summary.n_ok += 1
@@ -357,9 +287,9 @@ def run_predictions(
                     row.update(status="skipped", error=item.reason)
                     summary.n_skipped += 1
                 else:
-                    row.update(status="error", error=staged.errors[i])
+                    row.update(status="error", error=printable(staged.errors[i]))
                     summary.n_error += 1
-                    summary.errors.append((str(item.path), staged.errors[i]))
+                    summary.errors.append((printable(str(item.path)), printable(staged.errors[i])))
                 rows.append(row)
             rows_file.write(rows)
             bar.update(len(rows))
@@ -382,15 +312,25 @@ def predict_files(
     progress: bool = True,
     runtime: str = "tf",
     tflite_precision: str = "float32",
+    checks: ModelChecks = DEFAULT_CHECKS,
+    overwrite: bool = False,
 ) -> PredictSummary:
     """Predict every input file (files, folders, ``-`` for paths on ``stdin``) into ``out``
     (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output. ``runtime``: ``tf``
-    (SavedModels) or ``tflite`` (the ``tflite_precision`` files of ``kmel export --format tflite``)."""
+    (SavedModels) or ``tflite`` (the ``tflite_precision`` files of ``kmel export --format tflite``).
+    ``checks``: what is verified before the models run (:mod:`kmel.models.integrity`). An output that
+    other models or options wrote is refused, unless ``overwrite`` (start it afresh)."""
     rows_file = RowsFile(out, fmt)
-    done = rows_file.done()  # a wrong output file is a usage error before the models load
+    # A wrong output file or explain folder is a usage error before the models load.
+    pipeline = read_pipeline(models_dir)
+    identity = output_identity(pipeline, models_dir, tta, runtime, tflite_precision)
+    rows_file.check_identity(identity, overwrite)
+    done = rows_file.done()
+    if explain_dir is not None:
+        check_writable_folder(explain_dir, "--explain")
     items = collect_inputs(inputs, stdin)
     with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime,
-                   tflite_precision=tflite_precision) as predictor:
+                   tflite_precision=tflite_precision, checks=checks, pipeline=pipeline) as predictor:
         return run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
 
 

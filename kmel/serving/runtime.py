@@ -8,14 +8,22 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from kmel import constants as C
 from kmel.config import Config, ConfigError, config_from_dict
+from kmel.models.integrity import (
+    DEFAULT_CHECKS,
+    ModelChecks,
+    ModelIntegrityError,
+    check_file_sha256,
+    check_pipeline,
+)
 from kmel.models.pipeline import load_serving, read_pipeline, signature_fn
 
 
@@ -79,23 +87,26 @@ class RuntimeModels:
 def load_runtime_models(
     models_dir: str | Path, pipeline: dict[str, Any] | None = None, runtime: str = "tf",
     tflite_precision: str = "float32", max_batch_pixels: int | None = None, threads: int | None = None,
+    checks: ModelChecks = DEFAULT_CHECKS,
 ) -> RuntimeModels:
     """Load the two exported models for ``runtime``: ``tf`` (the SavedModels) or ``tflite`` (the files
     ``kmel export --format tflite`` wrote, of ``tflite_precision``). ``pipeline``: the contents of
-    pipeline.json when the caller has read it already."""
+    pipeline.json when the caller has read it already. ``checks``: what is verified before anything
+    runs (:mod:`kmel.models.integrity`: fingerprints and SHA-256s, one training, the graph allow-list)."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
     models_dir = Path(models_dir)
     pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
     config = config_from_pipeline(pipeline, models_dir)
+    check_pipeline(models_dir, pipeline, checks)
     seg_size = int(pipeline["segmenter"]["image_size"])
     cls_size = config.classifier.image_size
     pixels = config.predict.max_batch_pixels if max_batch_pixels is None else max_batch_pixels
     if runtime == "tflite":
         from kmel.serving.runtime import load_tflite
 
-        seg = load_tflite(models_dir, C.SEGMENTER_DIR, tflite_precision, pipeline, threads)
-        cls = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline, threads)
+        seg = load_tflite(models_dir, C.SEGMENTER_DIR, tflite_precision, pipeline, threads, checks)
+        cls = load_tflite(models_dir, C.CLASSIFIER_DIR, tflite_precision, pipeline, threads, checks)
         return RuntimeModels(
             "tflite", tflite_precision, seg_size, cls_size,
             _chunked(lambda x: seg(x)[..., 0], model_chunk(seg_size, pixels)),
@@ -103,8 +114,8 @@ def load_runtime_models(
         )
     from kmel.lesion.crops import make_segment_fn
 
-    segment, _ = make_segment_fn(models_dir, pipeline)
-    loaded = load_serving(models_dir / C.CLASSIFIER_DIR)
+    segment, _ = make_segment_fn(models_dir, pipeline, checks)
+    loaded = load_serving(models_dir / C.CLASSIFIER_DIR, checks, pipeline["classifier"].get("fingerprint"))
     cls_serve = signature_fn(loaded)
     return RuntimeModels("tf", "float32", seg_size, cls_size, _chunked(segment, model_chunk(seg_size, pixels)),
                          _chunked(lambda x: cls_serve(x).reshape(-1), model_chunk(cls_size, pixels)), loaded)
@@ -150,13 +161,17 @@ def tflite_status(models_dir: str | Path, precision: str, pipeline: dict[str, An
 
 
 def load_tflite(models_dir: str | Path, model: str, precision: str, pipeline: dict[str, Any] | None = None,
-                threads: int | None = None) -> "TFLiteModel":
+                threads: int | None = None, checks: ModelChecks = DEFAULT_CHECKS) -> TFLiteModel:
     """``model``'s TFLite file of ``precision``, refused (naming the fix) when the files are missing or
-    older than the SavedModels (:func:`tflite_status`)."""
+    older than the SavedModels (:func:`tflite_status`), or (``checks.verify``) when its SHA-256 is not
+    the one the export recorded."""
+    pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
     status = tflite_status(models_dir, precision, pipeline)
     if status != "ok":
         raise FileNotFoundError(status)
-    return TFLiteModel(tflite_path(models_dir, model, precision), threads)
+    path = tflite_path(models_dir, model, precision)
+    check_file_sha256(path, pipeline[SECTION][precision][model].get("sha256"), checks)
+    return TFLiteModel(path, threads)
 
 
 def _interpreter_class() -> Any:
@@ -180,9 +195,14 @@ class TFLiteModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} not found: run `kmel export --format tflite`")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._interpreter = _interpreter_class()(model_path=str(self.path), num_threads=threads or os.cpu_count())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._interpreter = _interpreter_class()(model_path=str(self.path), num_threads=threads or os.cpu_count())
+        except (ValueError, RuntimeError) as exc:  # not a TFLite flatbuffer, or one the interpreter rejects
+            raise ModelIntegrityError(f"{self.path} is not a TFLite model this runtime can read "
+                                      f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}): "
+                                      "export it again with `kmel export --format tflite`") from None
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_shape = tuple(int(v) for v in self._input["shape_signature"])

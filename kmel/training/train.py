@@ -12,8 +12,9 @@ import functools
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -23,7 +24,8 @@ from kmel import constants as C
 from kmel.config import ClassifierConfig, Config, ConfigError, save_config, to_plain
 from kmel.data.datasets import count_records, make_dataset, steps_per_epoch
 from kmel.data.records import load_manifest, shard_paths
-from kmel.serving.export import export_serving, saved_model_fingerprint, update_pipeline
+from kmel.models.integrity import saved_model_fingerprint
+from kmel.serving.export import export_serving, update_pipeline
 from kmel.training.callbacks import (
     GroupRecallLogger,
     LearningRateLogger,
@@ -397,6 +399,7 @@ def fit_classifier(
         "calibration": calibration,
         "fingerprint": fingerprint,
         "crops_dir": crops_dir.name,
+        "segmenter_fingerprint": manifest.get("segmenter_fingerprint"),
         "records_fingerprint": manifest["fingerprint"],
         "precision": policy,
         "replicas": replicas,

@@ -1,0 +1,80 @@
+"""Tiny hand-written exported models (a brightness threshold for the segmenter, mean brightness for the
+classifier, a flat Grad-CAM), saved in a second, with a pipeline.json that describes them as a training
+would: the runner, predict and the model checks are tested with these; trained models are tested in
+tests/test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tests.tiny import tiny_config
+
+SEG, CLS = 32, 32
+
+
+def write_handmade_models(out: Path, scale: float = 1.0, extra: str | None = None) -> Path:
+    """Segmenter + classifier SavedModels and pipeline.json in ``out``. ``scale`` multiplies the classifier's
+    score (a variable, so another ``scale`` is another fingerprint); ``extra``: ``"write_file"`` (the
+    classifier also writes ``out/written.txt`` when called) or ``"nan"`` (it returns NaN for bright images)."""
+    import tensorflow as tf
+
+    from kmel.models.integrity import saved_model_fingerprint
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = str(out / "written.txt")
+
+    class Segmenter(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, SEG, SEG, 3], tf.float32)])
+        def serve(self, images):
+            dark = tf.reduce_mean(images, axis=-1, keepdims=True) < 110.0
+            return {"probability": tf.cast(dark, tf.float32)}
+
+    class Classifier(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = tf.Variable(scale, dtype=tf.float32)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, CLS, CLS, 3], tf.float32)])
+        def serve(self, images):
+            mean = tf.reduce_mean(images, axis=[1, 2, 3])[:, None]
+            if extra == "write_file":
+                tf.io.write_file(written, "the model ran")
+            score = (1.0 - mean / 255.0) * self.scale
+            if extra == "nan":
+                score = tf.where(mean > 150.0, tf.math.log(-mean), score)
+            return {"probability": score}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, CLS, CLS, 3], tf.float32)])
+        def gradcam(self, images):
+            return {"heat": tf.ones_like(images[..., 0]) * 0.5}
+
+    seg, cls = Segmenter(), Classifier()
+    tf.saved_model.save(seg, str(out / "segmenter"), signatures={"serve": seg.serve})
+    tf.saved_model.save(cls, str(out / "classifier"), signatures={"serve": cls.serve, "gradcam": cls.gradcam})
+    config = tiny_config(**{"segmenter.image_size": SEG, "classifier.image_size": CLS}).to_dict()
+    segmenter = saved_model_fingerprint(out / "segmenter")
+    pipeline = {
+        "format_version": 1,
+        "segmenter": {"image_size": SEG, "records": config["records"], "crops": config["crops"],
+                      "config": config["segmenter"], "fingerprint": segmenter},
+        "classifier": {"config": config["classifier"], "threshold": 0.5, "class_names": ["benign", "malignant"],
+                       "fingerprint": saved_model_fingerprint(out / "classifier"),
+                       "segmenter_fingerprint": segmenter},
+    }
+    (out / "pipeline.json").write_text(json.dumps(pipeline))
+    return out
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 64), background: int = 200) -> Path:
+    """A light image with one dark disc (the handmade segmenter finds it)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((*size, 3), background, np.uint8)
+    cv2.circle(image, (size[1] // 2, size[0] // 2), size[0] // 4, tuple(int(v) for v in rng.integers(20, 90, 3)), -1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(path.suffix if path.suffix in (".jpg", ".png") else ".png", image)
+    path.write_bytes(buf.tobytes())
+    return path
