@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
 from kmel.config import ConfigError, list_profiles, load_config  # noqa: E402
+from kmel.models.integrity import ModelChecks  # noqa: E402
 
 PROFILE_HELP = (
     f"Settings profile: a shipped name ({', '.join(list_profiles())}) or a path to your own YAML. "
@@ -163,18 +165,21 @@ def build_records_cmd(data_dir: str, out: str, profile: str, task: str | None, w
     """Clean the metadata, drop duplicates, label, split by patient and write sharded TFRecords."""
 
     def body() -> int:
+        from kmel.data.locks import folder_lock
         if stage == "crops":
             from kmel.lesion.crops import build_crop_records
 
             config = _config(profile, {"crops.workers": workers}, records=out)
-            path = build_crop_records(out, models, config, progress=not quiet)
+            with folder_lock(out, "build-records --stage crops"):
+                path = build_crop_records(out, models, config, progress=not quiet)
             click.echo(f"crop records in {path}")
             return 0
         from kmel.data.records import build_records, format_counts
 
         config = _config(profile, {"records.task": task, "records.workers": workers,
                                    "records.max_file_mb": max_file_mb})
-        manifest = build_records(data_dir, out, config, progress=not quiet)
+        with folder_lock(out, "build-records"):
+            manifest = build_records(data_dir, out, config, progress=not quiet)
         click.echo(format_counts(manifest))
         click.echo(f"records, metadata.csv, skipped.csv and manifest.json in {out}")
         problems = manifest["problems"]
@@ -210,6 +215,9 @@ def _train_options(fn: Callable) -> Callable:
         click.option("--logdir", default="runs", show_default=True, type=click.Path(file_okay=False),
                      help="TensorBoard log folder."),
         click.option("--seed", type=NON_NEGATIVE, default=None, help="Random seed [profile]."),
+        click.option("--restart", is_flag=True,
+                     help="Drop an interrupted run of this model in OUT and start afresh (by default the same "
+                          "command resumes it; with other settings it is refused)."),
         click.option("--quiet", is_flag=True, help="One line per epoch, no progress bars."),
     ]
     for option in reversed(options):
@@ -223,12 +231,14 @@ def _train_options(fn: Callable) -> Callable:
 def train(model: str, records: str, out: str, profile: str, epochs: int | None, batch_size: int | None,
           steps_per_epoch: int | None, image_size: int | None, backbone: str | None, strategy: str,
           precision: str, weights: str | None, weights_mirror: str | None, logdir: str, seed: int | None,
-          quiet: bool) -> None:
+          restart: bool, quiet: bool) -> None:
     """Train the segmenter (seg) or the classifier (cls) and export it as a SavedModel.
 
     cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision
     threshold on the validation split and writes the fairness report for the test split to OUT/report/.
-    A killed run resumes from its last finished epoch when the same command is run again.
+    A killed run resumes from its last finished epoch when the same command is run again. The run works
+    in OUT/.run-segmenter (or .run-classifier) and replaces the previous model, history and report only
+    when it is complete: a failed or killed run leaves OUT as it was.
     """
 
     def body() -> int:
@@ -239,22 +249,37 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
         overrides.update({"segmenter.weights_mirror": weights_mirror, "classifier.weights_mirror": weights_mirror})
         config = _config(profile, overrides, records=records)
         verbose = 2 if quiet else "auto"
-        if model == "seg":
-            from kmel.training.train import fit_segmenter
+        from kmel.data.locks import folder_lock
+        with folder_lock(out, f"train {model}"), _note_failure(out, model):
+            if model == "seg":
+                from kmel.training.train import fit_segmenter
 
-            entry = fit_segmenter(records, out, config, logdir, strategy, precision, verbose=verbose)
-            click.echo(f"segmenter exported to {Path(out) / 'segmenter'}; metrics: {entry['metrics']}")
-        else:
+                entry = fit_segmenter(records, out, config, logdir, strategy, precision, verbose, restart)
+                click.echo(f"segmenter exported to {Path(out) / 'segmenter'}; metrics: {entry['metrics']}")
+                return 0
             from kmel.training.train import fit_classifier
 
-            entry = fit_classifier(records, out, config, logdir, strategy, precision, verbose=verbose,
-                                   progress=not quiet)
-            click.echo(f"classifier exported to {Path(out) / 'classifier'}; threshold {entry['threshold']:.4f} "
-                       f"(chosen on {entry['threshold_from']}); {entry['report_split']} metrics: {entry['metrics']}")
-            click.echo(f"report: {Path(out) / 'report' / 'report.md'}")
+            entry = fit_classifier(records, out, config, logdir, strategy, precision, verbose, not quiet, restart)
+        click.echo(f"classifier exported to {Path(out) / 'classifier'}; threshold {entry['threshold']:.4f} "
+                   f"(chosen on {entry['threshold_from']}); {entry['report_split']} metrics: {entry['metrics']}")
+        click.echo(f"report: {Path(out) / 'report' / 'report.md'}")
         return 0
 
     run(body)
+
+
+@contextmanager
+def _note_failure(out: str, model: str) -> Iterator[None]:
+    """A training that fails says what it left: OUT as it was, the run's work in its run folder."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, ConfigError):
+            name = "segmenter" if model == "seg" else "classifier"
+            click.echo(f"training failed ({type(exc).__name__}); {out} is as it was: its {name} was not replaced. The "
+                       f"unfinished run is in {Path(out) / ('.run-' + name)}: rerun the same command to resume it, "
+                       "or add --restart", err=True)
+        raise
 
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson")
@@ -282,12 +307,6 @@ def _model_check_options(fn: Callable) -> Callable:
     return click.option("--no-verify", is_flag=True,
                         help="Skip comparing the model files' fingerprints and SHA-256s with pipeline.json "
                              "(and the check that segmenter and classifier come from one training).")(fn)
-
-
-def _checks(no_verify: bool, trust_model: bool) -> Any:
-    from kmel.models.integrity import ModelChecks
-
-    return ModelChecks(verify=not no_verify, trust_model=trust_model)
 
 
 TFLITE_PRECISION_OPTION = click.option(
@@ -343,7 +362,7 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
         stdin = click.get_text_stream("stdin") if "-" in inputs else None
         s = predict_files(inputs, target, models, batch_size, tta, explain_dir, fmt, stdin, max_file_mb,
                           progress=not quiet, runtime=runtime, tflite_precision=tflite_precision,
-                          checks=_checks(no_verify, trust_model), overwrite=overwrite)
+                          checks=ModelChecks(not no_verify, trust_model), overwrite=overwrite)
         click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_skipped} skipped, {s.n_malignant} predicted positive "
                    f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {target}")
         for path, reason in s.errors[:20]:
@@ -437,7 +456,7 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
             config, pipeline = load_pipeline_config(models)
             report = evaluate_exported(records, models, split, out, config, progress=not quiet, pipeline=pipeline,
                                        runtime=runtime, tflite_precision=tflite_precision, tta=tta,
-                                       checks=_checks(no_verify, trust_model))
+                                       checks=ModelChecks(not no_verify, trust_model))
         summary = report.get("summary", {})
         click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
         click.echo(f"report in {Path(out) / 'report.md'}")

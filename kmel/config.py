@@ -215,6 +215,37 @@ def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
     return str(value)
 
 
+# The allowed range of each numeric setting, by name (the same name means the same kind of value in
+# every section): (lowest, highest, whether the lowest itself is allowed). Checked when a config is
+# made, so a wrong value stops a command before any work, naming the key.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    **dict.fromkeys(("image_size", "seg_size", "shard_size", "batch_size", "epochs", "max_file_mb", "queue_batches",
+                     "max_batch_pixels", "bootstrap", "clahe_tiles", "morph_kernel", "hair_kernel", "inpaint_radius",
+                     "skin_min_pixels"), (1, float("inf"), True)),
+    **dict.fromkeys(("seed", "workers", "steps_per_epoch", "reduce_lr_patience", "early_stopping_patience",
+                     "hair_threshold", "weight_decay", "focal_gamma", "backbone_lr_scale", "margin"),
+                    (0, float("inf"), True)),
+    "jpeg_quality": (1, 100, True),
+    **dict.fromkeys(("val_fraction", "test_fraction", "dropout", "mask_threshold", "min_area_fraction",
+                     "max_area_fraction", "dilate_fraction", "skin_border", "warmup_fraction", "focal_alpha",
+                     "label_smoothing", "target_malignant_fraction", "skin_tone_balance", "source_balance",
+                     "min_group_recall", "target_sensitivity", "batchnorm_momentum", "tversky_alpha", "tversky_beta"),
+                    (0, 1, True)),
+    **dict.fromkeys(("learning_rate", "max_learning_rate", "gamma", "clahe_clip", "reduce_lr_factor"),
+                    (0, float("inf"), False)),
+}
+
+
+def _check_range(cls: type, name: str, value: Any) -> None:
+    if name not in _RANGES or isinstance(value, (bool, tuple, str)):
+        return
+    low, high, closed = _RANGES[name]
+    if not (value >= low if closed else value > low) or value > high:
+        bound = f"at least {low:g}" if closed else f"above {low:g}"
+        bound += f" and at most {high:g}" if high != float("inf") else ""
+        raise ConfigError(f"{cls.__name__}.{name} must be {bound}, got {value!r}")
+
+
 def _make_section(cls: type, values: Mapping[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -222,6 +253,8 @@ def _make_section(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     defaults = cls()
     kwargs = {k: _coerce(cls, k, v, getattr(defaults, k)) for k, v in values.items()}
+    for key, value in kwargs.items():
+        _check_range(cls, key, value)
     return cls(**kwargs)
 
 

@@ -108,11 +108,12 @@ def test_segmenter_under_mirrored_strategy_killed_mid_run_resumes_from_last_epoc
     cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "seg", str(tmp_path / "rec"), str(models),
            str(tmp_path / "runs"), "mirrored", "2", "4", "float32", json.dumps({"segmenter.steps_per_epoch": 2})]
     history = models / "segmenter_history.csv"
-    result = kill_then_rerun(cmd, history, 2, models / ".backup-segmenter", REPO, env)
+    work = models / ".run-segmenter"  # where the run works until it is complete
+    result = kill_then_rerun(cmd, work / "segmenter_history.csv", 2, work / ".backup-segmenter", REPO, env)
     import pandas as pd
 
     assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2, 3], "no epoch repeated or lost across the kill"
     assert result["replicas"] == 2 and result["epochs_run"] == 4
     assert np.isfinite(result["metrics"]["val"]["loss"])
     assert json.loads((models / "pipeline.json").read_text())["segmenter"]["epochs_run"] == 4
-    assert not (models / ".backup-segmenter").exists()
+    assert not work.exists()

@@ -272,3 +272,20 @@ def test_numeric_flags_out_of_range_are_usage_errors(made, tmp_path, args):
     assert result.exit_code == 2, result.output
     assert "Invalid value" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_a_second_writer_into_one_output_folder_stops_at_once(tmp_path):
+    from kmel.data.locks import folder_lock
+    from kmel.data.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "data", n_images=8, seed=0, size=64)
+    build = ("build-records", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "rec"))
+    with folder_lock(tmp_path / "rec", "build-records"):
+        _one_line_error(_invoke(*build), "is being written by `kmel build-records` (pid")
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "rec").iterdir())
+    # Released with the holder (a killed one too: the lock is the process's open file).
+    result = _invoke(*build)
+    assert result.exit_code == 0, result.output
+    with folder_lock(tmp_path / "models", "train seg"):
+        result = _invoke("train", "seg", "--records", str(tmp_path / "rec"), "--out", str(tmp_path / "models"))
+        _one_line_error(result, "is being written by `kmel train seg`")

@@ -294,12 +294,12 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
     cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "cls", str(pipeline["records"]), str(models),
            str(tmp_path / "runs"), "mirrored", "2", "3", "float32", overrides]
     history = models / "classifier_history.csv"
-    history.unlink()  # the copied single-device run's
+    work = models / ".run-classifier"  # where the run works until it is complete
     crop_stamps = {p: p.stat().st_mtime_ns for p in pipeline["records"].glob("crops-*/manifest.json")}
-    result = kill_then_rerun(cmd, history, 1, models / ".backup-classifier", REPO, env)
+    result = kill_then_rerun(cmd, work / "classifier_history.csv", 1, work / ".backup-classifier", REPO, env)
     assert result["replicas"] == 2 and result["metrics"]["n"] > 0  # report on the test split
     assert pd.read_csv(history)["epoch"].tolist() == [0, 1, 2], "no epoch repeated or lost across the kill"
-    assert result["epochs_run"] == 3 and not (models / ".backup-classifier").exists()
+    assert result["epochs_run"] == 3 and not work.exists()
     assert {p: p.stat().st_mtime_ns for p in pipeline["records"].glob("crops-*/manifest.json")} == crop_stamps
 
 

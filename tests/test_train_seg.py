@@ -57,7 +57,7 @@ def test_training_lowers_the_loss_and_writes_outputs(trained):
     pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
     assert pipeline["segmenter"]["image_size"] == 64 and set(pipeline["segmenter"]["metrics"]) >= {"val"}
     assert {"dice", "iou", "thresholded_jaccard", "loss"} <= set(pipeline["segmenter"]["metrics"]["val"])
-    assert not (models / ".backup-segmenter").exists(), "a finished run leaves no backup behind"
+    assert not (models / ".run-segmenter").exists(), "a finished run leaves no run folder (or backup) behind"
 
 
 def test_export_reloads_with_identical_outputs(trained):
@@ -111,14 +111,56 @@ def test_interrupted_mirrored_fit_with_one_replica_resumes_from_last_epoch(recor
     monkeypatch.setattr(train, "_callbacks", with_interrupt)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train.fit_segmenter(records, tmp_path / "m", config, tmp_path / "runs", "mirrored", "float32", verbose=0)
-    assert (tmp_path / "m" / ".backup-segmenter").exists()
-    assert pd.read_csv(tmp_path / "m" / "segmenter_history.csv")["epoch"].tolist() == [0, 1]
+    work = tmp_path / "m" / ".run-segmenter"
+    assert (work / ".backup-segmenter").exists() and not (tmp_path / "m" / "segmenter_history.csv").exists()
+    assert pd.read_csv(work / "segmenter_history.csv")["epoch"].tolist() == [0, 1]
     monkeypatch.setattr(train, "_callbacks", original)
     entry = train.fit_segmenter(records, tmp_path / "m", config, tmp_path / "runs", "mirrored", "float32",
                                 verbose=0)
     epochs = pd.read_csv(tmp_path / "m" / "segmenter_history.csv")["epoch"].tolist()
     assert epochs == [0, 1, 2, 3], "epochs 0-1 before the kill, 2-3 after: none repeated, none lost"
     assert entry["epochs_run"] == 4 and entry["replicas"] == 1
+
+
+def _snapshot(models: Path) -> dict[str, bytes]:
+    return {p.relative_to(models).as_posix(): p.read_bytes() for p in sorted(models.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_run_leaves_the_models_folder_as_it_was(records, trained, tmp_path, monkeypatch):
+    """Issue 24: a run that fails (here at its third epoch; a full disk, a kill) must not have replaced the
+    trained segmenter, its history or best weights; a resume with another learning rate is refused, naming
+    the key, and ``restart`` starts afresh."""
+    import shutil
+
+    import kmel.training.train as train
+    from kmel.config import ConfigError
+
+    models = Path(shutil.copytree(trained[0], tmp_path / "m"))
+    before = _snapshot(models)
+    config = tiny_config(epochs=3, **{"segmenter.steps_per_epoch": 1})
+    original = train._callbacks
+
+    def with_interrupt(*args, **kwargs):
+        callbacks, best = original(*args, **kwargs)
+        return callbacks + [_Interrupt()], best
+
+    monkeypatch.setattr(train, "_callbacks", with_interrupt)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train.fit_segmenter(records, models, config, tmp_path / "runs", "default", "float32", verbose=0)
+    after = {k: v for k, v in _snapshot(models).items() if not k.startswith(".run-segmenter/")}
+    assert after == before, "the trained segmenter, pipeline.json and history are untouched"
+    monkeypatch.setattr(train, "_callbacks", original)
+    faster = tiny_config(epochs=3, **{"segmenter.steps_per_epoch": 1, "segmenter.learning_rate": 0.05})
+    with pytest.raises(ConfigError, match="segmenter.learning_rate"):
+        train.fit_segmenter(records, models, faster, tmp_path / "runs", "default", "float32", verbose=0)
+    assert {k: v for k, v in _snapshot(models).items() if not k.startswith(".run-segmenter/")} == before
+    faster = tiny_config(epochs=1, **{"segmenter.steps_per_epoch": 1, "segmenter.learning_rate": 0.05})
+    entry = train.fit_segmenter(records, models, faster, tmp_path / "runs", "default", "float32", verbose=0,
+                                restart=True)
+    assert entry["epochs_run"] == 1 and entry["config"]["learning_rate"] == 0.05
+    pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
+    assert pipeline["segmenter"]["fingerprint"] == entry["fingerprint"] != trained[1]["fingerprint"]
+    assert len(pd.read_csv(models / "segmenter_history.csv")) == 1 and not (models / ".run-segmenter").exists()
 
 
 def test_mirrored_two_cpus_match_one_device_with_the_same_global_batch():

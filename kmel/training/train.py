@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +44,13 @@ from kmel.training.distribute import (
     shard_for_workers,
     worker_index,
 )
+from kmel.training.run_folder import (
+    backup_folder,
+    commit_run,
+    read_history,
+    run_folder,
+    start_run,
+)
 
 
 def _callbacks(
@@ -59,13 +65,13 @@ def _callbacks(
     """
     best = models_dir / f".{name}.best.weights.h5"
     history = models_dir / f"{name}_history.csv"
-    backup = models_dir / f".backup-{name}"
+    backup = backup_folder(models_dir, name)
     prior: list[float] = []
     if not backup.exists():
         history.unlink(missing_ok=True)
         best.unlink(missing_ok=True)
     else:
-        prior = [row.get(monitor, float("nan")) for row in _history(models_dir, name)]
+        prior = [row.get(monitor, float("nan")) for row in read_history(models_dir, name)]
     found = best_so_far(prior, mode) if best.exists() else None
     callbacks = [
         keras.callbacks.BackupAndRestore(str(backup)),
@@ -140,13 +146,10 @@ def _finish_model(
     return saved_model_fingerprint(models_dir / export_dir)
 
 
-def _history(models_dir: Path, name: str) -> list[dict[str, Any]]:
-    import pandas as pd
-
-    path = models_dir / f"{name}_history.csv"
-    if not path.exists():
-        return []
-    return json.loads(pd.read_csv(path).to_json(orient="records"))
+def _run_settings(section: str, settings: Any, manifest: dict[str, Any], policy: str) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the model's settings, the data, the precision."""
+    return {**{f"{section}.{k}": v for k, v in to_plain(settings).items()}, "data": manifest["fingerprint"],
+            "precision": policy}
 
 
 def fit_segmenter(
@@ -157,8 +160,12 @@ def fit_segmenter(
     strategy: str = "auto",
     precision: str = "auto",
     verbose: int | str = "auto",
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Train the lesion segmenter on seg- records; export ``models_dir/segmenter``. Returns its pipeline entry."""
+    """Train the lesion segmenter on seg- records; export ``models_dir/segmenter``. Returns its pipeline entry.
+
+    The run works in ``models_dir/.run-segmenter`` and replaces the previous segmenter only when it is
+    complete (:mod:`kmel.training.run_folder`); ``restart`` drops an interrupted run instead of resuming it."""
     from kmel.models.segmenter import (
         build_segmenter,
         load_encoder_weights,
@@ -184,6 +191,8 @@ def fit_segmenter(
     train_ds = shard_for_workers(train_ds, strat, len(shard_paths(records_dir, "seg", "train")))
     val_ds, val_steps = _val_data(records_dir, "seg", config, batch, strat)
     steps = steps_per_epoch(records_dir, "seg", "train", batch, sc.steps_per_epoch)
+    manifest = load_manifest(records_dir)
+    work = start_run(models_dir, "segmenter", _run_settings("segmenter", sc, manifest, policy), restart)
 
     with strat.scope():
         model = build_segmenter(sc, sync_batchnorm=replicas > 1)
@@ -200,7 +209,7 @@ def fit_segmenter(
     sample_images, sample_masks = take_numpy(make_dataset(records_dir, "val", "seg", False, config, batch_size=4), 4)
     callbacks, best = _callbacks(
         "segmenter",
-        models_dir,
+        work,
         logdir,
         sc.early_stopping_patience,
         [
@@ -213,16 +222,15 @@ def fit_segmenter(
     model.fit(train_ds, epochs=sc.epochs, steps_per_epoch=steps, validation_data=val_ds,
               validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
               shuffle=False)  # the tf.data pipeline shuffles
-    fingerprint = _finish_model(model, best, models_dir, C.SEGMENTER_KERAS, C.SEGMENTER_DIR, sc.image_size)
-    final = keras.saving.load_model(models_dir / C.SEGMENTER_KERAS, safe_mode=True)
-    manifest = load_manifest(records_dir)
+    fingerprint = _finish_model(model, best, work, C.SEGMENTER_KERAS, C.SEGMENTER_DIR, sc.image_size)
+    final = keras.saving.load_model(work / C.SEGMENTER_KERAS, safe_mode=True)
     metrics = {}
     for split in ("val", "test"):
         if manifest["n_records"].get("seg", {}).get(split):
             ds = make_dataset(records_dir, split, "seg", False, config, batch_size=sc.batch_size)
             n_batches = -(-count_records(records_dir, "seg", split) // sc.batch_size)
             metrics[split] = final.evaluate(ds, steps=n_batches, return_dict=True, verbose=0)
-    save_config(config, models_dir / "segmenter_config.yaml")
+    save_config(config, work / "segmenter_config.yaml")
     entry = {
         "image_size": sc.image_size,
         "backbone": sc.backbone,
@@ -231,13 +239,15 @@ def fit_segmenter(
         "precision": policy,
         "replicas": replicas,
         "metrics": {k: {m: float(v) for m, v in d.items()} for k, d in metrics.items()},
-        "epochs_run": len(_history(models_dir, "segmenter")),
+        "epochs_run": len(read_history(work, "segmenter")),
         "config": to_plain(sc),
         "records": to_plain(config.records),
         "crops": to_plain(config.crops),
     }
     entry["weights_digest"] = weights_digest(final)
+    commit_run(work, models_dir, [C.SEGMENTER_KERAS, C.SEGMENTER_DIR, "segmenter_history.csv", "segmenter_config.yaml"])
     update_pipeline(models_dir, "segmenter", entry)
+    shutil.rmtree(work, ignore_errors=True)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry
@@ -291,9 +301,14 @@ def fit_classifier(
     precision: str = "auto",
     verbose: int | str = "auto",
     progress: bool = True,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Train the classifier on crop records (built first if missing or stale); threshold on val,
-    report on test; export ``models_dir/classifier``. Returns its pipeline entry."""
+    report on test; export ``models_dir/classifier``. Returns its pipeline entry.
+
+    The run works in ``models_dir/.run-classifier`` and replaces the previous classifier, its history
+    and report only when it is complete (:mod:`kmel.training.run_folder`); ``restart`` drops an
+    interrupted run instead of resuming it."""
     from kmel.evaluation.calibration import expected_calibration_error, fit_temperature
     from kmel.evaluation.evaluate import predict_records, write_split_report
     from kmel.lesion.crops import ensure_crop_records
@@ -320,6 +335,7 @@ def fit_classifier(
     replicas = strat.num_replicas_in_sync
     batch = cc.batch_size * replicas
     manifest = load_manifest(crops_dir)
+    work = start_run(models_dir, "classifier", _run_settings("classifier", cc, manifest, policy), restart)
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
     train_ds = shard_for_workers(train_ds, strat, len(shard_paths(crops_dir, "crop", "train")))
@@ -355,7 +371,7 @@ def fit_classifier(
         bn_source = make_dataset(crops_dir, "train", "crop", True, config, batch_size=cc.batch_size)
         extra.append(PreciseBatchNorm([images for images, _ in bn_source.take(n_bn).as_numpy_iterator()]))
     callbacks, best = _callbacks(
-        "classifier", models_dir, logdir, cc.early_stopping_patience,
+        "classifier", work, logdir, cc.early_stopping_patience,
         [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
          *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups,
                                    choose=functools.partial(_chosen_threshold, cc))],
@@ -366,11 +382,11 @@ def fit_classifier(
     model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,
               validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
               shuffle=False)  # the tf.data pipeline shuffles
-    fingerprint = _finish_model(model, best, models_dir, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
+    fingerprint = _finish_model(model, best, work, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
                                 CLASSIFIER_LAST_CONV)
 
     # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
-    final = keras.saving.load_model(models_dir / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
+    final = keras.saving.load_model(work / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
     # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
     threshold_split = "val"
     val = predict_records(final, crops_dir, threshold_split, config, cc.batch_size)
@@ -383,10 +399,10 @@ def fit_classifier(
     choice = choose_classifier_threshold(cc, val.assign(probability=calibrated))
     report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
     report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
-                                models_dir / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
+                                work / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
                                                               "threshold_choice": choice},
                                 temperature=temperature)
-    save_config(config, models_dir / "classifier_config.yaml")
+    save_config(config, work / "classifier_config.yaml")
     entry = {
         "image_size": cc.image_size,
         "backbone": cc.backbone,
@@ -405,13 +421,16 @@ def fit_classifier(
         "replicas": replicas,
         "report_split": report_split,
         "metrics": report.get("summary", {}),
-        "epochs_run": len(_history(models_dir, "classifier")),
+        "epochs_run": len(read_history(work, "classifier")),
         "config": to_plain(cc),
         "skin_tone": {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
                       "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)},
     }
     entry["weights_digest"] = weights_digest(final)
+    commit_run(work, models_dir, [C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, "classifier_history.csv",
+                                  "classifier_config.yaml", "report"])
     update_pipeline(models_dir, "classifier", entry)
+    shutil.rmtree(work, ignore_errors=True)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry
@@ -447,6 +466,6 @@ def balance_table(manifest: dict[str, Any], config: Config) -> str:
 
 
 def clear_training_state(models_dir: str | Path, name: str) -> None:
-    """Remove a finished run's backup so the next run starts fresh."""
-    shutil.rmtree(Path(models_dir) / f".backup-{name}", ignore_errors=True)
+    """Remove an interrupted run's folder (backup, history, best weights) so the next run starts fresh."""
+    shutil.rmtree(run_folder(models_dir, name), ignore_errors=True)
 
