@@ -289,3 +289,37 @@ def test_a_second_writer_into_one_output_folder_stops_at_once(tmp_path):
     with folder_lock(tmp_path / "models", "train seg"):
         result = _invoke("train", "seg", "--records", str(tmp_path / "rec"), "--out", str(tmp_path / "models"))
         _one_line_error(result, "is being written by `kmel train seg`")
+
+
+def test_two_files_of_one_image_id_with_different_content_are_reported(tmp_path):
+    from kmel.data.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "data", n_images=8, seed=0, size=64)
+    used = tmp_path / "data" / "images" / "2019" / "ISIC_9000001.jpg"
+    twin = used.with_suffix(".JPG")
+    twin.write_bytes((tmp_path / "data" / "images" / "2019" / "ISIC_9000002.jpg").read_bytes())
+    (used.parent / "ISIC_9000003.JPG").write_bytes((used.parent / "ISIC_9000003.jpg").read_bytes())  # same bytes
+    build = ("build-records", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "rec"))
+    result = _invoke(*build)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
+    twins = manifest["cleaning"]["id_twins"]
+    assert [t["image_id"] for t in twins] == ["ISIC_9000001"], twins
+    assert manifest["problems"]["notes"]["image ids with two different files"] == 1
+    skipped = pd.read_csv(tmp_path / "rec" / "skipped.csv")
+    row = skipped[skipped["image_id"] == "ISIC_9000001"].iloc[0]
+    assert "different content" in row["reason"] and row["path"] in (str(used), str(twin))
+    assert _invoke(*build, "--strict").exit_code == 1
+
+
+def test_a_fairness_report_of_one_image_is_a_clear_error_not_a_traceback():
+    import numpy as np
+
+    from kmel.data.records import DataError
+    from kmel.evaluation.fairness import fairness_report
+
+    with pytest.raises(DataError, match="at least 2 scored images, got 1"):
+        fairness_report(np.array([1]), np.array([0.7]), 0.5, {"skin_tone": np.array(["light"])}, n_bootstrap=10)
+    report = fairness_report(np.array([0, 1]), np.array([0.2, 0.7]), 0.5, {"skin_tone": np.array(["light"] * 2)},
+                             n_bootstrap=10)
+    assert "skin_tone" in report

@@ -258,11 +258,20 @@ def load_metadata(
     return table, report
 
 
-def find_images(data_dir: Path) -> dict[str, Path]:
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def find_images(data_dir: Path, twins: list[dict[str, str]] | None = None) -> dict[str, Path]:
     """Image id (file stem) → path, for images anywhere under ``data_dir`` (not under masks/).
 
     Formats kmel does not decode (HEIC, JPEG 2000, ...) are found too, last in preference, so a
     labelled image in such a format is listed in skipped.csv with its format instead of counted missing.
+    Two files of one id with different content (``ISIC_1.jpg`` and ``ISIC_1.JPG``, or one in two folders)
+    are appended to ``twins`` (``image_id``, ``used``, ``other``): one is used, and the user should know.
     """
     preference = {ext: i for i, ext in enumerate((*C.IMAGE_EXTENSIONS, *C.UNSUPPORTED_IMAGE_EXTENSIONS))}
     found: dict[str, Path] = {}
@@ -273,9 +282,12 @@ def find_images(data_dir: Path) -> dict[str, Path]:
             ext = "." + ext.lower()
             if not dot or ext not in preference or stem.lower().endswith("_segmentation"):
                 continue
-            current = found.get(stem)
+            current, path = found.get(stem), Path(dirpath) / name
             if current is None or preference[ext] < preference[current.suffix.lower()]:
-                found[stem] = Path(dirpath) / name
+                found[stem] = path
+            if current is not None and twins is not None and not _same_content(current, path):
+                twins.append({"image_id": stem, "used": str(found[stem]), "other": str(path if found[stem] == current
+                                                                                      else current)})
     return found
 
 

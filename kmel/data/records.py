@@ -185,7 +185,10 @@ def build_records(
             f"or a plain image_id,label CSV (unrecognised files: {report.get('unrecognised_files', [])})"
         )
 
-    images, masks = find_images(data_dir), find_masks(data_dir)
+    twins: list[dict[str, str]] = []
+    images, masks = find_images(data_dir, twins), find_masks(data_dir)
+    labelled = set(table[C.COL_IMAGE_ID]) | set(table["base_id"] if "base_id" in table else ())
+    report["id_twins"] = [t for t in twins if t["image_id"] in labelled]
     base = table["base_id"] if "base_id" in table else table[C.COL_IMAGE_ID]
     table[C.COL_IMAGE_PATH] = [
         str(images.get(i) or images.get(b) or "") for i, b in zip(table[C.COL_IMAGE_ID], base)
@@ -262,7 +265,11 @@ def build_records(
 
     columns = [c for c in table.columns if c not in (C.COL_MASK_PATH,)]
     table[columns].to_csv(out_dir / C.METADATA_CSV, index=False)
-    pd.DataFrame(skipped, columns=[C.COL_IMAGE_ID, "path", "reason"]).to_csv(out_dir / C.SKIPPED_CSV, index=False)
+    twin_rows = [{C.COL_IMAGE_ID: t["image_id"], "path": t["other"],
+                  "reason": f"another file of this image id, {t['used']}, has different content and was used: "
+                            "rename or remove one"} for t in report["id_twins"]]
+    pd.DataFrame(skipped + twin_rows, columns=[C.COL_IMAGE_ID, "path", "reason"]).to_csv(out_dir / C.SKIPPED_CSV,
+                                                                                         index=False)
     save_config(config, out_dir / C.CONFIG_YAML)
 
     shard_hashes = [e["sha256"] for kind in ("img", "seg") for s in C.SPLITS for e in shards[kind][s]]
@@ -332,6 +339,7 @@ def records_problems(manifest: dict[str, Any]) -> dict[str, dict[str, int]]:
         "rows without a usable label": sum(n for reason, n in cleaning.get("dropped", {}).items()
                                            if reason.startswith("no usable label")),
         "label conflicts": len(cleaning.get("conflicts", [])),
+        "image ids with two different files": len(cleaning.get("id_twins", [])),
     }
     return {"errors": {k: v for k, v in errors.items() if v}, "notes": {k: v for k, v in notes.items() if v}}
 

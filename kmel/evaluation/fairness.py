@@ -258,6 +258,11 @@ def fairness_report(
     """
     y = np.asarray(y_true).astype(int).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(y) < 2:
+        from kmel.data.records import DataError
+
+        raise DataError(f"a fairness report needs at least 2 scored images, got {len(y)}: evaluate a larger split "
+                        "(--split val, or records built from more images)")
     p = (s >= threshold).astype(int)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"overall": {**_point_metrics(y, s, p), "ci95": _bootstrap(y, s, p, n_bootstrap, rng)}}
