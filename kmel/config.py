@@ -223,7 +223,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
                      "max_batch_pixels", "bootstrap", "clahe_tiles", "morph_kernel", "hair_kernel", "inpaint_radius",
                      "skin_min_pixels"), (1, float("inf"), True)),
     **dict.fromkeys(("seed", "workers", "steps_per_epoch", "reduce_lr_patience", "early_stopping_patience",
-                     "hair_threshold", "weight_decay", "focal_gamma", "backbone_lr_scale", "margin"),
+                     "hair_threshold", "weight_decay", "focal_gamma", "margin"),
                     (0, float("inf"), True)),
     "jpeg_quality": (1, 100, True),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout", "mask_threshold", "min_area_fraction",
@@ -233,6 +233,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
                     (0, 1, True)),
     **dict.fromkeys(("learning_rate", "max_learning_rate", "gamma", "clahe_clip", "reduce_lr_factor"),
                     (0, float("inf"), False)),
+    "backbone_lr_scale": (0, 1, False),
 }
 
 

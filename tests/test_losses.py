@@ -75,13 +75,19 @@ def test_thresholded_jaccard_keeps_scores_above_floor():
     assert float(metric.result()) == pytest.approx(0.875)
 
 
-def test_focal_loss_is_class_balanced_as_documented():
-    """The classifier's loss: −α_t (1 − p_t)^γ log p_t, α_t = α for positives, 1 − α for negatives."""
-    loss = keras.losses.BinaryFocalCrossentropy(apply_class_balancing=True, alpha=0.25, gamma=2.0)
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 1.0)])
+def test_focal_loss_is_class_balanced_as_documented(alpha, gamma):
+    """The loss ``fit_classifier`` compiles (``make_classifier_loss``): −α_t (1 − p_t)^γ log p_t, α_t = α for
+    positives, 1 − α for negatives, with the profile's α and γ."""
+    from kmel.config import load_config
+    from kmel.training.losses import make_classifier_loss
+
+    cc = load_config("cpu-small", {"classifier.focal_alpha": alpha, "classifier.focal_gamma": gamma}).classifier
+    loss = make_classifier_loss(cc)
     y_true = np.array([[1.0], [0.0]], "float32")
     y_pred = np.array([[0.8], [0.3]], "float32")
-    positive = -0.25 * 0.2**2 * math.log(0.8)
-    negative = -0.75 * 0.3**2 * math.log(0.7)
+    positive = -alpha * 0.2**gamma * math.log(0.8)
+    negative = -(1 - alpha) * 0.3**gamma * math.log(0.7)
     assert float(loss(y_true, y_pred)) == pytest.approx((positive + negative) / 2, rel=1e-4)
 
 

@@ -295,3 +295,45 @@ def test_build_records_keeps_ddi_in_test_and_writes_annotations(tmp_path):
     again = pd.read_csv(tmp_path / "rec2" / C.METADATA_CSV, dtype={C.COL_IMAGE_ID: str})
     assert len(again[again[C.COL_SOURCE] == "ddi"]) == 3
     assert set(again.loc[again[C.COL_SOURCE] == "ddi", C.COL_SPLIT]) != {"test"}  # split like the rest when asked
+
+
+# Rows each label-bearing format is read from, and the (malignant, diagnosis) each must give: the
+# published meaning of the columns (ISIC 2018/HAM10000: MEL, BCC and AKIEC are malignant; 2019 adds
+# SCC and AK; 2020's target), so a mapping that is inverted or loses a class fails here.
+LABELLED = {
+    "isic2016": ("ISIC_0000000,benign\nISIC_0000001,malignant\n",
+                 {"ISIC_0000000": (0, "BEN"), "ISIC_0000001": (1, "MEL")}),
+    "isic2017": ("image_id,melanoma,seborrheic_keratosis\nISIC_0000000,0.0,1.0\nISIC_0000001,1.0,0.0\n"
+                 "ISIC_0000002,0.0,0.0\n",
+                 {"ISIC_0000000": (0, "SK"), "ISIC_0000001": (1, "MEL"), "ISIC_0000002": (0, "NV")}),
+    "isic2018": ("image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nISIC_1,1,0,0,0,0,0,0\nISIC_2,0,1,0,0,0,0,0\n"
+                 "ISIC_3,0,0,1,0,0,0,0\nISIC_4,0,0,0,1,0,0,0\nISIC_5,0,0,0,0,1,0,0\nISIC_6,0,0,0,0,0,1,0\n"
+                 "ISIC_7,0,0,0,0,0,0,1\n",
+                 {"ISIC_1": (1, "MEL"), "ISIC_2": (0, "NV"), "ISIC_3": (1, "BCC"), "ISIC_4": (1, "AK"),
+                  "ISIC_5": (0, "BKL"), "ISIC_6": (0, "DF"), "ISIC_7": (0, "VASC")}),
+    "ham10000": ("lesion_id,image_id,dx,dx_type,age,sex,localization\nHAM_1,ISIC_1,mel,histo,50,male,back\n"
+                 "HAM_2,ISIC_2,nv,follow_up,30,female,trunk\nHAM_3,ISIC_3,bcc,histo,70,male,face\n"
+                 "HAM_4,ISIC_4,akiec,histo,75,male,face\nHAM_5,ISIC_5,bkl,consensus,60,female,back\n",
+                 {"ISIC_1": (1, "MEL"), "ISIC_2": (0, "NV"), "ISIC_3": (1, "BCC"), "ISIC_4": (1, "AK"),
+                  "ISIC_5": (0, "BKL")}),
+    "isic2019": ("image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK\nISIC_1,1,0,0,0,0,0,0,0,0\nISIC_2,0,1,0,0,0,0,0,0,0\n"
+                 "ISIC_3,0,0,1,0,0,0,0,0,0\nISIC_4,0,0,0,1,0,0,0,0,0\nISIC_5,0,0,0,0,0,0,0,1,0\n",
+                 {"ISIC_1": (1, "MEL"), "ISIC_2": (0, "NV"), "ISIC_3": (1, "BCC"), "ISIC_4": (1, "AK"),
+                  "ISIC_5": (1, "SCC")}),
+    "isic2020_v2": ("image_name,patient_id,lesion_id,sex,age_approx,anatom_site_general_challenge,diagnosis,"
+                    "benign_malignant,target\nISIC_1,IP_1,IL_1,male,45,head/neck,unknown,benign,0\n"
+                    "ISIC_2,IP_2,IL_2,female,60,torso,melanoma,malignant,1\n",
+                    {"ISIC_1": (0, "UNK"), "ISIC_2": (1, "MEL")}),
+    "custom": ("image_id,label\nmole_1,benign\nmole_2,malignant\n", {"mole_1": (0, "BENIGN"), "mole_2": (1, "MALIGNANT")}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LABELLED))
+def test_each_format_gives_the_published_labels(tmp_path, kind):
+    text, expected = LABELLED[kind]
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    found, frame = read_metadata_csv(path)[:2]
+    assert found == kind
+    got = {row["image_id"]: (int(row["malignant"]), str(row["diagnosis"])) for _, row in frame.iterrows()}
+    assert got == expected

@@ -39,3 +39,20 @@ def test_config_round_trip_and_bad_scale():
     assert (again.full_rate_layers, again.scale) == (("head_dense",), 0.1)
     with pytest.raises(ValueError, match="scale"):
         LayerScaledAdamW(1e-3, scale=0.0)
+
+
+def test_the_classifier_optimizer_gives_pretrained_layers_the_profiles_scale():
+    """``make_classifier_optimizer`` (what ``fit_classifier`` trains with) on a model whose layers are named
+    like the classifier's: the head at the full rate, every other layer at ``backbone_lr_scale``."""
+    from kmel.config import load_config
+    from kmel.models.classifier import HEAD_LAYERS
+    from kmel.training.optimizers import make_classifier_optimizer
+
+    cc = load_config("cpu-small", {"classifier.backbone_lr_scale": 0.1}).classifier
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(3, name="block7a_project_conv")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head_dense")(x))
+    assert "head_dense" in HEAD_LAYERS
+    optimizer = make_classifier_optimizer(cc, total_steps=100)
+    optimizer.build(model.trainable_variables)
+    assert [optimizer.rate_factor(v) for v in model.trainable_variables] == [0.1, 0.1, 1.0, 1.0]

@@ -6,8 +6,17 @@ The classifier's loss is Keras' own ``BinaryFocalCrossentropy(apply_class_balanc
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 from keras import ops
+
+
+def make_classifier_loss(cc: Any) -> keras.losses.Loss:
+    """The loss ``fit_classifier`` compiles: class-balanced focal loss with the profile's α, γ and label
+    smoothing (``cc``: a :class:`kmel.config.ClassifierConfig`)."""
+    return keras.losses.BinaryFocalCrossentropy(apply_class_balancing=True, alpha=cc.focal_alpha, gamma=cc.focal_gamma,
+                                                label_smoothing=cc.label_smoothing)
 
 
 def _flat(y_true, y_pred):

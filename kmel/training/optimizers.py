@@ -10,7 +10,7 @@ by ``scale``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import keras
 
@@ -48,3 +48,15 @@ class LayerScaledAdamW(keras.optimizers.AdamW):
 
     def get_config(self):
         return {**super().get_config(), "full_rate_layers": list(self.full_rate_layers), "scale": self.scale}
+
+
+def make_classifier_optimizer(cc: Any, total_steps: int) -> LayerScaledAdamW:
+    """The optimizer ``fit_classifier`` trains with: a one-cycle schedule to ``max_learning_rate`` over
+    ``total_steps``, the head (kmel.models.classifier.HEAD_LAYERS) at the full rate and every pretrained
+    layer at ``backbone_lr_scale`` × it (``cc``: a :class:`kmel.config.ClassifierConfig`)."""
+    from kmel.models.classifier import HEAD_LAYERS
+    from kmel.training.schedules import OneCycleSchedule
+
+    schedule = OneCycleSchedule(cc.max_learning_rate, total_steps=total_steps, warmup_fraction=cc.warmup_fraction)
+    return LayerScaledAdamW(schedule, weight_decay=cc.weight_decay, full_rate_layers=HEAD_LAYERS,
+                            scale=cc.backbone_lr_scale)

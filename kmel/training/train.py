@@ -314,13 +314,12 @@ def fit_classifier(
     from kmel.lesion.crops import ensure_crop_records
     from kmel.models.classifier import (
         CLASSIFIER_LAST_CONV,
-        HEAD_LAYERS,
         build_classifier,
         set_trainable_blocks,
     )
     from kmel.models.pipeline import apply_temperature
-    from kmel.training.optimizers import LayerScaledAdamW
-    from kmel.training.schedules import OneCycleSchedule
+    from kmel.training.losses import make_classifier_loss
+    from kmel.training.optimizers import make_classifier_optimizer
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
     cc = config.classifier
@@ -346,19 +345,13 @@ def fit_classifier(
     freeze_bn = cc.weights not in ("none", "", None)
     with strat.scope():
         model = build_classifier(cc)
-        schedule = OneCycleSchedule(cc.max_learning_rate, total_steps=steps * cc.epochs,
-                                    warmup_fraction=cc.warmup_fraction)
-        # Pretrained layers learn at backbone_lr_scale × the head's rate (kmel/optimizers.py says why).
-        optimizer = LayerScaledAdamW(schedule, weight_decay=cc.weight_decay, full_rate_layers=HEAD_LAYERS,
-                                     scale=cc.backbone_lr_scale)
+        # Pretrained layers learn at backbone_lr_scale × the head's rate (kmel/training/optimizers.py says why).
+        optimizer = make_classifier_optimizer(cc, steps * cc.epochs)
         optimizer.build(model.trainable_variables)
         set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0), freeze_bn)
         model.compile(
             optimizer=optimizer,
-            loss=keras.losses.BinaryFocalCrossentropy(
-                apply_class_balancing=True, alpha=cc.focal_alpha, gamma=cc.focal_gamma,
-                label_smoothing=cc.label_smoothing,
-            ),
+            loss=make_classifier_loss(cc),
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.Recall(name="recall"),
                      keras.metrics.Precision(name="precision")],
             jit_compile=jit_compile_setting(),
