@@ -324,22 +324,31 @@ def test_staged_batches_keep_order_and_report_bad_files(tmp_path):
 
 def test_staged_batches_run_ahead_at_most_the_queue_depth(tmp_path):
     """The producer makes batch k+1 while the caller works on batch k, and never more than ``depth``
-    batches ahead: memory is bounded by the queue, not by the number of files."""
+    batches ahead: memory is bounded by the queue, not by the number of files. Events, not timings:
+    after each batch the caller waits (up to a minute, however loaded the machine) until the producer,
+    unasked, has filled the queue; then checks that it went no further."""
     from kmel.serving.runner import staged_batches
 
     items = _files(tmp_path, 12)
+    total = -(-len(items) // 2)
+    depth = 2
     predictor = _SlowPredictor(tiny_config())
     ahead = []
     consumed = 0
-    for _ in staged_batches(predictor, items, batch_size=2, max_bytes=1 << 30, depth=2):
+    for _ in staged_batches(predictor, items, batch_size=2, max_bytes=1 << 30, depth=depth):
         consumed += 1
-        time.sleep(0.3)  # a slow classifier: the producer fills the queue meanwhile
+        target = min(consumed + depth, total)
+        deadline = time.monotonic() + 60
+        while len(predictor.made) < target:
+            assert time.monotonic() < deadline, f"the producer did not work ahead: {len(predictor.made)} made"
+            time.sleep(0.01)
+        time.sleep(0.05)  # room to overrun, were the queue not bounded
         with predictor.lock:
             ahead.append(len(predictor.made) - consumed)
-    assert consumed == 7
-    # made but not yet taken: up to `depth` waiting in the queue plus one being put
-    assert max(ahead) <= 3, ahead
-    assert max(ahead) >= 1, "the producer never worked ahead of the consumer (no overlap)"
+    assert consumed == total
+    # made but not yet taken: `depth` waiting in the queue plus one being put
+    assert max(ahead) <= depth + 1, ahead
+    assert ahead[0] >= depth, ahead
     predictor.crops.close()
 
 
