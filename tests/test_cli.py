@@ -230,3 +230,51 @@ def test_build_records_checks_files_before_reading_them(tmp_path, tiny_profile):
     assert "HEIC image: format not supported" in skipped["phone"] and "over the 1 MiB limit" in skipped["big"]
     assert sum(manifest["n_records"]["img"].values()) == 12  # the WebP and the GIF included
     assert any("pipe.csv: is a FIFO" in f for f in manifest["cleaning"]["unrecognised_files"])
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory) -> Path:
+    """Records of 12 synthetic images built through the CLI with --task and --workers, which must reach the run."""
+    import json
+
+    from kmel.data.synthetic import make_synthetic_dataset
+
+    tmp = tmp_path_factory.mktemp("cli-records")
+    make_synthetic_dataset(tmp / "data", n_images=12, seed=1, size=64)
+    result = _invoke("build-records", "--data-dir", str(tmp / "data"), "--out", str(tmp / "rec"), "--task",
+                     "melanoma", "--workers", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp / "rec" / "manifest.json").read_text())
+    assert manifest["task"] == "melanoma" and manifest["config"]["records"]["task"] == "melanoma"
+    assert manifest["config"]["records"]["workers"] == 1
+    assert "task: melanoma" in (tmp / "rec" / "config.yaml").read_text()
+    return tmp / "rec"
+
+
+@pytest.mark.parametrize("model,backbone", [("seg", "resnet34"), ("cls", "efficientnet_lite0")])
+def test_every_train_flag_reaches_the_run(tiny_records, tmp_path, monkeypatch, model, backbone):
+    """Each `train` flag ends up in what the training function is given (the config it writes beside its
+    outputs, the strategy, the precision, the log folder, --restart); build-records' --task/--workers: above."""
+    from kmel.training import train as train_module
+
+    seen = {}
+
+    def fake(records, out, config, logdir, strategy, precision, verbose, *rest):
+        seen.update(records=records, out=out, config=config, logdir=logdir, strategy=strategy, precision=precision,
+                    restart=rest[-1])
+        return {"metrics": {}, "threshold": 0.5, "threshold_from": "val", "report_split": "test"}
+
+    monkeypatch.setattr(train_module, "fit_segmenter" if model == "seg" else "fit_classifier", fake)
+    result = _invoke("train", model, "--records", str(tiny_records), "--out", str(tmp_path / "m"), "--epochs", "3",
+                     "--batch-size", "5", "--steps-per-epoch", "7", "--image-size", "96", "--backbone", backbone,
+                     "--strategy", "mirrored", "--precision", "mixed_bfloat16", "--seed", "11", "--weights", "none",
+                     "--weights-mirror", "http://127.0.0.1:9/weights", "--logdir", str(tmp_path / "logs"),
+                     "--restart", "--quiet")
+    assert result.exit_code == 0, result.output
+    section = seen["config"].segmenter if model == "seg" else seen["config"].classifier
+    assert (section.epochs, section.batch_size, section.steps_per_epoch, section.image_size) == (3, 5, 7, 96)
+    assert (section.backbone, section.seed, section.weights) == (backbone, 11, "none")
+    assert section.weights_mirror == "http://127.0.0.1:9/weights"
+    assert (seen["strategy"], seen["precision"], seen["restart"]) == ("mirrored", "mixed_bfloat16", True)
+    assert seen["logdir"] == str(tmp_path / "logs") and seen["out"] == str(tmp_path / "m")
+    assert seen["config"].records.task == "melanoma"  # the records' own settings, not the profile's

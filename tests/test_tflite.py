@@ -183,6 +183,68 @@ def test_predict_with_tflite_gives_the_savedmodel_rows(setup, tmp_path):
     assert np.abs(int8.loc[ok, "probability"] - tf_rows.loc[ok, "probability"]).max() < 0.25
 
 
+@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+def test_predict_opens_the_files_of_the_precision_asked_for(setup, tmp_path, monkeypatch, precision):
+    """``--tflite-precision P`` runs ``<model>-P.tflite`` for both models, never another precision's."""
+    from kmel.serving import runtime
+
+    opened = []
+    original = runtime.TFLiteModel.__init__
+
+    def spy(self, path, *args, **kwargs):
+        opened.append(Path(path).name)
+        original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.TFLiteModel, "__init__", spy)
+    result = _invoke("predict", str(setup["images"]), "--models", str(setup["models"]), "--quiet", "--runtime",
+                     "tflite", "--tflite-precision", precision, "--out", str(tmp_path / "p.csv"))
+    assert result.exit_code == 0, result.output
+    assert sorted(opened) == [f"classifier-{precision}.tflite", f"segmenter-{precision}.tflite"]
+
+
+def test_tensorflows_interpreter_is_the_fallback_without_litert(setup, monkeypatch):
+    import sys
+
+    import tensorflow as tf
+
+    from kmel.serving import runtime
+
+    path = runtime.tflite_path(setup["models"], "classifier", "float32")
+    x = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    with_litert = runtime.TFLiteModel(path)(x)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # `import` raises ImportError
+    assert runtime._interpreter_class() is tf.lite.Interpreter
+    np.testing.assert_allclose(runtime.TFLiteModel(path)(x), with_litert, atol=1e-6)
+
+
+def test_int8_falls_back_to_dynamic_range_when_the_runtime_refuses_full_integer(setup, tmp_path, monkeypatch):
+    """The U-Net case: XNNPACK refuses a fully quantised graph; the export then writes dynamic-range int8
+    (and says so) instead of failing. The refusal is simulated for the first full-integer blob."""
+    import shutil
+
+    from kmel.serving import litert
+
+    models = Path(shutil.copytree(setup["models"], tmp_path / "models"))
+    refused = []
+    original = litert.xnnpack_refusal
+
+    def refuse_first(blob):
+        if not refused:
+            refused.append(len(blob))
+            return "failed to prepare (simulated)"
+        return original(blob)
+
+    monkeypatch.setattr(litert, "xnnpack_refusal", refuse_first)
+    pipeline = _pipeline(models)
+    held_out = litert.draw_inputs(setup["records"], "val", 4, models, pipeline)
+    calibration = litert.draw_inputs(setup["records"], "train", 4, models, pipeline)
+    section = litert.write_tflite(models, pipeline, ["int8"], held_out, calibration, "val")
+    segmenter = section["int8"]["segmenter"]
+    assert refused and segmenter["quantization"] == litert.QUANTIZATION["dynamic-int8"]
+    assert "refused by XNNPACK" in segmenter["note"]
+    assert section["int8"]["classifier"]["quantization"].startswith("int8 weights and activations")
+
+
 def test_evaluate_with_tflite_scores_the_file(setup, tmp_path):
     """`evaluate --runtime tflite` scores the crop records with the TFLite classifier: float32 gives the
     SavedModel's probabilities, int8 its own (close), and the report names the runtime."""
