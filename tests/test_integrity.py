@@ -323,3 +323,32 @@ def test_a_fairness_report_of_one_image_is_a_clear_error_not_a_traceback():
     report = fairness_report(np.array([0, 1]), np.array([0.2, 0.7]), 0.5, {"skin_tone": np.array(["light"] * 2)},
                              n_bootstrap=10)
     assert "skin_tone" in report
+
+
+def test_a_full_disk_while_rows_are_written_is_one_line_and_keeps_the_rows(made, tmp_path, monkeypatch):
+    import errno
+
+    from kmel.serving import outputs
+
+    folder = tmp_path / "in"
+    for i in range(4):
+        write_image(folder / f"ISIC_{i}.jpg", i)
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the second batch: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(outputs.os, "fsync", fsync)
+    out = tmp_path / "p.csv"
+    result = _predict(made["models"], out, folder, extra=("--batch-size", "2"))
+    _one_line_error(result, "the disk is full", str(out))
+    kept = pd.read_csv(out)
+    assert len(kept) >= 2 and (kept["status"] == "ok").all()
+    monkeypatch.setattr(outputs.os, "fsync", real_fsync)
+    result = _predict(made["models"], out, folder, extra=("--batch-size", "2"))
+    assert result.exit_code == 0, result.output
+    assert sorted(pd.read_csv(out)["relpath"]) == [f"ISIC_{i}.jpg" for i in range(4)]
