@@ -274,7 +274,7 @@ def _note_failure(out: str, model: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not isinstance(exc, ConfigError):
+        if not isinstance(exc, _user_errors()):  # those are one line of their own, before any training
             name = "segmenter" if model == "seg" else "classifier"
             click.echo(f"training failed ({type(exc).__name__}); {out} is as it was: its {name} was not replaced. The "
                        f"unfinished run is in {Path(out) / ('.run-' + name)}: rerun the same command to resume it, "

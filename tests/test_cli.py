@@ -278,3 +278,17 @@ def test_every_train_flag_reaches_the_run(tiny_records, tmp_path, monkeypatch, m
     assert (seen["strategy"], seen["precision"], seen["restart"]) == ("mirrored", "mixed_bfloat16", True)
     assert seen["logdir"] == str(tmp_path / "logs") and seen["out"] == str(tmp_path / "m")
     assert seen["config"].records.task == "melanoma"  # the records' own settings, not the profile's
+
+
+def test_a_training_that_fails_says_what_it_left(tiny_records, tmp_path, monkeypatch):
+    from kmel.cli import cli
+    from kmel.training import train as train_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory in epoch 3")
+
+    monkeypatch.setattr(train_module, "fit_segmenter", boom)
+    result = CliRunner().invoke(cli, ["train", "seg", "--records", str(tiny_records), "--out", str(tmp_path / "m")])
+    assert isinstance(result.exception, RuntimeError)
+    assert "training failed (RuntimeError)" in result.output and "is as it was" in result.output
+    assert str(tmp_path / "m" / ".run-segmenter") in result.output and "--restart" in result.output
