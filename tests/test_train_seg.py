@@ -87,20 +87,33 @@ def test_same_seed_same_weights(records, trained, tmp_path):
     assert entry["weights_digest"] == trained[1]["weights_digest"]
 
 
+def _snapshot(models: Path) -> dict[str, bytes]:
+    return {p.relative_to(models).as_posix(): p.read_bytes() for p in sorted(models.rglob("*")) if p.is_file()
+            if not p.relative_to(models).as_posix().startswith(".run-segmenter/")}
+
+
 class _Interrupt(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == 2:
             raise RuntimeError("simulated kill")
 
 
-def test_interrupted_mirrored_fit_with_one_replica_resumes_from_last_epoch(records, tmp_path, monkeypatch):
-    """An exception in ``fit`` keeps the backup, and the rerun resumes: epochs 0-1 before, 2-3 after.
+def test_interrupted_mirrored_fit_with_one_replica_resumes_from_last_epoch(records, trained, tmp_path, monkeypatch):
+    """An exception in ``fit`` (here at its third epoch; a full disk, a kill) keeps the run's backup and leaves
+    the models folder as it was — the trained segmenter, pipeline.json and history untouched (issue 24); a
+    resume with another learning rate is refused naming the key; the same command resumes: epochs 0-1
+    before, 2-3 after.
 
     Under MirroredStrategy on one device (a user's single GPU, or this CPU), so each ``fit`` also goes
     past its first epoch: the validation data must be repeated under any distribution strategy, not
     only with two replicas. A real SIGKILL under two replicas: tests/test_crash_safety.py."""
-    import kmel.training.train as train
+    import shutil
 
+    import kmel.training.train as train
+    from kmel.config import ConfigError
+
+    models = Path(shutil.copytree(trained[0], tmp_path / "m"))
+    before = _snapshot(models)
     config = tiny_config(epochs=4, **{"segmenter.steps_per_epoch": 2})
     original = train._callbacks
 
@@ -110,57 +123,38 @@ def test_interrupted_mirrored_fit_with_one_replica_resumes_from_last_epoch(recor
 
     monkeypatch.setattr(train, "_callbacks", with_interrupt)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train.fit_segmenter(records, tmp_path / "m", config, tmp_path / "runs", "mirrored", "float32", verbose=0)
-    work = tmp_path / "m" / ".run-segmenter"
-    assert (work / ".backup-segmenter").exists() and not (tmp_path / "m" / "segmenter_history.csv").exists()
+        train.fit_segmenter(records, models, config, tmp_path / "runs", "mirrored", "float32", verbose=0)
+    work = models / ".run-segmenter"
+    assert (work / ".backup-segmenter").exists()
     assert pd.read_csv(work / "segmenter_history.csv")["epoch"].tolist() == [0, 1]
+    assert _snapshot(models) == before, "the trained segmenter, pipeline.json and history are untouched"
     monkeypatch.setattr(train, "_callbacks", original)
-    entry = train.fit_segmenter(records, tmp_path / "m", config, tmp_path / "runs", "mirrored", "float32",
-                                verbose=0)
-    epochs = pd.read_csv(tmp_path / "m" / "segmenter_history.csv")["epoch"].tolist()
+    faster = tiny_config(epochs=4, **{"segmenter.steps_per_epoch": 2, "segmenter.learning_rate": 0.05})
+    with pytest.raises(ConfigError, match="segmenter.learning_rate"):
+        train.fit_segmenter(records, models, faster, tmp_path / "runs", "mirrored", "float32", verbose=0)
+    assert _snapshot(models) == before
+    entry = train.fit_segmenter(records, models, config, tmp_path / "runs", "mirrored", "float32", verbose=0)
+    epochs = pd.read_csv(models / "segmenter_history.csv")["epoch"].tolist()
     assert epochs == [0, 1, 2, 3], "epochs 0-1 before the kill, 2-3 after: none repeated, none lost"
     assert entry["epochs_run"] == 4 and entry["replicas"] == 1
-
-
-def _snapshot(models: Path) -> dict[str, bytes]:
-    return {p.relative_to(models).as_posix(): p.read_bytes() for p in sorted(models.rglob("*")) if p.is_file()}
-
-
-def test_a_failed_run_leaves_the_models_folder_as_it_was(records, trained, tmp_path, monkeypatch):
-    """Issue 24: a run that fails (here at its third epoch; a full disk, a kill) must not have replaced the
-    trained segmenter, its history or best weights; a resume with another learning rate is refused, naming
-    the key, and ``restart`` starts afresh."""
-    import shutil
-
-    import kmel.training.train as train
-    from kmel.config import ConfigError
-
-    models = Path(shutil.copytree(trained[0], tmp_path / "m"))
-    before = _snapshot(models)
-    config = tiny_config(epochs=3, **{"segmenter.steps_per_epoch": 1})
-    original = train._callbacks
-
-    def with_interrupt(*args, **kwargs):
-        callbacks, best = original(*args, **kwargs)
-        return callbacks + [_Interrupt()], best
-
-    monkeypatch.setattr(train, "_callbacks", with_interrupt)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        train.fit_segmenter(records, models, config, tmp_path / "runs", "default", "float32", verbose=0)
-    after = {k: v for k, v in _snapshot(models).items() if not k.startswith(".run-segmenter/")}
-    assert after == before, "the trained segmenter, pipeline.json and history are untouched"
-    monkeypatch.setattr(train, "_callbacks", original)
-    faster = tiny_config(epochs=3, **{"segmenter.steps_per_epoch": 1, "segmenter.learning_rate": 0.05})
-    with pytest.raises(ConfigError, match="segmenter.learning_rate"):
-        train.fit_segmenter(records, models, faster, tmp_path / "runs", "default", "float32", verbose=0)
-    assert {k: v for k, v in _snapshot(models).items() if not k.startswith(".run-segmenter/")} == before
-    faster = tiny_config(epochs=1, **{"segmenter.steps_per_epoch": 1, "segmenter.learning_rate": 0.05})
-    entry = train.fit_segmenter(records, models, faster, tmp_path / "runs", "default", "float32", verbose=0,
-                                restart=True)
-    assert entry["epochs_run"] == 1 and entry["config"]["learning_rate"] == 0.05
     pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
     assert pipeline["segmenter"]["fingerprint"] == entry["fingerprint"] != trained[1]["fingerprint"]
-    assert len(pd.read_csv(models / "segmenter_history.csv")) == 1 and not (models / ".run-segmenter").exists()
+    assert not work.exists()
+
+
+def test_restart_drops_an_interrupted_run_and_a_fresh_run_clears_leftovers(tmp_path):
+    from kmel.training.run_folder import backup_folder, start_run
+
+    work = start_run(tmp_path, "segmenter", {"segmenter.learning_rate": 0.1})
+    backup_folder(work, "segmenter").mkdir()
+    (work / "segmenter_history.csv").write_text("epoch\n0\n")
+    assert start_run(tmp_path, "segmenter", {"segmenter.learning_rate": 0.1}) == work  # resumed: kept
+    assert (work / "segmenter_history.csv").exists()
+    start_run(tmp_path, "segmenter", {"segmenter.learning_rate": 0.2}, restart=True)
+    assert not (work / "segmenter_history.csv").exists() and not backup_folder(work, "segmenter").exists()
+    (work / "leftover.h5").write_text("a failed run's")  # no backup: not resumable, so cleared
+    start_run(tmp_path, "segmenter", {"segmenter.learning_rate": 0.3})
+    assert not (work / "leftover.h5").exists()
 
 
 def test_mirrored_two_cpus_match_one_device_with_the_same_global_batch():
