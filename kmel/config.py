@@ -88,6 +88,10 @@ class CropsConfig:
     hair_threshold: int = 10
     inpaint_radius: int = 5
     remove_hair: bool = True
+    # Shades-of-Gray colour constancy of the classifier crop (Finlayson & Trezzi 2004; p = 6 in ISIC 2018/2019
+    # entries): each channel scaled so the image's Minkowski p-mean is grey. 0: off. The skin tone is always
+    # estimated from the original colours.
+    colour_constancy_p: float = 0.0
     skin_border: float = 0.05  # fraction of the image border excluded from skin tone
     skin_min_pixels: int = 200
     batch_size: int = 16
@@ -223,7 +227,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
                      "max_batch_pixels", "bootstrap", "clahe_tiles", "morph_kernel", "hair_kernel", "inpaint_radius",
                      "skin_min_pixels"), (1, float("inf"), True)),
     **dict.fromkeys(("seed", "workers", "steps_per_epoch", "reduce_lr_patience", "early_stopping_patience",
-                     "hair_threshold", "weight_decay", "focal_gamma", "margin"),
+                     "hair_threshold", "weight_decay", "focal_gamma", "margin", "colour_constancy_p"),
                     (0, float("inf"), True)),
     "jpeg_quality": (1, 100, True),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout", "mask_threshold", "min_area_fraction",

@@ -352,3 +352,21 @@ def test_a_full_disk_while_rows_are_written_is_one_line_and_keeps_the_rows(made,
     result = _predict(made["models"], out, folder, extra=("--batch-size", "2"))
     assert result.exit_code == 0, result.output
     assert sorted(pd.read_csv(out)["relpath"]) == [f"ISIC_{i}.jpg" for i in range(4)]
+
+
+def test_predict_prepares_images_with_the_crop_settings_the_classifier_learned_from():
+    """train cls may run with other crop settings than train seg (another profile): the classifier's own
+    record of them wins; models exported before it was recorded fall back to the segmenter's."""
+    from kmel.config import load_config, to_plain
+    from kmel.serving.runtime import config_from_pipeline
+
+    config = load_config("cpu-small")
+    seg_crops = to_plain(config.crops)
+    cls_crops = {**seg_crops, "colour_constancy_p": 6.0, "margin": 0.3}
+    pipeline = {"segmenter": {"records": to_plain(config.records), "crops": seg_crops,
+                              "config": to_plain(config.segmenter)},
+                "classifier": {"config": to_plain(config.classifier), "crops": cls_crops}}
+    got = config_from_pipeline(pipeline).crops
+    assert (got.colour_constancy_p, got.margin) == (6.0, 0.3)
+    del pipeline["classifier"]["crops"]
+    assert config_from_pipeline(pipeline).crops.colour_constancy_p == 0.0

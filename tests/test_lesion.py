@@ -197,3 +197,31 @@ def test_histogram_median_equals_numpy_median():
         assert _median_int(values, 256) == np.median(values)
     sums = rng.integers(0, 766, 999).astype(np.float32)
     assert _median_int(sums, 766) == np.median(sums)
+
+
+def test_shades_of_gray_removes_a_colour_cast_and_keeps_the_skin_tone():
+    """A lesion photographed under a warm cast (red ×1.25, blue ×0.8): with ``colour_constancy_p: 6`` the
+    classifier crop of the cast image is close to the crop of the neutral one, its channels' p-means are
+    equal, and the skin tone (from the original colours) is the cast image's own."""
+    from dataclasses import replace
+
+    from kmel.lesion.lesion import apply_colour_gains, prepare_crop, shades_of_gray_gains
+
+    rng = np.random.default_rng(0)
+    neutral = np.clip(rng.normal(150, 12, (120, 160, 3)), 0, 255).astype(np.uint8)
+    neutral[..., 0] = np.clip(neutral[..., 0] * 1.1, 0, 255)  # skin is a little red by nature
+    cv2.circle(neutral, (80, 60), 25, (70, 45, 35), -1)
+    cast = np.clip(neutral * np.array([1.25, 1.0, 0.8]), 0, 255).astype(np.uint8)
+    mask = np.zeros((120, 160), np.float32)
+    cv2.circle(mask, (80, 60), 25, 1.0, -1)
+    config = load_config("cpu-small").crops
+    on = replace(config, colour_constancy_p=6.0, remove_hair=False)
+    balanced = apply_colour_gains(cast, shades_of_gray_gains(cast, 6.0)).reshape(-1, 3).astype(np.float64) / 255
+    p_means = np.power(np.mean(np.power(balanced, 6.0), axis=0), 1 / 6)
+    assert np.ptp(p_means) < 0.01, p_means
+    crops = {name: prepare_crop(image, mask, 64, cfg) for name, image, cfg in (
+        ("neutral", neutral, on), ("cast", cast, on), ("cast_off", cast, replace(on, colour_constancy_p=0.0)))}
+    gap_on = np.abs(crops["neutral"].crop.astype(float) - crops["cast"].crop).mean()
+    gap_off = np.abs(crops["neutral"].crop.astype(float) - crops["cast_off"].crop).mean()
+    assert gap_on < 0.4 * gap_off, (gap_on, gap_off)
+    assert crops["cast"].skin_tone == crops["cast_off"].skin_tone  # measured on the original colours

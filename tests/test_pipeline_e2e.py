@@ -71,8 +71,10 @@ def test_training_outputs_and_report(pipeline):
     crops = list(pipeline["records"].glob("crops-*/manifest.json"))
     assert len(crops) == 1
     manifest = json.loads(crops[0].read_text())
-    assert manifest["segmenter_fingerprint"] == pipe["segmenter"]["fingerprint"]
+    assert manifest["segmenter_fingerprint"] == pipe["segmenter"]["fingerprint"] == cls["segmenter_fingerprint"]
     assert sum(manifest["n_records"]["crop"].values()) == 64
+    # what the crops were made with is what predict will prepare images with
+    assert cls["crops"] == manifest["config"]["crops"] and pipe["format_version"] == 1
 
 
 def test_predict_handles_odd_files_and_writes_one_row_each(pipeline, tmp_path):

@@ -269,6 +269,25 @@ def estimate_skin_tone(image_rgb: np.ndarray, lesion_mask: np.ndarray | None, co
                     int(skin.sum()))
 
 
+def shades_of_gray_gains(image_rgb: np.ndarray, p: float) -> np.ndarray:
+    """Per-channel gains that make ``image_rgb``'s Minkowski ``p``-mean grey (Shades of Gray colour
+    constancy, Finlayson & Trezzi 2004; p = 1 is grey-world, p → ∞ max-RGB). The gains keep the mean
+    brightness: they divide each channel's p-mean by the mean of the three. Estimated on the image at most
+    256 px on its long side (the illuminant is a global property)."""
+    h, w = image_rgb.shape[:2]
+    scale = min(1.0, 256 / max(h, w))
+    small = cv2.resize(image_rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                       interpolation=cv2.INTER_AREA) if scale < 1 else image_rgb
+    x = small.reshape(-1, 3).astype(np.float64) / 255.0
+    norms = np.power(np.mean(np.power(x, p), axis=0), 1.0 / p)
+    norms = np.maximum(norms, 1e-6)
+    return (norms.mean() / norms).astype(np.float32)
+
+
+def apply_colour_gains(image_rgb: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    return np.clip(image_rgb.astype(np.float32) * gains, 0, 255).round().astype(np.uint8)
+
+
 def prepare_crop(image_rgb: np.ndarray, prob: np.ndarray | None, size: int, config: CropsConfig) -> CropResult:
     """Image (+ lesion probability map of the same H×W, or None) → classifier crop and its provenance."""
     h, w = image_rgb.shape[:2]
@@ -285,6 +304,8 @@ def prepare_crop(image_rgb: np.ndarray, prob: np.ndarray | None, size: int, conf
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
     mode, (x0, y0, x1, y1) = crop_box(mask, config)
     cut = image_rgb[y0:y1, x0:x1]
+    if config.colour_constancy_p > 0:  # gains from the whole image, applied to the crop only
+        cut = apply_colour_gains(cut, shades_of_gray_gains(image_rgb, config.colour_constancy_p))
     ch, cw = cut.shape[:2]
     if ch != cw:
         side = max(ch, cw)

@@ -35,9 +35,11 @@ def config_from_pipeline(pipeline: dict[str, Any], models_dir: str | Path = "sav
                 f"{Path(models_dir) / C.PIPELINE_JSON} has no {part}: train it first (`kmel train "
                 f"{'seg' if part == 'segmenter' else 'cls'}`) or pass --models pointing at exported models"
             )
-    seg = pipeline["segmenter"]
-    return config_from_dict({"records": seg["records"], "crops": seg["crops"], "segmenter": seg["config"],
-                             "classifier": pipeline["classifier"]["config"]})
+    seg, cls = pipeline["segmenter"], pipeline["classifier"]
+    # The crop settings the classifier's crops were made with (recorded since kmel 0.1.x); before, the
+    # segmenter's, which train cls used unless its profile said otherwise.
+    return config_from_dict({"records": seg["records"], "crops": cls.get("crops", seg["crops"]),
+                             "segmenter": seg["config"], "classifier": cls["config"]})
 
 
 def load_pipeline_config(models_dir: str | Path) -> tuple[Config, dict[str, Any]]:

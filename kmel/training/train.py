@@ -409,6 +409,7 @@ def fit_classifier(
         "fingerprint": fingerprint,
         "crops_dir": crops_dir.name,
         "segmenter_fingerprint": manifest.get("segmenter_fingerprint"),
+        "crops": to_plain(config.crops),  # what its crops were made with: predict prepares images the same way
         "records_fingerprint": manifest["fingerprint"],
         "precision": policy,
         "replicas": replicas,
