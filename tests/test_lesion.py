@@ -205,7 +205,11 @@ def test_shades_of_gray_removes_a_colour_cast_and_keeps_the_skin_tone():
     equal, and the skin tone (from the original colours) is the cast image's own."""
     from dataclasses import replace
 
-    from kmel.lesion.lesion import apply_colour_gains, prepare_crop, shades_of_gray_gains
+    from kmel.lesion.lesion import (
+        apply_colour_gains,
+        prepare_crop,
+        shades_of_gray_gains,
+    )
 
     rng = np.random.default_rng(0)
     neutral = np.clip(rng.normal(150, 12, (120, 160, 3)), 0, 255).astype(np.uint8)
