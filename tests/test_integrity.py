@@ -202,6 +202,9 @@ def test_an_output_is_never_appended_with_other_models_or_options(made, tmp_path
     _one_line_error(_predict(made["other"], out, made["images"]), "classifier_fingerprint", "--overwrite")
     _one_line_error(_predict(made["models"], out, made["images"], extra=("--tta",)), "tta", "--overwrite")
     assert out.read_text() == before
+    # --overwrite with a mistyped input: refused before the old rows are touched
+    _one_line_error(_predict(made["models"], out, tmp_path / "typo", extra=("--tta", "--overwrite")), "typo")
+    assert out.read_text() == before
     result = _predict(made["models"], out, made["images"], extra=("--tta", "--overwrite"))
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(out)

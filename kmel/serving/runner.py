@@ -49,6 +49,7 @@ from kmel.serving.outputs import (  # noqa: F401 (re-exported)
     printable,
 )
 from kmel.serving.predictor import Predictor
+from kmel.serving.runtime import config_from_pipeline
 
 # === Models: images in, predictions out ===
 
@@ -321,14 +322,15 @@ def predict_files(
     ``checks``: what is verified before the models run (:mod:`kmel.models.integrity`). An output that
     other models or options wrote is refused, unless ``overwrite`` (start it afresh)."""
     rows_file = RowsFile(out, fmt)
-    # A wrong output file or explain folder is a usage error before the models load.
+    # Wrong inputs, models, output file or explain folder are usage errors before anything is written
+    # (an --overwrite output is only replaced once all of them are right) and before the models load.
+    items = collect_inputs(inputs, stdin)
     pipeline = read_pipeline(models_dir)
-    identity = output_identity(pipeline, models_dir, tta, runtime, tflite_precision)
-    rows_file.check_identity(identity, overwrite)
-    done = rows_file.done()
+    config_from_pipeline(pipeline, models_dir)  # both models trained, or the fix named
     if explain_dir is not None:
         check_writable_folder(explain_dir, "--explain")
-    items = collect_inputs(inputs, stdin)
+    rows_file.check_identity(output_identity(pipeline, models_dir, tta, runtime, tflite_precision), overwrite)
+    done = rows_file.done()
     with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime,
                    tflite_precision=tflite_precision, checks=checks, pipeline=pipeline) as predictor:
         return run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
