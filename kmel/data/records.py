@@ -187,16 +187,15 @@ def build_records(
 
     twins: list[dict[str, str]] = []
     images, masks = find_images(data_dir, twins), find_masks(data_dir)
-    labelled = set(table[C.COL_IMAGE_ID]) | set(table["base_id"] if "base_id" in table else ())
-    report["id_twins"] = [t for t in twins if t["image_id"] in labelled]
     base = table["base_id"] if "base_id" in table else table[C.COL_IMAGE_ID]
+    known = set(table[C.COL_IMAGE_ID]) | set(base)
+    report["id_twins"] = [t for t in twins if t["image_id"] in known]
     table[C.COL_IMAGE_PATH] = [
         str(images.get(i) or images.get(b) or "") for i, b in zip(table[C.COL_IMAGE_ID], base)
     ]
     table[C.COL_MASK_PATH] = [
         str(masks.get(i) or masks.get(b) or "") for i, b in zip(table[C.COL_IMAGE_ID], base)
     ]
-    known = set(table[C.COL_IMAGE_ID]) | set(base)
     report["masks_without_image"] = sorted(str(masks[k]) for k in masks if k not in known)
     missing = table[table[C.COL_IMAGE_PATH] == ""]
     report["missing_images"] = {k: int(v) for k, v in missing[C.COL_SOURCE].value_counts().sort_index().items()}
