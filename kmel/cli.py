@@ -149,8 +149,9 @@ def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images
 @click.option("--out", default="tfrecords", show_default=True, type=click.Path(file_okay=False),
               help="Where the shards, metadata.csv, skipped.csv and manifest.json go.")
 @click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP)
-@click.option("--task", type=click.Choice(["malignant", "melanoma", "keratosis"]), default=None,
-              help="Label to learn [profile: malignant].")
+@click.option("--task", type=click.Choice(["malignant", "melanoma", "keratosis", "diagnosis"]), default=None,
+              help="Label to learn: yes/no malignant, melanoma or keratosis, or diagnosis (one of the profile's "
+                   "records.classes, by default the 8 ISIC 2019 classes) [profile: malignant].")
 @click.option("--workers", type=NON_NEGATIVE, default=None, help="Processes for decoding (0: one per core) [profile].")
 @click.option("--stage", type=click.Choice(["images", "crops"]), default="images", show_default=True,
               help="images: records from the data folder; crops: lesion crops from trained segmenter.")
@@ -426,7 +427,7 @@ def export(fmt: str, precisions: tuple[str, ...], models: str, records: str, cal
 @click.option("--predictions", default=None, type=click.Path(dir_okay=False),
               help="Evaluate a predict CSV instead of records (needs --truth).")
 @click.option("--truth", default=None, type=click.Path(dir_okay=False),
-              help="CSV with columns image,target (or relpath,target to match predict's relpath column).")
+              help="CSV with columns image,target or image,diagnosis (relpath,… to match predict's relpath column).")
 @click.option("--profile", default="cpu-small", show_default=True, help=PROFILE_HELP)
 @click.option("--strict", is_flag=True,
               help="With --predictions: exit 1 when truth rows are unmatched or predictions hold error rows.")

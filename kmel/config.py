@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from kmel import constants as C
+
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
@@ -27,7 +29,11 @@ class ConfigError(ValueError):
 class RecordsConfig:
     """How build-records cleans, splits and writes the data."""
 
-    task: str = "malignant"  # malignant | melanoma | keratosis
+    task: str = "malignant"  # malignant | melanoma | keratosis | diagnosis
+    # The diagnosis task's classes (softmax outputs, in this order) and those whose probabilities sum to
+    # the malignant probability; docs/data.md, "Diagnosis classes", maps every source onto them.
+    classes: tuple[str, ...] = C.DIAGNOSIS_CLASSES
+    malignant_classes: tuple[str, ...] = C.MALIGNANT_CLASSES
     image_size: int = 512  # long side of img- records, pixels
     seg_size: int = 256  # side of the square seg- records
     shard_size: int = 512  # records per shard
@@ -126,6 +132,10 @@ class ClassifierConfig:
     # rare skin-tone groups are raised towards the largest (0: not at all, 1: equal counts).
     target_malignant_fraction: float = 0.38
     skin_tone_balance: float = 0.5
+    # The diagnosis task's balancing, in place of target_malignant_fraction: class c's share of an epoch is
+    # ∝ n_c^(1 − class_balance) (0: natural, 1: every class equal; 0.5, the square root, draws HAM10000's
+    # 6,705 nevi and 115 dermatofibromas 7.6 : 1 rather than 58 : 1 or 1 : 1).
+    class_balance: float = 0.5
     # How far the sources (archives, clinics) within each (class, skin tone) group are raised towards the
     # largest (0: their natural shares, 1: equal), so a small source is not drowned by a large one.
     source_balance: float = 0.0
@@ -232,7 +242,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "jpeg_quality": (1, 100, True),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout", "mask_threshold", "min_area_fraction",
                      "max_area_fraction", "dilate_fraction", "skin_border", "warmup_fraction", "focal_alpha",
-                     "label_smoothing", "target_malignant_fraction", "skin_tone_balance", "source_balance",
+                     "label_smoothing", "target_malignant_fraction", "skin_tone_balance", "source_balance", "class_balance",
                      "min_group_recall", "target_sensitivity", "batchnorm_momentum", "tversky_alpha", "tversky_beta"),
                     (0, 1, True)),
     **dict.fromkeys(("learning_rate", "max_learning_rate", "gamma", "clahe_clip", "reduce_lr_factor"),
@@ -260,7 +270,27 @@ def _make_section(cls: type, values: Mapping[str, Any], where: str) -> Any:
     kwargs = {k: _coerce(cls, k, v, getattr(defaults, k)) for k, v in values.items()}
     for key, value in kwargs.items():
         _check_range(cls, key, value)
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    if cls is RecordsConfig:
+        _check_task(section, where)
+    return section
+
+
+def _check_task(rc: RecordsConfig, where: str) -> None:
+    """A known task and, for it, a class list kmel can map every source onto."""
+    if rc.task not in C.TASKS:
+        raise ConfigError(f"{where}: task must be one of {list(C.TASKS)}, got {rc.task!r}")
+    classes, malignant = list(rc.classes), list(rc.malignant_classes)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ConfigError(f"{where}: classes needs at least two distinct classes, got {classes}")
+    unknown = [c for c in classes if c not in C.DIAGNOSIS_CLASSES]
+    if unknown:
+        raise ConfigError(f"{where}: unknown class(es) {unknown} in classes; kmel maps sources onto "
+                          f"{list(C.DIAGNOSIS_CLASSES)}")
+    outside = [c for c in malignant if c not in classes]
+    if outside or not malignant:
+        raise ConfigError(f"{where}: malignant_classes must be a non-empty subset of classes {classes}, "
+                          f"got {malignant}")
 
 
 def resolve_profile(profile: str) -> Path:

@@ -7,7 +7,7 @@ COL_IMAGE_ID = "image_id"
 COL_SOURCE = "source"  # isic2016 | isic2017 | isic2018 | isic2019 | isic2020 | ham10000 | fitzpatrick17k | custom
 COL_YEAR = "year"  # newest-wins rule for ids seen in several sources
 COL_DIAGNOSIS = "diagnosis"  # upper-case code: MEL, NV, BCC, AK, SCC, BKL, DF, VASC, SK, UNK, ...
-COL_TARGET = "target"  # 0/1 for the chosen task
+COL_TARGET = "target"  # 0/1 for the binary tasks, the class index for the diagnosis task
 COL_MALIGNANT = "malignant"  # 0/1/NaN, task-independent
 COL_MELANOMA = "melanoma"
 COL_KERATOSIS = "keratosis"
@@ -27,6 +27,15 @@ COL_ITA_CATEGORY = "ita_category"  # index into ITA_CATEGORIES
 COL_SPLIT = "split"
 
 SPLITS = ("train", "val", "test")
+
+# === Tasks and diagnosis classes ===
+BINARY_TASKS = ("malignant", "melanoma", "keratosis")
+TASKS = (*BINARY_TASKS, "diagnosis")
+# The eight diagnoses of the ISIC 2019 challenge (its ninth, UNK, is no class to learn): what kmel maps every
+# source's diagnosis onto (kmel/data/diagnosis.py), and the diagnosis task's default class list.
+DIAGNOSIS_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
+# Classes whose probabilities add up to the diagnosis model's malignant probability (the binary task's MEL/BCC/AK/SCC).
+MALIGNANT_CLASSES = ("MEL", "BCC", "AK", "SCC")
 
 # === Skin tone ===
 # The reference pipeline's five groups from mean brightness (0-255) of the skin around the lesion.

@@ -78,3 +78,23 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 64), backgro
     ok, buf = cv2.imencode(path.suffix if path.suffix in (".jpg", ".png") else ".png", image)
     path.write_bytes(buf.tobytes())
     return path
+
+
+def write_untrained_segmenter(models: Path, config) -> None:
+    """An exported, seeded, untrained segmenter: enough for crop records (no training needed)."""
+    import keras
+
+    from kmel import constants as C
+    from kmel.config import to_plain
+    from kmel.models.segmenter import build_segmenter
+    from kmel.serving.export import (
+        export_serving,
+        saved_model_fingerprint,
+        update_pipeline,
+    )
+
+    keras.utils.set_random_seed(0)
+    export_serving(build_segmenter(config.segmenter), models / C.SEGMENTER_DIR, config.segmenter.image_size)
+    update_pipeline(models, "segmenter", {
+        "image_size": config.segmenter.image_size, "fingerprint": saved_model_fingerprint(models / C.SEGMENTER_DIR),
+        "config": to_plain(config.segmenter), "records": to_plain(config.records), "crops": to_plain(config.crops)})

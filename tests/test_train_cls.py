@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from kmel import constants as C
-from kmel.config import to_plain
 from kmel.data.records import build_records
+from tests.handmade import write_untrained_segmenter
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -38,22 +38,6 @@ def float32_afterwards():
     """fit_* set the global dtype policy; later tests expect float32."""
     yield
     keras.mixed_precision.set_global_policy("float32")
-
-
-def _untrained_segmenter(models: Path, config) -> None:
-    """An exported, seeded, untrained segmenter: enough for crop records (no training needed)."""
-    from kmel.models.segmenter import build_segmenter
-    from kmel.serving.export import (
-        export_serving,
-        saved_model_fingerprint,
-        update_pipeline,
-    )
-
-    keras.utils.set_random_seed(0)
-    export_serving(build_segmenter(config.segmenter), models / C.SEGMENTER_DIR, config.segmenter.image_size)
-    update_pipeline(models, "segmenter", {
-        "image_size": config.segmenter.image_size, "fingerprint": saved_model_fingerprint(models / C.SEGMENTER_DIR),
-        "config": to_plain(config.segmenter), "records": to_plain(config.records), "crops": to_plain(config.crops)})
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -102,7 +86,7 @@ def test_staged_unfreezing_inside_one_fit_with_imagenet_lite0(records, tmp_path,
         "classifier.unfreeze": [[0, "head"], [1, "top"], [2, "all"]], "classifier.steps_per_epoch": 2,
         "classifier.backbone_lr_scale": 0.05})
     models = tmp_path / "models"
-    _untrained_segmenter(models, config)
+    write_untrained_segmenter(models, config)
     recorder = _Recorder()
     _with_recorder(monkeypatch, recorder)
     fit_classifier(records, models, config, tmp_path / "runs", "default", "float32", verbose=0, progress=False)

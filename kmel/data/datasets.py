@@ -104,13 +104,15 @@ def group_counts(manifest: Mapping[str, Any], split: str) -> dict[tuple[int, int
 
 
 def balance_weights(
-    counts: Mapping[tuple[int, int], int], target_malignant_fraction: float, skin_tone_balance: float
+    counts: Mapping[tuple[int, int], int], target_malignant_fraction: float, skin_tone_balance: float,
+    class_balance: float | None = None,
 ) -> dict[tuple[int, int], float]:
     """Sampling probability of each (target, skin tone) group.
 
     Within a class, group g gets weight ∝ n_g^(1 − b): b = 0 keeps the natural mix, b = 1 gives every
-    present skin tone the same share. Classes then get ``target_malignant_fraction`` and its
-    complement (0 keeps the natural class rate).
+    present skin tone the same share. Yes/no targets: the classes then get ``target_malignant_fraction`` and
+    its complement (0 keeps the natural class rate). With ``class_balance`` (the diagnosis task; targets are
+    class indices) class c gets ∝ n_c^(1 − class_balance) instead.
     """
     if not 0.0 <= skin_tone_balance <= 1.0:
         raise ValueError("skin_tone_balance must be in [0, 1]")
@@ -118,18 +120,32 @@ def balance_weights(
         raise ValueError("target_malignant_fraction must be in [0, 1)")
     present = {k: n for k, n in counts.items() if n > 0}
     total = sum(present.values())
-    class_n = {t: sum(n for (tt, _), n in present.items() if tt == t) for t in (0, 1)}
-    if target_malignant_fraction > 0 and class_n[0] and class_n[1]:
+    targets = sorted({t for t, _ in present}) if class_balance is not None else [0, 1]
+    class_n = {t: sum(n for (tt, _), n in present.items() if tt == t) for t in targets}
+    if class_balance is not None:
+        if not 0.0 <= class_balance <= 1.0:
+            raise ValueError("class_balance must be in [0, 1]")
+        raw_share = {t: n ** (1.0 - class_balance) for t, n in class_n.items()}
+        class_share = {t: r / sum(raw_share.values()) for t, r in raw_share.items()}
+    elif target_malignant_fraction > 0 and class_n[0] and class_n[1]:
         class_share = {1: target_malignant_fraction, 0: 1.0 - target_malignant_fraction}
     else:
-        class_share = {t: class_n[t] / total for t in (0, 1)}
+        class_share = {t: class_n[t] / total for t in targets}
     weights = {}
-    for t in (0, 1):
+    for t in targets:
         raw = {k: n ** (1.0 - skin_tone_balance) for k, n in present.items() if k[0] == t}
         norm = sum(raw.values())
         for k, r in raw.items():
             weights[k] = class_share[t] * r / norm
     return weights
+
+
+def classifier_balance_weights(manifest: Mapping[str, Any], split: str, config: Config) -> dict[tuple[int, int], float]:
+    """:func:`balance_weights` with the profile's settings for the task the records were built for."""
+    cc = config.classifier
+    diagnosis = manifest.get("task") == "diagnosis"
+    return balance_weights(group_counts(manifest, split), cc.target_malignant_fraction, cc.skin_tone_balance,
+                           cc.class_balance if diagnosis else None)
 
 
 def split_by_source(
@@ -158,8 +174,7 @@ def make_balanced_records(
     """Parsed records drawn (forever) with the classifier's balancing: class share, skin tone and, with
     ``source_balance``, source (:func:`balance_weights`, :func:`split_by_source`)."""
     cc = config.classifier
-    weights: Mapping[Any, float] = balance_weights(group_counts(manifest, split), cc.target_malignant_fraction,
-                                                   cc.skin_tone_balance)
+    weights: Mapping[Any, float] = classifier_balance_weights(manifest, split, config)
     if cc.source_balance > 0:
         weights = split_by_source(weights, source_counts(manifest, split), cc.source_balance)
     keys = sorted(weights)

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from kmel import constants as C
+from kmel.data.diagnosis import diagnosis_classes
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.kmel_outputs import in_kmel_output_folder
 from kmel.data.formats.registry import (
@@ -322,14 +323,33 @@ def drop_content_duplicates(table: pd.DataFrame) -> tuple[pd.DataFrame, list[dic
     return out, dropped
 
 
-def apply_task(table: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Add ``target`` for ``task`` (malignant | melanoma | keratosis); rows unknown for it are dropped."""
+def apply_task(table: pd.DataFrame, task: str, classes: Sequence[str] = C.DIAGNOSIS_CLASSES) -> pd.DataFrame:
+    """Add ``target`` for ``task``; rows unknown for it are dropped.
+
+    Binary tasks (malignant | melanoma | keratosis): 0/1 from that column. ``diagnosis``: the index of the row's
+    class in ``classes`` (:func:`kmel.data.diagnosis.diagnosis_classes` maps every source's names); the rows
+    with no class are dropped and :func:`diagnosis_drops` counts them by reason."""
+    if task == "diagnosis":
+        target, _ = diagnosis_classes(table[C.COL_DIAGNOSIS], classes)
+        out = table[target >= 0].copy()
+        out[C.COL_TARGET] = target[target >= 0].astype(int)
+        return out.reset_index(drop=True)
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {sorted(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; valid tasks: {sorted([*TASKS, 'diagnosis'])}")
     column = TASKS[task]
     out = table[table[column].notna()].copy()
     out[C.COL_TARGET] = out[column].astype(int)
     return out.reset_index(drop=True)
+
+
+def diagnosis_drops(table: pd.DataFrame, classes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Why rows have no class for the diagnosis task: reason → {diagnosis as written → rows}."""
+    _, reason = diagnosis_classes(table[C.COL_DIAGNOSIS], classes)
+    dropped = table.assign(_reason=reason)[reason.notna()]
+    out: dict[str, dict[str, int]] = {}
+    for (why, name), n in dropped.groupby(["_reason", dropped[C.COL_DIAGNOSIS].fillna("").astype(str)]).size().items():
+        out.setdefault(str(why), {})[name or "(empty)"] = int(n)
+    return out
 
 
 def split_table(

@@ -28,6 +28,7 @@ from kmel import constants as C
 from kmel.config import Config, ConfigError, save_config, to_plain
 from kmel.data.metadata import (
     apply_task,
+    diagnosis_drops,
     drop_content_duplicates,
     find_images,
     find_masks,
@@ -226,7 +227,9 @@ def build_records(
 
     table, content_dups = drop_content_duplicates(table)
     before_task = len(table)
-    table = apply_task(table, rc.task)
+    if rc.task == "diagnosis":
+        report["dropped_for_classes"] = diagnosis_drops(table, rc.classes)
+    table = apply_task(table, rc.task, rc.classes)
     report["dropped_unknown_label_for_task"] = before_task - len(table)
     report["content_duplicates"] = content_dups
     if table.empty:
@@ -275,6 +278,8 @@ def build_records(
     manifest = {
         "kmel_version": kmel.__version__,
         "task": rc.task,
+        **({"classes": list(rc.classes), "malignant_classes": list(rc.malignant_classes),
+            "class_counts": _class_counts(table, rc.classes)} if rc.task == "diagnosis" else {}),
         "data_dir": str(data_dir.resolve()),
         "fingerprint": hashlib.sha256("".join(shard_hashes).encode()).hexdigest()[:16],
         "n_records": {kind: {s: sum(e["records"] for e in shards[kind][s]) for s in C.SPLITS} for kind in shards},
@@ -291,6 +296,12 @@ def build_records(
     os.replace(tmp, out_dir / C.MANIFEST)
     shutil.rmtree(cache, ignore_errors=True)
     return manifest
+
+
+def _class_counts(table: pd.DataFrame, classes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """split → class name → images, every class listed (0 where a split has none)."""
+    return {split: {name: int(((table[C.COL_SPLIT] == split) & (table[C.COL_TARGET] == i)).sum())
+                    for i, name in enumerate(classes)} for split in C.SPLITS}
 
 
 def _json_default(value: Any) -> Any:
@@ -360,5 +371,10 @@ def format_counts(manifest: dict[str, Any]) -> str:
         lines.append(f"CSV files not recognised (header unknown): {len(cleaning['unrecognised_files'])}")
     if cleaning.get("conflicts"):
         lines.append(f"label conflicts resolved as malignant: {len(cleaning['conflicts'])}")
+    for split, counts in manifest.get("class_counts", {}).items():
+        lines.append(f"{split} classes: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    for reason, names in cleaning.get("dropped_for_classes", {}).items():
+        top = sorted(names.items(), key=lambda kv: -kv[1])[:5]
+        lines.append(f"no class ({reason}): {sum(names.values())} rows, e.g. " + ", ".join(f"{k} {n}" for k, n in top))
     lines.append("details: manifest.json (cleaning, skipped, mask_issues) and skipped.csv")
     return "\n".join(lines)

@@ -43,6 +43,25 @@ def fit_temperature(y_true: Any, probabilities: Any) -> float:
     return float(np.exp(best.x))
 
 
+def fit_class_temperature(classes: Any, probabilities: Any) -> float:
+    """The temperature T that minimises the log loss of softmax(log p / T) on (validation) class indices; 1.0
+    when fewer than two classes are present."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(classes).reshape(-1).astype(int)
+    logp = np.log(np.clip(np.asarray(probabilities, dtype=np.float64).reshape(len(y), -1), 1e-12, 1.0))
+    if y.size == 0 or len(np.unique(y)) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        z = logp / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+    best = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-5})
+    return float(np.exp(best.x))
+
+
 def calibration_report(
     y_true: Any, raw: Any, calibrated: Any, groups: Mapping[str, Any], temperature: float, n_bins: int = 10,
 ) -> dict[str, Any]:

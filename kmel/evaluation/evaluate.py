@@ -15,25 +15,31 @@ import pandas as pd
 
 from kmel import constants as C
 from kmel.config import Config, ConfigError
+from kmel.models.heads import ClassifierHead, head_from_entry, head_from_manifest
 
-ScoreFn = Callable[[np.ndarray], np.ndarray]  # float32 [N, S, S, 3] 0–255 → [N] probabilities
+ScoreFn = Callable[[np.ndarray], np.ndarray]  # float32 [N, S, S, 3] 0–255 → [N, K] outputs (K = 1: yes/no)
 
 
 def as_score_fn(model: Any) -> ScoreFn:
     """A Keras model, a loaded SavedModel (``serve`` signature) or a batch → outputs function (a
-    :class:`kmel.serving.litert.TFLiteModel`, say) as a batch → probabilities function."""
+    :class:`kmel.serving.litert.TFLiteModel`, say) as a batch → [N, K] outputs function."""
     from kmel.models.pipeline import signature_fn
 
     if hasattr(model, "predict_on_batch"):
-        return lambda batch: np.asarray(model.predict_on_batch(batch)).reshape(-1)
+        return lambda batch: np.asarray(model.predict_on_batch(batch)).reshape(len(batch), -1)
     fn = signature_fn(model) if hasattr(model, "signatures") else model
-    return lambda batch: np.asarray(fn(batch)).reshape(-1)
+    return lambda batch: np.asarray(fn(batch)).reshape(len(batch), -1)
 
 
 def predict_records(
-    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int = 32, progress: bool = False
+    model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int = 32, progress: bool = False,
+    head: ClassifierHead | None = None,
 ) -> pd.DataFrame:
-    """One row per crop record: id, source, target, probability, skin tone, ITA category, crop mode."""
+    """One row per crop record: id, source, target, probability, skin tone, ITA category, crop mode.
+
+    ``head`` (default: the one the records' task calls for) reads the outputs: ``probability`` is the malignant
+    side's and ``target`` its 0/1 truth; a diagnosis head adds ``true_class`` (the class index) and one raw
+    ``p_<CLASS>`` column per class."""
     import tensorflow as tf
     from tqdm.auto import tqdm
 
@@ -42,6 +48,7 @@ def predict_records(
 
     score = as_score_fn(model)
     manifest = load_manifest(records_dir)
+    head = head_from_manifest(manifest) if head is None else head
     files = shard_paths(records_dir, "crop", split, manifest)
     total = manifest.get("n_records", {}).get("crop", {}).get(split)
     size = config.classifier.image_size
@@ -54,11 +61,14 @@ def predict_records(
     bar = tqdm(total=total, desc=f"score {split}", unit="img", disable=not progress, dynamic_ncols=True)
     for images, meta in ds:
         meta = {k: v.numpy() for k, v in meta.items()}
+        outputs = score(images.numpy())
         frames.append(pd.DataFrame({
             C.COL_IMAGE_ID: [b.decode() for b in meta[C.F_IMAGE_ID]],
             C.COL_SOURCE: [b.decode() for b in meta[C.F_SOURCE]],
-            C.COL_TARGET: meta[C.F_TARGET].astype(int),
-            "probability": score(images.numpy()),
+            C.COL_TARGET: head.malignant_target(meta[C.F_TARGET]),
+            **({"true_class": meta[C.F_TARGET].astype(int)} if head.multiclass else {}),
+            "probability": head.malignant_probability(outputs),
+            **dict(zip(head.class_columns, outputs.T)),
             C.COL_SKIN_TONE_NAME: [C.SKIN_TONE_GROUPS[g] for g in meta[C.F_SKIN_TONE]],
             C.COL_ITA: meta[C.F_ITA],
             "ita_category_name": [C.ITA_CATEGORIES[g] for g in meta[C.F_ITA_CATEGORY]],
@@ -67,7 +77,7 @@ def predict_records(
         bar.update(len(frames[-1]))
     bar.close()
     if not frames:
-        return pd.DataFrame(columns=[C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_TARGET, "probability",
+        return pd.DataFrame(columns=[C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_TARGET, "probability", *head.class_columns,
                                      C.COL_SKIN_TONE_NAME, C.COL_ITA, "ita_category_name", "crop_mode"])
     return pd.concat(frames, ignore_index=True)
 
@@ -118,40 +128,60 @@ def with_record_metadata(table: pd.DataFrame, records_dir: str | Path) -> pd.Dat
 
 def report_from_table(
     table: pd.DataFrame, threshold: float, out_dir: str | Path, config: Config, meta: Mapping[str, Any],
-    temperature: float = 1.0,
+    temperature: float = 1.0, head: ClassifierHead | None = None,
 ) -> dict[str, Any]:
     """Write predictions.csv and the report for a scored, labelled table.
 
     With a ``temperature`` other than 1 the table's ``probability`` is the model's own: it is kept as
-    ``probability_uncalibrated`` and replaced by the calibrated one, the scale ``threshold`` is on.
+    ``probability_uncalibrated`` and replaced by the calibrated one, the scale ``threshold`` is on. A diagnosis
+    ``head`` calibrates the table's ``p_<CLASS>`` columns instead (the probability is their malignant sum) and,
+    where the table has ``true_class``, adds the multiclass section (:mod:`kmel.evaluation.diagnosis`).
     """
     from kmel.evaluation.report import write_report
-    from kmel.models.pipeline import apply_temperature
+    from kmel.models.pipeline import calibrate_outputs
 
+    head = ClassifierHead() if head is None else head
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = table.copy()
     raw = table["probability"].to_numpy(dtype=np.float64)
+    if head.multiclass:
+        classes, calibrated = calibrate_outputs(head, table[head.class_columns].to_numpy(np.float64), temperature)
+        table[head.class_columns] = classes
+        table["diagnosis"] = np.asarray(head.classes)[classes.argmax(axis=1)]
+    else:
+        _, calibrated = calibrate_outputs(head, raw, temperature)
     if temperature != 1.0:
         table["probability_uncalibrated"] = raw
-        table["probability"] = apply_temperature(raw, temperature)
+        table["probability"] = calibrated
     table["prediction"] = (table["probability"] >= threshold).astype(int)
     table.to_csv(out_dir / "predictions.csv", index=False)
-    return write_report(
+    report = write_report(
         out_dir, table[C.COL_TARGET].to_numpy(), table["probability"].to_numpy(), threshold, report_groups(table),
         meta={**dict(meta), "temperature": temperature}, n_bootstrap=config.classifier.bootstrap,
         seed=config.classifier.seed, raw_scores=raw, temperature=temperature,
     )
+    if head.multiclass and "true_class" in table:
+        from kmel.evaluation.diagnosis import add_diagnosis_report
+
+        report = add_diagnosis_report(out_dir, report, table["true_class"].to_numpy(int),
+                                      table[head.class_columns].to_numpy(np.float64), head.classes)
+    return report
 
 
 def write_split_report(
     model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int, threshold: float,
     out_dir: str | Path, meta: Mapping[str, Any] | None = None, progress: bool = False, temperature: float = 1.0,
+    head: ClassifierHead | None = None,
 ) -> dict[str, Any]:
     """Score ``split`` and write its report; ``threshold`` applies to probabilities after ``temperature``."""
-    table = with_record_metadata(predict_records(model, records_dir, split, config, batch_size, progress), records_dir)
+    from kmel.data.records import load_manifest
+
+    head = head_from_manifest(load_manifest(records_dir)) if head is None else head
+    table = with_record_metadata(predict_records(model, records_dir, split, config, batch_size, progress, head),
+                                 records_dir)
     meta = {"split": split, "records": str(records_dir), "n": len(table), **(meta or {})}
-    return report_from_table(table, threshold, out_dir, config, meta, temperature=temperature)
+    return report_from_table(table, threshold, out_dir, config, meta, temperature=temperature, head=head)
 
 
 def evaluate_exported(
@@ -201,7 +231,7 @@ def evaluate_exported(
                                     "threshold_split": chosen_on, "models": str(models_dir),
                                     "runtime": runtime if runtime == "tf" else f"tflite {tflite_precision}",
                                     "tta": "flips (4 views averaged)" if tta else "none"},
-                              progress=progress, temperature=temperature)
+                              progress=progress, temperature=temperature, head=head_from_entry(pipeline["classifier"]))
 
 
 def evaluate_predictions(
@@ -223,14 +253,19 @@ def evaluate_predictions(
         pred = pd.read_csv(predictions_csv, dtype={"image": str, "relpath": str})
     truth = pd.read_csv(truth_csv, dtype={"image": str, "relpath": str})
     key = "relpath" if "relpath" in truth.columns and "relpath" in pred.columns else "image"
+    head = _predictions_head(pred)
+    if "target" not in truth.columns and "diagnosis" in truth.columns:
+        truth = _targets_from_diagnosis(truth, head, truth_csv)
     missing = {key, "target"} - set(truth.columns)
     if missing:
-        raise ConfigError(f"{truth_csv} must have columns image,target or relpath,target (missing: {sorted(missing)})")
+        raise ConfigError(f"{truth_csv} must have columns image,target (or image,diagnosis) or relpath,target "
+                          f"(missing: {sorted(missing)})")
     n_not_ok = int((pred["status"] != "ok").sum())
     pred = pred[pred["status"] == "ok"]
     # Subgroup columns the user's truth table carries (sex, age, site, fitzpatrick_group) join the report.
     extra = [c for c in SUBGROUP_COLUMNS.values() if c in truth.columns and c not in pred.columns]
-    table = pred.merge(truth[[key, "target", *extra]], on=key, how="inner")
+    extra += ["true_class"] if "true_class" in truth.columns and head.multiclass else []
+    table = pred.drop(columns=["diagnosis"], errors="ignore").merge(truth[[key, "target", *extra]], on=key, how="inner")
     if table.empty:
         raise ConfigError(f"no {key} in {truth_csv} matches an ok row of {predictions_csv}")
     table = table.rename(columns={"image": C.COL_IMAGE_ID, "skin_tone_group": C.COL_SKIN_TONE_NAME,
@@ -243,4 +278,32 @@ def evaluate_predictions(
             "threshold_split": "models' validation",
             "predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table), "matched_on": key,
             "unmatched_truth_rows": int(len(truth) - len(table)), "prediction_rows_not_ok": n_not_ok}
-    return report_from_table(table, threshold, out_dir, config, meta)
+    # The predictions are calibrated already (temperature 1 here); a diagnosis head's p_<CLASS> columns are kept.
+    return report_from_table(table, threshold, out_dir, config, meta, head=head)
+
+
+def _predictions_head(pred: pd.DataFrame) -> ClassifierHead:
+    """A diagnosis head when the predictions have ``p_<CLASS>`` columns (its malignant classes: kmel's defaults
+    among them; only the truths of a ``diagnosis`` column depend on them), else yes/no."""
+    classes = tuple(c[2:] for c in pred.columns if c.startswith("p_"))
+    if len(classes) < 2:
+        return ClassifierHead()
+    return ClassifierHead("diagnosis", classes, tuple(c for c in classes if c in C.MALIGNANT_CLASSES))
+
+
+def _targets_from_diagnosis(truth: pd.DataFrame, head: ClassifierHead, truth_csv: str | Path) -> pd.DataFrame:
+    """``target`` (malignant or not) and, for a diagnosis head, ``true_class`` from a ``diagnosis`` truth column
+    (codes or words, mapped as build-records maps them: kmel/data/diagnosis.py); rows naming no class are left out."""
+    from kmel.data.diagnosis import diagnosis_class
+
+    names = truth["diagnosis"].map(diagnosis_class)
+    known = names.notna() & (names.isin(head.classes) if head.multiclass else True)
+    if not known.any():
+        raise ConfigError(f"{truth_csv}: no row's diagnosis names one of the classes "
+                          f"{list(head.classes) or list(C.DIAGNOSIS_CLASSES)} (see docs/data.md, 'Diagnosis classes')")
+    truth = truth[known].copy()
+    malignant = head.malignant_classes if head.multiclass else C.MALIGNANT_CLASSES
+    truth["target"] = names[known].isin(malignant).astype(int)
+    if head.multiclass:
+        truth["true_class"] = names[known].map({c: i for i, c in enumerate(head.classes)}).astype(int)
+    return truth

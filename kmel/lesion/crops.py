@@ -247,6 +247,8 @@ def build_crop_records(
     crop_manifest = {
         "kmel_version": kmel.__version__,
         "kind": "crop",
+        # the labels' meaning, as build-records wrote it (kmel.models.heads.head_from_manifest reads it)
+        **{key: manifest[key] for key in ("task", "classes", "malignant_classes") if key in manifest},
         "source_records": str(records_dir.resolve()),
         "source_fingerprint": manifest["fingerprint"],
         "segmenter_fingerprint": fingerprint,

@@ -38,8 +38,9 @@ def batchnorm_momentum(config: ClassifierConfig) -> float:
 
 
 # === Functional Model ===
-def build_classifier(config: ClassifierConfig) -> keras.Model:
-    """EfficientNet backbone → global average pool → dropout → Dense(1) → float32 sigmoid."""
+def build_classifier(config: ClassifierConfig, n_outputs: int = 1) -> keras.Model:
+    """EfficientNet backbone → global average pool → dropout → Dense(1) → float32 sigmoid, or with
+    ``n_outputs`` > 1 (the diagnosis task's classes) Dense(n_outputs) → float32 softmax."""
     if config.backbone not in BACKBONES:
         raise ConfigError(f"classifier backbone must be one of {sorted(BACKBONES)}, got {config.backbone!r}")
     weights = resolve_classifier_weights(config.weights, config.backbone, mirror=config.weights_mirror)
@@ -51,8 +52,8 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
             layer.momentum = momentum  # read at call time and saved in the layer config
     x = layers.GlobalAveragePooling2D(name="head_pool")(backbone.output)
     x = layers.Dropout(config.dropout, name="head_dropout")(x)
-    x = layers.Dense(1, name="head_dense")(x)
-    outputs = layers.Activation("sigmoid", dtype="float32", name="probability")(x)
+    x = layers.Dense(n_outputs, name="head_dense")(x)
+    outputs = layers.Activation("sigmoid" if n_outputs == 1 else "softmax", dtype="float32", name="probability")(x)
     return keras.Model(inputs, outputs, name="classifier")
 
 

@@ -1,6 +1,7 @@
 """Grad-CAM as a graph function of a Keras classifier, for the exported ``gradcam`` endpoint: for each
 image, the ReLU of the gradient-weighted channel sum of the last convolution's activations, scaled to
-[0, 1] and resized to the input size."""
+[0, 1] and resized to the input size. The gradient is of the sigmoid output of a yes/no head, and of the
+most probable class of a diagnosis head (or of the class ``class_index`` names, ``gradcam_class``)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import keras
 import tensorflow as tf
 
 
-def make_gradcam_graph_fn(model: keras.Model, last_conv: str) -> Callable[[tf.Tensor], tf.Tensor]:
-    """``fn(images [N,S,S,3] float32) -> heat maps [N,S,S] float32 in [0, 1]`` (graph-safe)."""
+def make_gradcam_graph_fn(model: keras.Model, last_conv: str, by_class: bool = False) -> Callable[..., tf.Tensor]:
+    """``fn(images [N,S,S,3] float32) -> heat maps [N,S,S] float32 in [0, 1]`` (graph-safe); with ``by_class``,
+    ``fn(images, class_index int32 scalar)``: the maps of that output (−1: each image's most probable one)."""
     grad_model = keras.Model(model.inputs[0], [model.get_layer(last_conv).output, model.outputs[0]])
 
-    def gradcam(images: tf.Tensor) -> tf.Tensor:
+    def gradcam(images: tf.Tensor, class_index: tf.Tensor | int = -1) -> tf.Tensor:
         with tf.GradientTape() as tape:
             conv, prob = grad_model(images, training=False)
-            score = tf.reduce_sum(tf.cast(prob, tf.float32))
+            prob = tf.cast(prob, tf.float32)
+            n = tf.shape(prob)[-1]
+            chosen = tf.where(class_index >= 0, tf.fill(tf.shape(prob)[:1], tf.cast(class_index, tf.int32)),
+                              tf.argmax(prob, axis=-1, output_type=tf.int32))
+            # one output: the sigmoid itself; several: the chosen class's probability
+            score = tf.reduce_sum(prob * tf.one_hot(chosen, n)) if model.outputs[0].shape[-1] != 1 \
+                else tf.reduce_sum(prob)
         grads = tf.cast(tape.gradient(score, conv), tf.float32)
         conv = tf.cast(conv, tf.float32)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
@@ -26,4 +34,6 @@ def make_gradcam_graph_fn(model: keras.Model, last_conv: str) -> Callable[[tf.Te
         cam = tf.image.resize(cam, tf.shape(images)[1:3], method="bilinear")
         return cam[..., 0]
 
-    return gradcam
+    if by_class:
+        return gradcam
+    return lambda images: gradcam(images)

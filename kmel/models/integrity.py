@@ -40,7 +40,8 @@ class ModelChecks:
 DEFAULT_CHECKS = ModelChecks()
 
 # Every operation type in the graphs (functions included) of kmel's exports, outside the checkpoint
-# save / restore functions: EfficientNet and EfficientNet-Lite classifiers with the gradcam endpoint,
+# save / restore functions: EfficientNet and EfficientNet-Lite classifiers (one output, or a softmax over the
+# diagnosis classes with its gradcam_class endpoint: OneHot, Softmax) with the gradcam endpoint,
 # ResNet18/34 and Lite U-Nets, each in float32, mixed_float16 and mixed_bfloat16 (tests/test_integrity.py
 # exports them again and fails on an operation missing here).
 ALLOWED_OPS = frozenset({
@@ -51,7 +52,7 @@ ALLOWED_OPS = frozenset({
     "Mean", "Minimum", "Mul", "Neg", "NoOp", "Pack", "Pad", "Placeholder", "Prod", "Range", "ReadVariableOp",
     "RealDiv", "Relu", "Relu6", "Relu6Grad", "Reshape", "ResizeBilinear", "Rsqrt", "Select", "Shape", "ShapeN",
     "Sigmoid", "SigmoidGrad", "Slice", "Sqrt", "Square", "Squeeze", "StatefulPartitionedCall", "StridedSlice", "Sub",
-    "Sum", "Tile", "VarHandleOp", "VarIsInitializedOp", "ZerosLike",
+    "Sum", "Tile", "VarHandleOp", "VarIsInitializedOp", "ZerosLike", "OneHot", "Softmax",
 })
 # Pure tensor operations (no state, no I/O) that other TensorFlow / Keras versions, hand-made test models
 # or a user's own exports may use for the same layers: allowed as well.

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from kmel import constants as C
+from kmel.models.heads import ClassifierHead
 from kmel.models.integrity import (
     DEFAULT_CHECKS,
     ModelChecks,
@@ -80,3 +81,24 @@ def apply_temperature(probabilities: Any, temperature: float) -> np.ndarray:
     """sigmoid(logit(p) / T): T > 1 softens over-confident scores; monotone, so rankings and AUC are unchanged."""
     z = _logit(np.asarray(probabilities, dtype=np.float64)) / float(temperature)
     return 1.0 / (1.0 + np.exp(-z))
+
+
+def apply_class_temperature(probabilities: Any, temperature: float) -> np.ndarray:
+    """softmax(log p / T) row by row: temperature scaling of a softmax head's [N, K] class probabilities."""
+    z = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)) / float(temperature)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def calibrate_outputs(head: ClassifierHead, outputs: Any, temperature: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """(calibrated [N, K] class probabilities, or None for a yes/no head; calibrated [N] malignant probability)
+    of a classifier's raw outputs. A diagnosis head's temperature scales its classes, and the malignant
+    probability is the sum of the calibrated malignant classes."""
+    if head.multiclass:
+        classes = np.asarray(outputs, dtype=np.float64).reshape(-1, head.n_outputs)
+        if temperature != 1.0:
+            classes = apply_class_temperature(classes, temperature)
+        return classes, head.malignant_probability(classes)
+    probability = head.malignant_probability(outputs)
+    return None, apply_temperature(probability, temperature) if temperature != 1.0 else probability

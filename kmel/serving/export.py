@@ -28,7 +28,8 @@ def export_serving(
 ) -> Path:
     """Write ``model`` as a SavedModel with a ``serve`` endpoint (float32 [N, S, S, 3], 0–255).
 
-    With ``gradcam_layer``, a second ``gradcam`` endpoint returns Grad-CAM maps of that layer.
+    With ``gradcam_layer``, a second ``gradcam`` endpoint returns Grad-CAM maps of that layer (of a diagnosis
+    model's most probable class), and for a model with several outputs ``gradcam_class`` takes a class index too.
     The folder is written under a temporary name and swapped in when complete.
     """
     path = Path(path)
@@ -42,6 +43,9 @@ def export_serving(
         from kmel.models.gradcam import make_gradcam_graph_fn
 
         archive.add_endpoint(name="gradcam", fn=make_gradcam_graph_fn(model, gradcam_layer), input_signature=spec)
+        if model.outputs[0].shape[-1] != 1:
+            archive.add_endpoint(name="gradcam_class", fn=make_gradcam_graph_fn(model, gradcam_layer, by_class=True),
+                                 input_signature=[*spec, tf.TensorSpec([], tf.int32, name="class_index")])
     archive.write_out(str(tmp), verbose=False)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)

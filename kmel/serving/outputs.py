@@ -26,6 +26,15 @@ COLUMNS = (
     "ita_category", "crop_mode", "box_x0", "box_y0", "box_x1", "box_y1", "tta", "status", "error",
 )
 FORMATS = ("csv", "jsonl")
+
+
+def output_columns(class_columns: Sequence[str] = ()) -> tuple[str, ...]:
+    """The columns of a predict output: a diagnosis model's ``p_<CLASS>`` columns and ``diagnosis`` come
+    after the file's names, then the yes/no columns every model writes."""
+    if not class_columns:
+        return COLUMNS
+    return (*COLUMNS[:3], *class_columns, "diagnosis", *COLUMNS[3:])
+
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 META_SUFFIX = ".meta.json"
 # What must match for rows to be appended to an output: the models and the options that change scores.
@@ -102,8 +111,9 @@ def _output_error(path: Path, exc: OSError, doing: str) -> ConfigError:
 class RowsFile:
     """An output file of predict rows (CSV or JSONL), appended and fsynced batch by batch."""
 
-    def __init__(self, path: str | Path, fmt: str | None = None):
+    def __init__(self, path: str | Path, fmt: str | None = None, columns: Sequence[str] = COLUMNS):
         self.path = Path(path)
+        self.columns = tuple(columns)
         self.fmt = fmt or format_for(self.path)
         if self.fmt not in FORMATS:
             raise ConfigError(f"unknown output format {self.fmt!r}; known: {', '.join(FORMATS)}")
@@ -131,7 +141,7 @@ class RowsFile:
             raise wrong from None
         if self.fmt == "csv":
             reader = csv.DictReader(io.StringIO(text, newline=""))
-            if tuple(reader.fieldnames or ()) != COLUMNS:
+            if tuple(reader.fieldnames or ()) != self.columns:
                 raise wrong
             return list(reader)
         rows = []
@@ -161,9 +171,9 @@ class RowsFile:
         try:
             with open(tmp, "w", newline="", encoding="utf-8") as handle:
                 if self.fmt == "csv":
-                    writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+                    writer = csv.DictWriter(handle, fieldnames=self.columns)
                     writer.writeheader()
-                    writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+                    writer.writerows({k: row.get(k, "") for k in self.columns} for row in rows)
                 else:
                     handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
                 handle.flush()
@@ -212,7 +222,7 @@ class RowsFile:
         except OSError as exc:
             raise _output_error(self.path, exc, "write") from None
         if self.fmt == "csv":
-            self._csv = csv.DictWriter(self._handle, fieldnames=COLUMNS)
+            self._csv = csv.DictWriter(self._handle, fieldnames=self.columns)
             if new:
                 self.write_header()
         return self
@@ -227,9 +237,9 @@ class RowsFile:
         try:
             for row in rows:
                 if self.fmt == "csv":
-                    self._csv.writerow({k: escape_cell(row.get(k, "")) for k in COLUMNS})
+                    self._csv.writerow({k: escape_cell(row.get(k, "")) for k in self.columns})
                 else:
-                    self._handle.write(json.dumps({k: row.get(k) for k in COLUMNS}, ensure_ascii=False) + "\n")
+                    self._handle.write(json.dumps({k: row.get(k) for k in self.columns}, ensure_ascii=False) + "\n")
             self._handle.flush()
             os.fsync(self._handle.fileno())
         except OSError as exc:

@@ -15,8 +15,9 @@ import numpy as np
 
 from kmel.config import ConfigError
 from kmel.lesion.crops import CropPipeline
+from kmel.models.heads import head_from_entry
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
-from kmel.models.pipeline import apply_temperature, read_pipeline
+from kmel.models.pipeline import calibrate_outputs, read_pipeline
 from kmel.serving.runtime import config_from_pipeline, load_runtime_models
 
 
@@ -36,11 +37,21 @@ class Prediction:
     tta: bool
     crop: np.ndarray = field(repr=False)  # the classifier's input, RGB uint8
     heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM in [0, 1] when explaining
+    # A diagnosis model's calibrated class probabilities (summing to 1; ``probability`` is the malignant ones' sum)
+    classes: dict[str, float] | None = None
+
+    @property
+    def diagnosis(self) -> str | None:
+        """The most probable class of a diagnosis model (None for a yes/no model)."""
+        return None if self.classes is None else max(self.classes, key=self.classes.__getitem__)
 
     def columns(self) -> dict[str, Any]:
-        """The model's columns of an output row."""
+        """The model's columns of an output row: a diagnosis model's ``p_<CLASS>`` and ``diagnosis`` first."""
         x0, y0, x1, y1 = self.box
+        per_class = {} if self.classes is None else {
+            **{f"p_{name}": round(p, 6) for name, p in self.classes.items()}, "diagnosis": self.diagnosis}
         return {
+            **per_class,
             "probability": round(self.probability, 6), "prediction": self.prediction, "label": self.label,
             "threshold": self.threshold, "skin_tone_group": self.skin_tone_group, "ita": round(self.ita, 2),
             "ita_category": self.ita_category, "crop_mode": self.crop_mode,
@@ -54,10 +65,11 @@ def flip_views(batch: np.ndarray) -> list[np.ndarray]:
 
 
 def flip_averaged(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """``classify`` (a batch of crops → one score each) averaged over the four :func:`flip_views`."""
+    """``classify`` (a batch of crops → [N, K] outputs) averaged over the four :func:`flip_views`."""
 
     def averaged(batch: np.ndarray) -> np.ndarray:
-        return np.mean([np.asarray(classify(np.ascontiguousarray(v))).reshape(-1) for v in flip_views(batch)], axis=0)
+        return np.mean([np.asarray(classify(np.ascontiguousarray(v))).reshape(len(batch), -1)
+                        for v in flip_views(batch)], axis=0)
 
     return averaged
 
@@ -84,7 +96,9 @@ class Predictor:
         classifier = self.pipeline["classifier"]
         self.threshold = float(classifier["threshold"])
         self.temperature = float(classifier.get("temperature", 1.0))  # the threshold is on the calibrated scale
-        self.class_names = list(classifier.get("class_names", ["benign", "malignant"]))
+        self.head = head_from_entry(classifier)
+        # the label of each side of the threshold (a diagnosis model's decision is malignant or not)
+        self.decision_names = ["benign", "malignant"] if self.head.multiclass else self.head.class_names
         self.tta = tta
         if explain and runtime != "tf":
             raise ConfigError("--explain (Grad-CAM) needs the SavedModel runtime: drop --runtime tflite")
@@ -100,11 +114,13 @@ class Predictor:
         self.crops = CropPipeline(self.models.segment, self.models.seg_size, self.config, workers)
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of float32 crops (flip-averaged with ``tta``)."""
-        probs = self._classify(crops)
-        if self.temperature != 1.0:
-            probs = apply_temperature(probs, self.temperature)
-        return probs
+        """Calibrated malignant probabilities of float32 crops (flip-averaged with ``tta``)."""
+        return self.calibrated(crops)[1]
+
+    def calibrated(self, crops: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(calibrated [N, K] class probabilities of a diagnosis head, else None; calibrated [N] malignant
+        probabilities) of float32 crops, flip-averaged with ``tta``."""
+        return calibrate_outputs(self.head, self._classify(crops), self.temperature)
 
     def prepare(self, images: Sequence[np.ndarray]) -> list[Any]:
         """Segment, crop, remove hair, estimate skin tone: one :class:`kmel.lesion.crops.PreparedCrop` each."""
@@ -115,14 +131,15 @@ class Predictor:
         if not len(prepared):
             return []
         batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
-        probs = self.probabilities(batch)
+        classes, probs = self.calibrated(batch)
         heat = self._explain(batch) if self._explain is not None else [None] * len(prepared)
         out = []
-        for prep, prob, cam in zip(prepared, probs, heat):
+        for i, (prep, prob, cam) in enumerate(zip(prepared, probs, heat)):
             pred = int(prob >= self.threshold)
             tone = prep.result.skin_tone
             out.append(Prediction(
-                probability=float(prob), prediction=pred, label=self.class_names[pred], threshold=self.threshold,
+                probability=float(prob), prediction=pred, label=self.decision_names[pred], threshold=self.threshold,
+                classes=None if classes is None else dict(zip(self.head.classes, map(float, classes[i]))),
                 skin_tone_group=tone.group_name, ita=float(tone.ita), ita_category=tone.ita_category_name,
                 crop_mode=prep.result.crop_mode, box=tuple(int(v) for v in prep.box), tta=self.tta,
                 crop=prep.result.crop, heatmap=cam,

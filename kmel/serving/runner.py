@@ -38,6 +38,7 @@ from kmel.data.images import (
     read_file,
     walk_images,
 )
+from kmel.models.heads import head_from_entry
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
 from kmel.models.pipeline import read_pipeline
 from kmel.serving.explain import save_overlay
@@ -45,6 +46,7 @@ from kmel.serving.outputs import (  # noqa: F401 (re-exported)
     COLUMNS,
     RowsFile,
     escape_cell,
+    output_columns,
     output_identity,
     printable,
 )
@@ -321,12 +323,13 @@ def predict_files(
     (SavedModels) or ``tflite`` (the ``tflite_precision`` files of ``kmel export --format tflite``).
     ``checks``: what is verified before the models run (:mod:`kmel.models.integrity`). An output that
     other models or options wrote is refused, unless ``overwrite`` (start it afresh)."""
-    rows_file = RowsFile(out, fmt)
+    RowsFile(out, fmt)  # a known format
     # Wrong inputs, models, output file or explain folder are usage errors before anything is written
     # (an --overwrite output is only replaced once all of them are right) and before the models load.
     items = collect_inputs(inputs, stdin)
     pipeline = read_pipeline(models_dir)
     config_from_pipeline(pipeline, models_dir)  # both models trained, or the fix named
+    rows_file = RowsFile(out, fmt, output_columns(head_from_entry(pipeline["classifier"]).class_columns))
     if explain_dir is not None:
         check_writable_folder(explain_dir, "--explain")
     rows_file.check_identity(output_identity(pipeline, models_dir, tta, runtime, tflite_precision), overwrite)

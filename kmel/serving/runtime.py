@@ -73,7 +73,8 @@ class RuntimeModels:
     """The exported segmenter and classifier as plain functions, whichever runtime serves them.
 
     ``segment``: float32 [N, S, S, 3] 0–255 → [N, S, S] lesion probabilities. ``classify``: float32
-    [N, C, C, 3] 0–255 → [N] probabilities, uncalibrated. Both split a batch into calls of at most
+    [N, C, C, 3] 0–255 → [N, K] probabilities, uncalibrated (K = 1 for a yes/no model, the classes for a
+    diagnosis model). Both split a batch into calls of at most
     ``max_batch_pixels`` input pixels.
     """
 
@@ -112,7 +113,7 @@ def load_runtime_models(
         return RuntimeModels(
             "tflite", tflite_precision, seg_size, cls_size,
             _chunked(lambda x: seg(x)[..., 0], model_chunk(seg_size, pixels)),
-            _chunked(lambda x: cls(x).reshape(-1), model_chunk(cls_size, pixels)),
+            _chunked(lambda x: cls(x).reshape(len(x), -1), model_chunk(cls_size, pixels)),
         )
     from kmel.lesion.crops import make_segment_fn
 
@@ -120,7 +121,7 @@ def load_runtime_models(
     loaded = load_serving(models_dir / C.CLASSIFIER_DIR, checks, pipeline["classifier"].get("fingerprint"))
     cls_serve = signature_fn(loaded)
     return RuntimeModels("tf", "float32", seg_size, cls_size, _chunked(segment, model_chunk(seg_size, pixels)),
-                         _chunked(lambda x: cls_serve(x).reshape(-1), model_chunk(cls_size, pixels)), loaded)
+                         _chunked(lambda x: cls_serve(x).reshape(len(x), -1), model_chunk(cls_size, pixels)), loaded)
 
 
 PRECISIONS = ("float32", "float16", "int8")

@@ -163,14 +163,17 @@ class GroupRecallLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, logdir: str, images: np.ndarray, targets: np.ndarray, groups: np.ndarray,
-                 choose: Callable[[np.ndarray, np.ndarray, np.ndarray], float] | None = None):
+                 choose: Callable[[np.ndarray, np.ndarray, np.ndarray], float] | None = None,
+                 score: Callable[[np.ndarray], np.ndarray] | None = None):
         super().__init__()
         self.writer = tf.summary.create_file_writer(logdir)
         self.images, self.targets, self.groups = images, targets.reshape(-1), groups.reshape(-1)
         self.choose = choose
+        # the model's outputs → one malignant score per image (a diagnosis head sums its malignant classes)
+        self.score = score or (lambda outputs: np.asarray(outputs).reshape(-1))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        scores = self.model.predict(self.images, verbose=0).reshape(-1)
+        scores = self.score(self.model.predict(self.images, verbose=0))
         with self.writer.as_default():
             if self.choose is None:
                 threshold, prefix = 0.5, "val_recall_by_skin_tone_at_0.5"

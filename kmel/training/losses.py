@@ -1,7 +1,8 @@
 """Segmentation loss and metrics (per image, then averaged), registered for ``.keras`` round trips.
 
 The classifier's loss is Keras' own ``BinaryFocalCrossentropy(apply_class_balancing=True)``:
-−α_t (1 − p_t)^γ log p_t with α_t = α for positives and 1 − α for negatives (checked in the tests).
+−α_t (1 − p_t)^γ log p_t with α_t = α for positives and 1 − α for negatives (checked in the tests); the
+diagnosis task's softmax head takes :class:`SparseFocalCrossentropy`, −(1 − p_t)^γ log p_t over its classes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,36 @@ import keras
 from keras import ops
 
 
-def make_classifier_loss(cc: Any) -> keras.losses.Loss:
+def make_classifier_loss(cc: Any, n_outputs: int = 1) -> keras.losses.Loss:
     """The loss ``fit_classifier`` compiles: class-balanced focal loss with the profile's α, γ and label
-    smoothing (``cc``: a :class:`kmel.config.ClassifierConfig`)."""
+    smoothing (``cc``: a :class:`kmel.config.ClassifierConfig`); for a softmax over ``n_outputs`` > 1 classes,
+    the focal loss with γ and label smoothing, unweighted (the diagnosis task balances its classes by sampling,
+    ``classifier.class_balance``)."""
+    if n_outputs > 1:
+        return SparseFocalCrossentropy(gamma=cc.focal_gamma, label_smoothing=cc.label_smoothing)
     return keras.losses.BinaryFocalCrossentropy(apply_class_balancing=True, alpha=cc.focal_alpha, gamma=cc.focal_gamma,
                                                 label_smoothing=cc.label_smoothing)
+
+
+@keras.saving.register_keras_serializable(package="kmel")
+class SparseFocalCrossentropy(keras.losses.Loss):
+    """−Σ_k q_k (1 − p_k)^γ log p_k over softmax probabilities ``p``, with q the one-hot of the class index
+    (``y_true`` [N] or [N, 1]) smoothed by ``label_smoothing``; γ = 0 is the cross-entropy."""
+
+    def __init__(self, gamma: float = 2.0, label_smoothing: float = 0.0, name: str = "sparse_focal", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.gamma, self.label_smoothing = float(gamma), float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        p = ops.clip(ops.cast(y_pred, "float32"), 1e-7, 1.0 - 1e-7)
+        k = ops.shape(p)[-1]
+        q = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), k)
+        if self.label_smoothing:
+            q = q * (1.0 - self.label_smoothing) + self.label_smoothing / ops.cast(k, "float32")
+        return -ops.sum(q * ops.power(1.0 - p, self.gamma) * ops.log(p), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma, "label_smoothing": self.label_smoothing}
 
 
 def _flat(y_true, y_pred):

@@ -309,7 +309,11 @@ def fit_classifier(
     The run works in ``models_dir/.run-classifier`` and replaces the previous classifier, its history
     and report only when it is complete (:mod:`kmel.training.run_folder`); ``restart`` drops an
     interrupted run instead of resuming it."""
-    from kmel.evaluation.calibration import expected_calibration_error, fit_temperature
+    from kmel.evaluation.calibration import (
+        expected_calibration_error,
+        fit_class_temperature,
+        fit_temperature,
+    )
     from kmel.evaluation.evaluate import predict_records, write_split_report
     from kmel.lesion.crops import ensure_crop_records
     from kmel.models.classifier import (
@@ -317,8 +321,10 @@ def fit_classifier(
         build_classifier,
         set_trainable_blocks,
     )
-    from kmel.models.pipeline import apply_temperature
+    from kmel.models.heads import head_from_manifest
+    from kmel.models.pipeline import calibrate_outputs
     from kmel.training.losses import make_classifier_loss
+    from kmel.training.metrics import make_classifier_metrics
     from kmel.training.optimizers import make_classifier_optimizer
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
@@ -334,6 +340,7 @@ def fit_classifier(
     replicas = strat.num_replicas_in_sync
     batch = cc.batch_size * replicas
     manifest = load_manifest(crops_dir)
+    head = head_from_manifest(manifest)  # one sigmoid output, or a softmax over the diagnosis classes
     work = start_run(models_dir, "classifier", _run_settings("classifier", cc, manifest, policy), restart)
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
@@ -344,16 +351,15 @@ def fit_classifier(
     # Pretrained BatchNorm statistics stay frozen; from scratch they must be learned.
     freeze_bn = cc.weights not in ("none", "", None)
     with strat.scope():
-        model = build_classifier(cc)
+        model = build_classifier(cc, head.n_outputs)
         # Pretrained layers learn at backbone_lr_scale × the head's rate (kmel/training/optimizers.py says why).
         optimizer = make_classifier_optimizer(cc, steps * cc.epochs)
         optimizer.build(model.trainable_variables)
         set_trainable_blocks(model, stage_for_epoch(cc.unfreeze, 0), freeze_bn)
         model.compile(
             optimizer=optimizer,
-            loss=make_classifier_loss(cc),
-            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.Recall(name="recall"),
-                     keras.metrics.Precision(name="precision")],
+            loss=make_classifier_loss(cc, head.n_outputs),
+            metrics=make_classifier_metrics(head),
             jit_compile=jit_compile_setting(),
         )
     val_meta = make_dataset(crops_dir, "val", "crop", False, config, batch_size=batch, with_groups=True)
@@ -366,8 +372,9 @@ def fit_classifier(
     callbacks, best = _callbacks(
         "classifier", work, logdir, cc.early_stopping_patience,
         [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
-         *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, v_targets, v_groups,
-                                   choose=functools.partial(_chosen_threshold, cc))],
+         *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, head.malignant_target(v_targets),
+                                   v_groups, choose=functools.partial(_chosen_threshold, cc),
+                                   score=head.malignant_probability)],
         # Ranking, not loss: training is resampled (more malignant than in val), so the val loss
         # mostly measures the calibration shift and favours the earliest, most timid epoch.
         monitor="val_auc", mode="max",
@@ -382,10 +389,16 @@ def fit_classifier(
     final = keras.saving.load_model(work / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
     # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
     threshold_split = "val"
-    val = predict_records(final, crops_dir, threshold_split, config, cc.batch_size)
-    # One temperature fitted on val; the threshold is chosen on the calibrated scale that predict reports.
-    temperature = fit_temperature(val["target"].to_numpy(), val["probability"].to_numpy())
-    calibrated = apply_temperature(val["probability"].to_numpy(), temperature)
+    val = predict_records(final, crops_dir, threshold_split, config, cc.batch_size, head=head)
+    # One temperature fitted on val (a diagnosis head's: of its classes); the threshold is chosen on the
+    # calibrated scale that predict reports.
+    if head.multiclass:
+        outputs = val[head.class_columns].to_numpy()
+        temperature = fit_class_temperature(val["true_class"].to_numpy(), outputs)
+    else:
+        outputs = val["probability"].to_numpy()
+        temperature = fit_temperature(val["target"].to_numpy(), outputs)
+    _, calibrated = calibrate_outputs(head, outputs, temperature)
     calibration = {"temperature": temperature, "fitted_on": threshold_split, "val_ece_before": expected_calibration_error(
         val["target"].to_numpy(), val["probability"].to_numpy()),
         "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
@@ -394,13 +407,12 @@ def fit_classifier(
     report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
                                 work / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
                                                               "threshold_choice": choice},
-                                temperature=temperature)
+                                temperature=temperature, head=head)
     save_config(config, work / "classifier_config.yaml")
     entry = {
         "image_size": cc.image_size,
         "backbone": cc.backbone,
-        "task": config.records.task,
-        "class_names": ["benign", "malignant"] if config.records.task == "malignant" else ["other", config.records.task],
+        **head.to_entry(),  # task, class names (and a diagnosis head's malignant classes)
         "threshold": float(choice["threshold"]),
         "threshold_choice": choice,
         "threshold_from": threshold_split,
@@ -431,22 +443,25 @@ def fit_classifier(
 
 
 def balance_table(manifest: dict[str, Any], config: Config) -> str:
-    """Before/after composition of one training epoch by (target, skin tone)."""
-    from kmel.data.datasets import balance_weights, group_counts
+    """Before/after composition of one training epoch by (class, skin tone)."""
+    from kmel.data.datasets import classifier_balance_weights, group_counts
+    from kmel.models.heads import head_from_manifest
 
     counts = group_counts(manifest, "train")
-    weights = balance_weights(counts, config.classifier.target_malignant_fraction,
-                              config.classifier.skin_tone_balance)
+    weights = classifier_balance_weights(manifest, "train", config)
+    head = head_from_manifest(manifest)
+    names = head.class_names
     total = sum(counts.values()) or 1
     lines = ["training composition per epoch (natural -> balanced):"]
-    for t in (0, 1):
+    for t in sorted({t for t, _ in counts}):
         for g, name in enumerate(C.SKIN_TONE_GROUPS):
             n = counts.get((t, g), 0)
             if n:
-                label = "malignant" if t else "benign"
-                lines.append(f"  {label:9s} {name:10s} {100 * n / total:5.1f}% -> {100 * weights[(t, g)]:5.1f}%  (n={n})")
-    mal = sum(n for (t, _), n in counts.items() if t == 1) / total
-    lines.append(f"  malignant overall {100 * mal:.1f}% -> {100 * sum(w for (t, _), w in weights.items() if t == 1):.1f}%")
+                lines.append(f"  {names[t]:9s} {name:10s} {100 * n / total:5.1f}% -> {100 * weights[(t, g)]:5.1f}%  (n={n})")
+    malignant = set(head.malignant_index) if head.multiclass else {1}
+    mal = sum(n for (t, _), n in counts.items() if t in malignant) / total
+    drawn = sum(w for (t, _), w in weights.items() if t in malignant)
+    lines.append(f"  malignant overall {100 * mal:.1f}% -> {100 * drawn:.1f}%")
     if config.classifier.source_balance > 0:
         from kmel.data.datasets import source_counts, split_by_source
 

@@ -5,27 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from kmel.data.diagnosis import code_for_name
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.registry import YEARS, _frame, register_format
-
-# ISIC Archive diagnosis names (old ``diagnosis`` and the ``diagnosis_2..5`` hierarchy) to codes; the
-# first fragment found in the most specific name wins.
-ARCHIVE_DX = (
-    ("melanoma", "MEL"), ("basal cell", "BCC"), ("squamous cell", "SCC"), ("actinic", "AK"), ("solar keratosis", "AK"),
-    ("seborrheic", "SK"), ("nevus", "NV"), ("nevi", "NV"), ("dermatofibroma", "DF"), ("lentigo", "BKL"),
-    ("lichen", "BKL"), ("angioma", "VASC"), ("vascular", "VASC"), ("pyogenic", "VASC"),
-)
-
 
 FITZPATRICK_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
 
 
 def _archive_code(name: pd.Series) -> pd.Series:
-    lower = name.fillna("").str.lower()
-    code = pd.Series("UNK", index=name.index, dtype=object)
-    for fragment, value in reversed(ARCHIVE_DX):  # earlier fragments win
-        code[lower.str.contains(fragment, regex=False)] = value
-    return code
+    """ISIC Archive diagnosis names (old ``diagnosis`` and the ``diagnosis_2..5`` hierarchy) to codes, by the
+    fragments of :data:`kmel.data.diagnosis.NAME_FRAGMENTS`; UNK when none names a class."""
+    return name.fillna("").map(lambda n: code_for_name(n) or "UNK")
 
 
 @register_format("isic_archive", ("isic_id", "diagnosis_1", "benign_malignant", "image_type", "patient_id", "lesion_id",

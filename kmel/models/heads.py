@@ -1,0 +1,90 @@
+"""What a classifier's output means: one sigmoid probability (the yes/no tasks) or a softmax over diagnosis
+classes, from which the malignant probability is the sum over the malignant classes.
+
+One :class:`ClassifierHead` is read from the records' manifest when training and from ``pipeline.json`` when
+serving, and passed down: everything after the model (threshold, calibration, fairness report, predict's
+``probability``) works on :meth:`ClassifierHead.malignant_probability`, for either kind of head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """``task``; for ``diagnosis`` the ``classes`` in output order and the ``malignant_classes`` among them."""
+
+    task: str = "malignant"
+    classes: tuple[str, ...] = ()
+    malignant_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.task == "diagnosis":
+            if len(self.classes) < 2 or not set(self.malignant_classes) <= set(self.classes) or not self.malignant_classes:
+                raise ValueError(f"a diagnosis head needs >= 2 classes and malignant classes among them, got "
+                                 f"{list(self.classes)} / {list(self.malignant_classes)}")
+        elif self.classes:
+            raise ValueError(f"task {self.task!r} has one output; classes are for the diagnosis task")
+
+    @property
+    def multiclass(self) -> bool:
+        return self.task == "diagnosis"
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes) if self.multiclass else 1
+
+    @property
+    def malignant_index(self) -> list[int]:
+        return [i for i, name in enumerate(self.classes) if name in self.malignant_classes]
+
+    @property
+    def class_columns(self) -> list[str]:
+        """``p_<CLASS>`` for each class (predict's and the report's per-class columns); [] for one output."""
+        return [f"p_{name}" for name in self.classes]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the decision's two sides (binary) or of the classes (diagnosis)."""
+        if self.multiclass:
+            return list(self.classes)
+        return ["benign", "malignant"] if self.task == "malignant" else ["other", self.task]
+
+    def malignant_probability(self, outputs: Any) -> np.ndarray:
+        """[N] probabilities of the malignant side from the model's [N, 1] / [N] or [N, K] outputs."""
+        out = np.asarray(outputs, dtype=np.float64)
+        if not self.multiclass:
+            return out.reshape(-1)
+        return out.reshape(len(out), -1)[:, self.malignant_index].sum(axis=1)
+
+    def malignant_target(self, targets: Any) -> np.ndarray:
+        """[N] 0/1 truths of the malignant side from record targets (0/1, or class indices)."""
+        t = np.asarray(targets).reshape(-1).astype(int)
+        return np.isin(t, self.malignant_index).astype(int) if self.multiclass else t
+
+    def to_entry(self) -> dict[str, Any]:
+        """The keys ``pipeline.json``'s classifier entry holds for the head."""
+        entry: dict[str, Any] = {"task": self.task, "class_names": self.class_names}
+        if self.multiclass:
+            entry["malignant_classes"] = list(self.malignant_classes)
+        return entry
+
+
+def head_from_manifest(manifest: Mapping[str, Any]) -> ClassifierHead:
+    """The head a record set's labels call for (build-records wrote its task and classes)."""
+    task = str(manifest.get("task", "malignant"))
+    if task == "diagnosis":
+        return ClassifierHead(task, tuple(manifest["classes"]), tuple(manifest["malignant_classes"]))
+    return ClassifierHead(task)
+
+
+def head_from_entry(entry: Mapping[str, Any]) -> ClassifierHead:
+    """The head of an exported classifier (``pipeline.json``; entries from before the diagnosis task are binary)."""
+    task = str(entry.get("task", "malignant"))
+    if task == "diagnosis":
+        return ClassifierHead(task, tuple(entry["class_names"]), tuple(entry["malignant_classes"]))
+    return ClassifierHead(task)
