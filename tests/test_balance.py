@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kmel.data.datasets import balance_weights
+
+
+@pytest.fixture(scope="module")
+def unequal_records(tmp_path_factory) -> Path:
+    """96 synthetic images in two sources (2019- and 2020-style CSVs) of unequal size: a third of the 2020
+    images are missing. Records built once for the drawing tests below."""
+    from kmel.data.records import build_records
+    from kmel.data.synthetic import make_synthetic_dataset
+    from tests.tiny import tiny_config
+
+    tmp = tmp_path_factory.mktemp("balance")
+    make_synthetic_dataset(tmp / "data", n_images=96, seed=7, size=96)
+    for image in sorted((tmp / "data" / "images" / "2020").iterdir())[::3]:
+        image.unlink()
+    build_records(tmp / "data", tmp / "rec", tiny_config(), progress=False)
+    return tmp / "rec"
 
 
 def test_balance_weights_by_hand():
@@ -26,22 +44,19 @@ def test_balance_rejects_out_of_range_and_keeps_one_class_data():
 
 
 @pytest.mark.slow
-def test_balanced_training_dataset_draws_the_configured_shares(tmp_path):
+def test_balanced_training_dataset_draws_the_configured_shares(unequal_records):
     """3,200 examples drawn from make_dataset: malignant fraction and skin-tone shares as balance_weights says."""
     from collections import Counter
 
     import numpy as np
 
     from kmel.data.datasets import group_counts, make_dataset
-    from kmel.data.records import build_records, load_manifest
-    from kmel.data.synthetic import make_synthetic_dataset
+    from kmel.data.records import load_manifest
     from tests.tiny import tiny_config
 
-    make_synthetic_dataset(tmp_path / "data", n_images=64, seed=7, size=96)
     config = tiny_config(**{"classifier.image_size": 32, "classifier.augment": False,
                             "classifier.target_malignant_fraction": 0.5, "classifier.skin_tone_balance": 1.0})
-    build_records(tmp_path / "data", tmp_path / "rec", config, progress=False)
-    counts = group_counts(load_manifest(tmp_path / "rec"), "train")
+    counts = group_counts(load_manifest(unequal_records), "train")
     expected = balance_weights(counts, 0.5, 1.0)
     total = sum(counts.values())
     natural = {k: n / total for k, n in counts.items()}
@@ -50,7 +65,7 @@ def test_balanced_training_dataset_draws_the_configured_shares(tmp_path):
     assert abs(sum(v for (t, _), v in natural.items() if t == 1) - 0.5) > 2 * tolerance
     assert max(abs(natural[k] - expected[k]) for k in counts) > 2 * tolerance
 
-    ds = make_dataset(tmp_path / "rec", "train", "img", True, config, batch_size=64, balance=True, with_groups=True)
+    ds = make_dataset(unequal_records, "train", "img", True, config, batch_size=64, balance=True, with_groups=True)
     drawn: Counter = Counter()
     for _, targets, groups in ds.take(50).as_numpy_iterator():
         drawn.update(zip(targets.reshape(-1).astype(int).tolist(), groups.reshape(-1).astype(int).tolist()))
@@ -80,7 +95,7 @@ def test_split_by_source_by_hand():
 
 
 @pytest.mark.slow
-def test_source_balance_draws_every_source_equally(tmp_path):
+def test_source_balance_draws_every_source_equally(unequal_records):
     """The synthetic folder has two sources (2019- and 2020-style CSVs) of unequal size: with source_balance 1
     each gets the same share of every (class, skin tone) group, counted on the records make_dataset's sampler
     draws."""
@@ -93,16 +108,11 @@ def test_source_balance_draws_every_source_equally(tmp_path):
         source_counts,
         split_by_source,
     )
-    from kmel.data.records import build_records, load_manifest, shard_paths
-    from kmel.data.synthetic import make_synthetic_dataset
+    from kmel.data.records import load_manifest, shard_paths
     from tests.tiny import tiny_config
 
-    make_synthetic_dataset(tmp_path / "data", n_images=96, seed=7, size=96)
-    for image in sorted((tmp_path / "data" / "images" / "2020").iterdir())[::3]:
-        image.unlink()  # a third of one source's images missing: the two sources now differ in size
     config = tiny_config(**{"classifier.target_malignant_fraction": 0.5, "classifier.skin_tone_balance": 0.0})
-    build_records(tmp_path / "data", tmp_path / "rec", config, progress=False)
-    manifest = load_manifest(tmp_path / "rec")
+    manifest = load_manifest(unequal_records)
     counts = source_counts(manifest, "train")
     totals = Counter()
     for (source, _, _), n in counts.items():
@@ -113,11 +123,11 @@ def test_source_balance_draws_every_source_equally(tmp_path):
         from dataclasses import replace
 
         cfg = replace(config, classifier=replace(config.classifier, source_balance=source_balance))
-        records = make_record_dataset(shard_paths(tmp_path / "rec", "img", "train", manifest), True, 0)
+        records = make_record_dataset(shard_paths(unequal_records, "img", "train", manifest), True, 0)
         drawn = Counter()
-        for r in make_balanced_records(records, manifest, "train", cfg, 0).take(4000).as_numpy_iterator():
+        for r in make_balanced_records(records, manifest, "train", cfg, 0).take(2500).as_numpy_iterator():
             drawn[(r["source"].decode(), int(r["target"]))] += 1
-        return {k: v / 4000 for k, v in drawn.items()}
+        return {k: v / 2500 for k, v in drawn.items()}
 
     def expected_shares(source_balance: float) -> dict[tuple, float]:
         weights = split_by_source(balance_weights(group_counts(manifest, "train"), 0.5, 0.0), counts, source_balance)
@@ -130,5 +140,5 @@ def test_source_balance_draws_every_source_equally(tmp_path):
     assert max(abs(want_natural[k] - want_balanced[k]) for k in want_natural) > 0.05  # balancing changes the mix
     for source_balance, want in ((0.0, want_natural), (1.0, want_balanced)):
         got = drawn_shares(source_balance)
-        for key, share in want.items():  # about 4 standard errors of a share near 0.25 over 4,000 draws
-            assert got.get(key, 0.0) == pytest.approx(share, abs=0.03), (source_balance, key, got, want)
+        for key, share in want.items():  # about 4 standard errors of a share near 0.25 over 2,500 draws
+            assert got.get(key, 0.0) == pytest.approx(share, abs=0.035), (source_balance, key, got, want)
