@@ -86,6 +86,8 @@ def union_split(table, val_fraction: float = 0.15, test_fraction: float = 0.15, 
 
     src = require_shared()
     fixed = pd.read_csv(src / "isic2018-task1-256" / "labels.csv").set_index("image_id")["split"]
+    # The HAM10000 split is stratified on malignant or not whatever the task, so that a diagnosis run and a
+    # yes/no run on the union train and test on the same images (for the yes/no task target == malignant).
     ham = pd.read_csv(src / "metadata" / "HAM10000_metadata.csv").set_index("image_id")["lesion_id"]
     table = table.copy()
     base = table["base_id"] if "base_id" in table else table[C.COL_IMAGE_ID]
@@ -94,7 +96,9 @@ def union_split(table, val_fraction: float = 0.15, test_fraction: float = 0.15, 
     table.loc[is_ham, C.COL_LESION] = base[is_ham].map(ham)
     table[C.COL_SPLIT] = base.map(fixed)
     if is_ham.any():
-        ham_part = split_table(table[is_ham].drop(columns=C.COL_SPLIT), val_fraction, test_fraction, seed, ())
+        ham = table[is_ham].drop(columns=C.COL_SPLIT)
+        by_malignant = ham.assign(**{C.COL_TARGET: ham[C.COL_MALIGNANT].astype(int)})
+        ham_part = split_table(by_malignant, val_fraction, test_fraction, seed, ())
         table.loc[is_ham, C.COL_SPLIT] = ham_part[C.COL_SPLIT]
     missing = table[C.COL_SPLIT].isna()
     if missing.any():
@@ -122,8 +126,14 @@ def build_benchmark_records(out: Path, config, data: str = "isic") -> Path:
 
 def per_source(table, threshold: float) -> dict[str, dict]:
     """AUC, and sensitivity / specificity at ``threshold``, per ``source`` of a scored table (``target``,
-    ``probability``: a report's predictions.csv or :func:`kmel.evaluation.evaluate.predict_records`)."""
+    ``probability``: a report's predictions.csv or :func:`kmel.evaluation.evaluate.predict_records`). A
+    diagnosis model's table (``true_class`` and ``p_<CLASS>`` columns) adds the balanced multiclass accuracy
+    and each class's recall."""
     from sklearn.metrics import roc_auc_score
+
+    from kmel.evaluation.diagnosis import diagnosis_metrics
+
+    classes = [c[2:] for c in table.columns if c.startswith("p_")]
 
     out = {}
     for source, part in table.groupby("source"):
@@ -135,4 +145,9 @@ def per_source(table, threshold: float) -> dict[str, dict]:
             "sensitivity": round(float((p[pos] >= threshold).mean()), 4) if pos.any() else None,
             "specificity": round(float((p[neg] < threshold).mean()), 4) if neg.any() else None,
         }
+        if classes and "true_class" in part:
+            m = diagnosis_metrics(part["true_class"], part[[f"p_{c}" for c in classes]].to_numpy(), classes)
+            out[source]["balanced_multiclass_accuracy"] = round(m["balanced_accuracy"], 4)
+            out[source]["recall_by_class"] = {c: (None if v["sensitivity"] is None else round(v["sensitivity"], 4))
+                                              for c, v in m["per_class"].items()}
     return out

@@ -1,7 +1,7 @@
 """Classifier quality on real data: a profile's classifier on crops made by the benchmark segmenter.
 
 usage: python bench/cls_quality.py [--profile cpu-pretrained|cpu-small] [--epochs N] [--patience N]
-                                   [--seg bench/out/seg] [--out bench/out/cls] [--fresh]
+                                   [--seg bench/out/seg] [--out bench/out/cls] [--fresh] [--task diagnosis]
 
 Needs ``bench/seg_quality.py`` first: it reuses that run's records (the fixed 1,600 / 400 / 594 split
 of ../shared/data/isic2018-task1-256, labels from the official ISIC 2019 ground truth) and its
@@ -9,7 +9,9 @@ exported segmenter. Crop records are built with that segmenter (the same code pa
 at the profile's classifier size. ``cpu-small`` trains EfficientNet-B0 from scratch; ``cpu-pretrained``
 fine-tunes EfficientNet-Lite0 from the ImageNet weights that kmel's install brings. The threshold is
 chosen on val and the test split is reported: AUC, average precision, sensitivity / specificity at
-the threshold, and the per-skin-tone table, with run times. Task: malignant (here MEL vs NV/BKL).
+the threshold, and the per-skin-tone table, with run times. Task: malignant (here MEL vs NV/BKL), or with
+``--task diagnosis`` the profile's classes on records of the same images and split (built under OUT/records):
+then also the balanced multiclass accuracy and per-class recall, overall and per source.
 
 For scale it also prints a model-free floor: logistic regression on 30 colour statistics of the
 same crops (Lab / HSV means, spreads and percentiles, whole crop and centre), fitted on train.
@@ -37,6 +39,10 @@ def colour_baseline(crops_dir: Path, config) -> dict[str, float]:
     from sklearn.preprocessing import StandardScaler
 
     from kmel.data.datasets import make_dataset
+    from kmel.data.records import load_manifest
+    from kmel.models.heads import head_from_manifest
+
+    head = head_from_manifest(load_manifest(crops_dir))  # a diagnosis run: malignant or not from the class
 
     def features(split: str) -> tuple[np.ndarray, np.ndarray]:
         rows, targets = [], []
@@ -49,7 +55,7 @@ def colour_baseline(crops_dir: Path, config) -> dict[str, float]:
                 lab = lab.reshape(-1, 3)
                 rows.append(np.concatenate([lab.mean(0), lab.std(0), np.percentile(lab, [5, 25, 50, 75, 95], 0).ravel(),
                                             hsv.std(0), centre.mean(0), centre.std(0)]))
-            targets.extend(target.numpy().ravel())
+            targets.extend(head.malignant_target(target.numpy()))
         return np.array(rows), np.array(targets)
 
     x_train, y_train = features("train")
@@ -66,6 +72,9 @@ def main() -> None:
     parser.add_argument("--seg", default=str(OUT / "seg"), help="output folder of bench/seg_quality.py")
     parser.add_argument("--out", default=str(OUT / "cls"))
     parser.add_argument("--fresh", action="store_true", help="retrain from scratch (crop records are reused)")
+    parser.add_argument("--task", default=None, choices=["diagnosis"],
+                        help="diagnosis: build the same benchmark's records (same split) labelled with the profile's "
+                             "classes under OUT/records and train the softmax head on them (the segmenter is --seg's)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
                         help="any other config override, value read as YAML (e.g. classifier.source_balance=1); "
                              "repeatable")
@@ -93,6 +102,17 @@ def main() -> None:
                                         **{key: yaml.safe_load(value)
                                            for key, _, value in (item.partition("=") for item in args.set)}})
 
+    if args.task == "diagnosis":
+        from dataclasses import replace
+
+        from _common import build_benchmark_records
+
+        config = replace(config, records=replace(config.records, task="diagnosis"))
+        seg_manifest = json.loads((records / C.MANIFEST).read_text())
+        data = "union" if any("ham10000" in by_source for by_source in seg_manifest["counts"].values()) else "isic"
+        if not (out / "records" / C.MANIFEST).exists():
+            build_benchmark_records(out, config, data)
+        records = out / "records"
     start = time.perf_counter()
     crops = ensure_crop_records(records, models, config)
     cropped = time.perf_counter()
@@ -100,6 +120,8 @@ def main() -> None:
     done = time.perf_counter()
 
     baseline = colour_baseline(crops, config)
+    diagnosis = {k: v for k, v in json.loads((models / "report" / "report.json").read_text()).get("diagnosis", {}).items()
+                 if k in ("balanced_accuracy", "accuracy", "top2_accuracy", "n")}
     report = json.loads((models / "report" / "report.json").read_text())
     summary = report["summary"]
     manifest = json.loads((crops / C.MANIFEST).read_text())
@@ -112,6 +134,7 @@ def main() -> None:
         "test_by_source": per_source(pd.read_csv(models / "report" / "predictions.csv"), entry["threshold"]),
         "crop_seconds": round(cropped - start, 1), "train_seconds": round(done - cropped, 1),
         "colour_statistics_logistic_regression": baseline,
+        **({"task": "diagnosis", "test_diagnosis": diagnosis} if diagnosis else {}),
     }
     print(json.dumps(result, indent=2))
     print((models / "report" / "report.md").read_text())
