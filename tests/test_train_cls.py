@@ -142,7 +142,7 @@ def mixed_run(records, tmp_path_factory) -> dict[str, Path]:
     from kmel.training.train import fit_classifier, fit_segmenter
 
     tmp = tmp_path_factory.mktemp("mixed")
-    config = tiny_config(epochs=2, **{"segmenter.steps_per_epoch": 2, "classifier.steps_per_epoch": 2,
+    config = tiny_config(epochs=2, **{"segmenter.steps_per_epoch": 1, "classifier.steps_per_epoch": 1,
                                       "classifier.backbone": "efficientnet_lite0"})
     models, runs = tmp / "models", tmp / "runs"
     try:
