@@ -29,15 +29,9 @@ PROFILE_HELP = (
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from kmel.data.records import DataError
+    from kmel.models.weights.download import WeightsError
 
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, DataError]
-    try:
-        from kmel.models.weights.download import WeightsError
-
-        errors.append(WeightsError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return ConfigError, FileNotFoundError, DataError, WeightsError
 
 
 POSITIVE = click.IntRange(min=1)
@@ -326,8 +320,10 @@ TFLITE_PRECISION_OPTION = click.option(
               help="Folder with segmenter/, classifier/ and pipeline.json.")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Images per model batch [pipeline: predict.batch_size].")
 @click.option("--explain", "explain_dir", default=None, type=click.Path(file_okay=False),
-              help="Write Grad-CAM overlays (crop | heat map) as PNGs into this folder, at each file's "
-                   "relpath + _gradcam.png.")
+              help="Write Grad-CAM overlays (crop | heat map) of the predicted class as PNGs into this folder, "
+                   "at each file's relpath + _gradcam.png.")
+@click.option("--explain-class", default=None, metavar="CLASS",
+              help="With --explain and a diagnosis model: the maps of this class (e.g. MEL) instead.")
 @click.option("--tta", is_flag=True, help="Average the classifier over flips (noted in the output's tta column).")
 @click.option("--max-file-mb", type=POSITIVE, default=None,
               help="Larger input files get an error row, unread [predict.max_file_mb: 256].")
@@ -342,7 +338,7 @@ TFLITE_PRECISION_OPTION = click.option(
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: str, batch_size: int | None,
-            explain_dir: str | None, tta: bool, max_file_mb: int | None, runtime: str, tflite_precision: str,
+            explain_dir: str | None, explain_class: str | None, tta: bool, max_file_mb: int | None, runtime: str, tflite_precision: str,
             overwrite: bool, no_verify: bool, trust_model: bool, strict: bool, quiet: bool) -> None:
     """Classify image files into a CSV or JSONL file, one row per input file.
 
@@ -363,7 +359,8 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
         stdin = click.get_text_stream("stdin") if "-" in inputs else None
         s = predict_files(inputs, target, models, batch_size, tta, explain_dir, fmt, stdin, max_file_mb,
                           progress=not quiet, runtime=runtime, tflite_precision=tflite_precision,
-                          checks=ModelChecks(not no_verify, trust_model), overwrite=overwrite)
+                          checks=ModelChecks(not no_verify, trust_model), overwrite=overwrite,
+                          explain_class=explain_class)
         click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_skipped} skipped, {s.n_malignant} predicted positive "
                    f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {target}")
         for path, reason in s.errors[:20]:

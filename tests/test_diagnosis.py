@@ -287,7 +287,8 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     for image in sorted((data / "images").rglob("*.jpg"))[:5]:
         (photos / image.name).write_bytes(image.read_bytes())
     _invoke("predict", photos, tmp_path / "pred.csv", "--models", models, "--explain", tmp_path / "cams", "--quiet")
-    _invoke("predict", photos, tmp_path / "pred.jsonl", "--models", models, "--quiet")
+    _invoke("predict", photos, tmp_path / "pred.jsonl", "--models", models, "--explain", tmp_path / "mel",
+            "--explain-class", "mel", "--quiet")
     rows = pd.read_csv(tmp_path / "pred.csv")
     cols = ["p_MEL", "p_NV", "p_BCC", "p_BKL"]
     assert list(rows.columns[3:8]) == [*cols, "diagnosis"] and (rows["status"] == "ok").all()
@@ -297,7 +298,14 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     assert list(rows["prediction"]) == [int(p >= entry["threshold"]) for p in rows["probability"]]
     lines = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [round(line["p_MEL"], 6) for line in lines] == [round(v, 6) for v in rows["p_MEL"]]
-    assert len(list((tmp_path / "cams").glob("*.png"))) == 5
+    assert len(list((tmp_path / "cams").glob("*.png"))) == len(list((tmp_path / "mel").glob("*.png"))) == 5
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    wrong = CliRunner().invoke(cli, ["predict", str(photos), str(tmp_path / "x.csv"), "--models", str(models),
+                                     "--explain", str(tmp_path / "x"), "--explain-class", "SK"])
+    assert wrong.exit_code == 2 and "not one of the model's classes" in wrong.output
 
     # The columns are the served model's outputs, temperature-scaled over the classes.
     from kmel.data.images import load_image
@@ -330,3 +338,43 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     assert tflite["max_abs_diff"] < 1e-4 and tflite["parity_n"] == 4
     _invoke("predict", photos, tmp_path / "lite.csv", "--models", models, "--runtime", "tflite", "--quiet")
     np.testing.assert_allclose(pd.read_csv(tmp_path / "lite.csv")[cols], rows[cols], atol=1e-4)
+
+
+def test_explain_class_needs_a_diagnosis_model_and_one_of_its_classes(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+    from tests.handmade import write_handmade_models, write_image
+
+    models = write_handmade_models(tmp_path / "models")  # a yes/no model
+    write_image(tmp_path / "in" / "a.png", 0)
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "in"), str(tmp_path / "out.csv"), "--models",
+                                      str(models), "--explain", str(tmp_path / "cams"), "--explain-class", "MEL"])
+    assert result.exit_code == 2 and "only a diagnosis model" in result.output
+    assert not (tmp_path / "out.csv").exists() or "a.png" not in (tmp_path / "out.csv").read_text()
+
+
+def test_group_recall_logger_logs_each_class_recall_of_a_diagnosis_head(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from kmel.training.callbacks import GroupRecallLogger
+
+    outputs = np.array([[.7, .2, .1], [.2, .7, .1], [.6, .3, .1], [.1, .1, .8], [.5, .4, .1]], "float32")
+    true_class = np.array([0, 0, 1, 2, 2])  # MEL recall 1/2, NV 0/1, BCC 1/2
+    head = ClassifierHead("diagnosis", ("MEL", "NV", "BCC"), ("MEL", "BCC"))
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Identity()(inputs))  # its outputs are its inputs
+    logger = GroupRecallLogger(str(tmp_path), outputs, head.malignant_target(true_class), np.zeros(5, int),
+                               score=head.malignant_probability, classes=head.classes, true_class=true_class)
+    logger.set_model(model)
+    logger.on_epoch_end(0)
+    got = {}
+    for file in tmp_path.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(file)):
+            for value in event.summary.value:
+                got[value.tag] = float(tf.make_ndarray(value.tensor))
+    assert {k: v for k, v in got.items() if "by_class" in k} == pytest.approx(
+        {"val_recall_by_class/MEL": 0.5, "val_recall_by_class/NV": 0.0, "val_recall_by_class/BCC": 0.5})
+    # malignant = MEL + BCC: 0.8, 0.3, 0.7, 0.9, 0.6 for truths 1, 1, 0, 1, 1: recall at 0.5 is 3/4
+    assert got["val_recall_by_skin_tone_at_0.5/very_light"] == pytest.approx(0.75)

@@ -16,15 +16,27 @@ import numpy as np
 from kmel import constants as C
 
 
-def make_gradcam_fn(models_dir: str | Path, loaded: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+def make_gradcam_fn(models_dir: str | Path, loaded: Any = None,
+                    class_index: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The exported classifier's ``gradcam`` endpoint as a NumPy function (``loaded``: the classifier
-    SavedModel when the caller has it already)."""
+    SavedModel when the caller has it already); with ``class_index``, a diagnosis model's ``gradcam_class``
+    endpoint for that class (the maps of, say, MEL whatever class each image is predicted to be)."""
     from kmel.models.pipeline import load_serving, signature_fn
 
     loaded = load_serving(Path(models_dir) / C.CLASSIFIER_DIR) if loaded is None else loaded
-    if "gradcam" not in loaded.signatures:
-        raise FileNotFoundError(f"{models_dir}/{C.CLASSIFIER_DIR} was exported without a gradcam endpoint")
-    return signature_fn(loaded, "gradcam")
+    name = "gradcam" if class_index is None else "gradcam_class"
+    if name not in loaded.signatures:
+        raise FileNotFoundError(f"{models_dir}/{C.CLASSIFIER_DIR} was exported without a {name} endpoint")
+    if class_index is None:
+        return signature_fn(loaded, name)
+    import tensorflow as tf
+
+    fn, index = loaded.signatures[name], tf.constant(int(class_index), tf.int32)
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        return next(iter(fn(images=tf.constant(batch, tf.float32), class_index=index).values())).numpy()
+
+    return call
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:

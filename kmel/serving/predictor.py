@@ -88,7 +88,7 @@ class Predictor:
     def __init__(self, models_dir: str | Path = "saved_models", tta: bool = False, explain: bool = False,
                  workers: int | None = None, runtime: str = "tf", tflite_precision: str = "float32",
                  max_batch_pixels: int | None = None, checks: ModelChecks = DEFAULT_CHECKS,
-                 pipeline: dict[str, Any] | None = None):
+                 pipeline: dict[str, Any] | None = None, explain_class: str | None = None):
         self.models_dir = Path(models_dir)
         # the one read of pipeline.json (``pipeline``: its contents, when the caller has read it)
         self.pipeline = read_pipeline(self.models_dir) if pipeline is None else pipeline
@@ -109,9 +109,21 @@ class Predictor:
         if explain:
             from kmel.serving.explain import make_gradcam_fn
 
-            self._explain = make_gradcam_fn(self.models_dir, self.models.classifier_savedmodel)
+            self._explain = make_gradcam_fn(self.models_dir, self.models.classifier_savedmodel,
+                                            self._class_index(explain_class))
         workers = self.config.predict.workers if workers is None else workers
         self.crops = CropPipeline(self.models.segment, self.models.seg_size, self.config, workers)
+
+    def _class_index(self, name: str | None) -> int | None:
+        """The output index of a diagnosis model's class ``name`` (None: Grad-CAM of the predicted class)."""
+        if name is None:
+            return None
+        if not self.head.multiclass:
+            raise ConfigError(f"--explain-class {name}: these models answer yes/no ({self.head.task}); only a diagnosis "
+                              "model (build-records --task diagnosis) has classes to explain")
+        if name.upper() not in self.head.classes:
+            raise ConfigError(f"--explain-class {name}: not one of the model's classes {list(self.head.classes)}")
+        return self.head.classes.index(name.upper())
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """Calibrated malignant probabilities of float32 crops (flip-averaged with ``tta``)."""

@@ -317,12 +317,14 @@ def predict_files(
     tflite_precision: str = "float32",
     checks: ModelChecks = DEFAULT_CHECKS,
     overwrite: bool = False,
+    explain_class: str | None = None,
 ) -> PredictSummary:
     """Predict every input file (files, folders, ``-`` for paths on ``stdin``) into ``out``
     (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output. ``runtime``: ``tf``
     (SavedModels) or ``tflite`` (the ``tflite_precision`` files of ``kmel export --format tflite``).
     ``checks``: what is verified before the models run (:mod:`kmel.models.integrity`). An output that
-    other models or options wrote is refused, unless ``overwrite`` (start it afresh)."""
+    other models or options wrote is refused, unless ``overwrite`` (start it afresh). ``explain_class``: with
+    ``explain_dir`` and a diagnosis model, the Grad-CAM maps of that class instead of the predicted one."""
     RowsFile(out, fmt)  # a known format
     # Wrong inputs, models, output file or explain folder are usage errors before anything is written
     # (an --overwrite output is only replaced once all of them are right) and before the models load.
@@ -334,7 +336,7 @@ def predict_files(
         check_writable_folder(explain_dir, "--explain")
     rows_file.check_identity(output_identity(pipeline, models_dir, tta, runtime, tflite_precision), overwrite)
     done = rows_file.done()
-    with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime,
+    with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime, explain_class=explain_class,
                    tflite_precision=tflite_precision, checks=checks, pipeline=pipeline) as predictor:
         return run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
 

@@ -153,7 +153,8 @@ class SegmentationImages(keras.callbacks.Callback):
 
 
 class GroupRecallLogger(keras.callbacks.Callback):
-    """Validation recall per skin-tone group, logged to TensorBoard each epoch.
+    """Validation recall per skin-tone group (and, for a diagnosis head, per class), logged to TensorBoard
+    each epoch.
 
     With ``choose`` (``(targets, scores, group names) -> threshold``: the rule that picks the exported
     threshold), recall is taken at the threshold it picks on these validation examples, logged as
@@ -164,16 +165,28 @@ class GroupRecallLogger(keras.callbacks.Callback):
 
     def __init__(self, logdir: str, images: np.ndarray, targets: np.ndarray, groups: np.ndarray,
                  choose: Callable[[np.ndarray, np.ndarray, np.ndarray], float] | None = None,
-                 score: Callable[[np.ndarray], np.ndarray] | None = None):
+                 score: Callable[[np.ndarray], np.ndarray] | None = None,
+                 classes: Sequence[str] = (), true_class: np.ndarray | None = None):
         super().__init__()
         self.writer = tf.summary.create_file_writer(logdir)
         self.images, self.targets, self.groups = images, targets.reshape(-1), groups.reshape(-1)
         self.choose = choose
         # the model's outputs → one malignant score per image (a diagnosis head sums its malignant classes)
         self.score = score or (lambda outputs: np.asarray(outputs).reshape(-1))
+        # a diagnosis head: each class's recall of the arg-max class too, as val_recall_by_class/<CLASS>
+        self.classes = tuple(classes)
+        self.true_class = None if true_class is None else np.asarray(true_class).reshape(-1).astype(int)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        scores = self.score(self.model.predict(self.images, verbose=0))
+        outputs = self.model.predict(self.images, verbose=0)
+        scores = self.score(outputs)
+        if self.classes and self.true_class is not None:
+            guess = np.asarray(outputs).reshape(len(scores), -1).argmax(axis=1)
+            with self.writer.as_default():
+                for k, name in enumerate(self.classes):
+                    if (self.true_class == k).any():
+                        tf.summary.scalar(f"val_recall_by_class/{name}",
+                                          float((guess[self.true_class == k] == k).mean()), step=epoch)
         with self.writer.as_default():
             if self.choose is None:
                 threshold, prefix = 0.5, "val_recall_by_skin_tone_at_0.5"

@@ -374,7 +374,7 @@ def fit_classifier(
         [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
          *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, head.malignant_target(v_targets),
                                    v_groups, choose=functools.partial(_chosen_threshold, cc),
-                                   score=head.malignant_probability)],
+                                   score=head.malignant_probability, classes=head.classes, true_class=v_targets)],
         # Ranking, not loss: training is resampled (more malignant than in val), so the val loss
         # mostly measures the calibration shift and favours the earliest, most timid epoch.
         monitor="val_auc", mode="max",
