@@ -246,7 +246,7 @@ def _invoke(*args: str):
 @pytest.mark.slow
 def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     """build-records --task diagnosis → train cls (an untrained exported segmenter makes the crops) → predict,
-    CSV and JSONL → evaluate --predictions with a diagnosis truth column → TFLite float32: per-class columns
+    CSV and JSONL with flips → evaluate --predictions with a diagnosis truth column → TFLite float32: per-class columns
     summing to 1, the arg-max diagnosis, a malignant probability that is the calibrated malignant classes' sum,
     a report with the multiclass section, Grad-CAM of the predicted class and of any class asked for."""
     import tensorflow as tf
@@ -287,8 +287,8 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     for image in sorted((data / "images").rglob("*.jpg"))[:5]:
         (photos / image.name).write_bytes(image.read_bytes())
     _invoke("predict", photos, tmp_path / "pred.csv", "--models", models, "--explain", tmp_path / "cams", "--quiet")
-    _invoke("predict", photos, tmp_path / "pred.jsonl", "--models", models, "--explain", tmp_path / "mel",
-            "--explain-class", "mel", "--quiet")
+    _invoke("predict", photos, tmp_path / "tta.jsonl", "--models", models, "--explain", tmp_path / "mel",
+            "--explain-class", "mel", "--tta", "--quiet")
     rows = pd.read_csv(tmp_path / "pred.csv")
     cols = ["p_MEL", "p_NV", "p_BCC", "p_BKL"]
     assert list(rows.columns[3:8]) == [*cols, "diagnosis"] and (rows["status"] == "ok").all()
@@ -296,8 +296,11 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     assert list(rows["diagnosis"]) == [cols[i][2:] for i in rows[cols].to_numpy().argmax(axis=1)]
     np.testing.assert_allclose(rows["probability"], rows["p_MEL"] + rows["p_BCC"], atol=2e-6)
     assert list(rows["prediction"]) == [int(p >= entry["threshold"]) for p in rows["probability"]]
-    lines = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
-    assert [round(line["p_MEL"], 6) for line in lines] == [round(v, 6) for v in rows["p_MEL"]]
+    flips = pd.DataFrame([json.loads(line) for line in (tmp_path / "tta.jsonl").read_text().splitlines()])
+    assert list(flips.columns[3:8]) == [*cols, "diagnosis"]
+    np.testing.assert_allclose(flips[cols].sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(flips["probability"], flips["p_MEL"] + flips["p_BCC"], atol=2e-6)
+    assert flips["tta"].all() and not np.allclose(flips[cols], rows[cols], atol=1e-6)  # four views averaged
     assert len(list((tmp_path / "cams").glob("*.png"))) == len(list((tmp_path / "mel").glob("*.png"))) == 5
     from click.testing import CliRunner
 

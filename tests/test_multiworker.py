@@ -42,7 +42,8 @@ def test_two_workers_train_together_and_agree(tmp_path):
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         procs.append(subprocess.Popen(
             [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "seg", str(tmp_path / "rec"),
-             str(tmp_path / "models"), str(tmp_path / "runs"), "multiworker", "1", "2", "float32"],
+             str(tmp_path / "models"), str(tmp_path / "runs"), "multiworker", "1", "2", "float32",
+             json.dumps({"segmenter.steps_per_epoch": 1})],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     results = []

@@ -106,7 +106,8 @@ def test_interrupted_mirrored_fit_with_one_replica_resumes_from_last_epoch(recor
 
     Under MirroredStrategy on one device (a user's single GPU, or this CPU), and the resumed ``fit`` goes
     past its first epoch: the validation data must be repeated under any distribution strategy, not
-    only with two replicas. A real SIGKILL under two replicas: tests/test_crash_safety.py."""
+    only with two replicas. A real SIGKILL under two replicas (the same run folder and backup): the classifier's,
+    tests/test_pipeline_e2e.py."""
     import shutil
 
     import kmel.training.train as train

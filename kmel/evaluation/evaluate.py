@@ -243,7 +243,9 @@ def evaluate_predictions(
     V-VI) add those subgroups to the report.
 
     With a ``relpath`` column (as in the predictions) instead of ``image``, rows are matched on it:
-    the way to tell apart files with the same name in different folders.
+    the way to tell apart files with the same name in different folders. Instead of ``target`` the truth may
+    have ``diagnosis`` (codes or words, mapped as build-records maps them); for a diagnosis model's
+    predictions (``p_<CLASS>`` columns) the report then adds its multiclass section.
     """
 
     predictions_csv = Path(predictions_csv)
