@@ -290,7 +290,7 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
     shutil.copytree(pipeline["models"], models)  # the segmenter and its crop records are reused
     # The demo's crop settings, so its crop records are reused, not rebuilt.
     crops = {f"crops.{k}": v for k, v in to_plain(pipeline["config"].crops).items()}
-    overrides = json.dumps({"classifier.backbone": "efficientnet_lite0", **crops})
+    overrides = json.dumps({"classifier.backbone": "efficientnet_lite0", "classifier.steps_per_epoch": 1, **crops})
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "cls", str(pipeline["records"]), str(models),
            str(tmp_path / "runs"), "mirrored", "2", "2", "float32", overrides]

@@ -83,7 +83,7 @@ def test_staged_unfreezing_inside_one_fit_with_imagenet_lite0(records, tmp_path,
 
     config = tiny_config(epochs=3, **{
         "classifier.backbone": "efficientnet_lite0", "classifier.weights": "imagenet",
-        "classifier.unfreeze": [[0, "head"], [1, "top"], [2, "all"]], "classifier.steps_per_epoch": 2,
+        "classifier.unfreeze": [[0, "head"], [1, "top"], [2, "all"]], "classifier.steps_per_epoch": 1,
         "classifier.backbone_lr_scale": 0.05})
     models = tmp_path / "models"
     write_untrained_segmenter(models, config)
