@@ -101,8 +101,9 @@ def score_split(models: Path, crops: Path, split: str, config, tta: bool):
 
     from kmel import constants as C
     from kmel.evaluation.evaluate import predict_records
+    from kmel.models.heads import head_from_entry
     from kmel.models.pipeline import (
-        apply_temperature,
+        calibrate_outputs,
         load_serving,
         read_pipeline,
         signature_fn,
@@ -110,10 +111,14 @@ def score_split(models: Path, crops: Path, split: str, config, tta: bool):
     from kmel.serving.predictor import flip_averaged
 
     serve = signature_fn(load_serving(models / C.CLASSIFIER_DIR))
-    score = flip_averaged(serve) if tta else (lambda x: serve(x).reshape(-1))
-    table = predict_records(score, crops, split, config, batch_size=64)
-    temperature = float(read_pipeline(models)["classifier"].get("temperature", 1.0))
-    table["probability"] = apply_temperature(table["probability"].to_numpy(), temperature)
+    score = flip_averaged(serve) if tta else serve
+    entry = read_pipeline(models)["classifier"]
+    head = head_from_entry(entry)
+    table = predict_records(score, crops, split, config, batch_size=64, head=head)
+    outputs = table[head.class_columns].to_numpy() if head.multiclass else table["probability"].to_numpy()
+    classes, table["probability"] = calibrate_outputs(head, outputs, float(entry.get("temperature", 1.0)))
+    if classes is not None:
+        table[head.class_columns] = classes
     return table
 
 

@@ -354,7 +354,13 @@ def test_explain_class_needs_a_diagnosis_model_and_one_of_its_classes(tmp_path):
     result = CliRunner().invoke(cli, ["predict", str(tmp_path / "in"), str(tmp_path / "out.csv"), "--models",
                                       str(models), "--explain", str(tmp_path / "cams"), "--explain-class", "MEL"])
     assert result.exit_code == 2 and "only a diagnosis model" in result.output
-    assert not (tmp_path / "out.csv").exists() or "a.png" not in (tmp_path / "out.csv").read_text()
+    assert not (tmp_path / "out.csv").exists()
+    (tmp_path / "kept.csv").write_text("an earlier output\n")
+    for extra in (["--explain", str(tmp_path / "cams"), "--explain-class", "MEL"], ["--explain-class", "MEL"]):
+        result = CliRunner().invoke(cli, ["predict", str(tmp_path / "in"), str(tmp_path / "kept.csv"), "--models",
+                                          str(models), "--overwrite", *extra])
+        assert result.exit_code == 2 and "--explain" in result.output, result.output
+        assert (tmp_path / "kept.csv").read_text() == "an earlier output\n"  # refused before it was touched
 
 
 def test_group_recall_logger_logs_each_class_recall_of_a_diagnosis_head(tmp_path):
@@ -381,3 +387,39 @@ def test_group_recall_logger_logs_each_class_recall_of_a_diagnosis_head(tmp_path
         {"val_recall_by_class/MEL": 0.5, "val_recall_by_class/NV": 0.0, "val_recall_by_class/BCC": 0.5})
     # malignant = MEL + BCC: 0.8, 0.3, 0.7, 0.9, 0.6 for truths 1, 1, 0, 1, 1: recall at 0.5 is 3/4
     assert got["val_recall_by_skin_tone_at_0.5/very_light"] == pytest.approx(0.75)
+
+
+def test_a_model_is_not_scored_on_records_labelled_for_another_task(tmp_path):
+    from kmel.evaluation.evaluate import check_same_labels
+
+    diagnosis = ClassifierHead("diagnosis", ("MEL", "NV", "BCC"), ("MEL", "BCC"))
+    for name, manifest in (("yesno", {"task": "malignant"}),
+                           ("diag", {"task": "diagnosis", "classes": ["MEL", "NV", "BCC"],
+                                     "malignant_classes": ["MEL", "BCC"]}),
+                           ("order", {"task": "diagnosis", "classes": ["NV", "MEL", "BCC"],
+                                      "malignant_classes": ["MEL", "BCC"]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / C.MANIFEST).write_text(json.dumps(manifest))
+    check_same_labels(diagnosis, tmp_path / "diag")
+    check_same_labels(ClassifierHead(), tmp_path / "yesno")
+    for head, records in ((diagnosis, "yesno"), (ClassifierHead(), "diag"), (diagnosis, "order")):
+        with pytest.raises(ConfigError, match="labelled for"):
+            check_same_labels(head, tmp_path / records)
+
+
+def test_truths_from_a_diagnosis_column(tmp_path):
+    from kmel.evaluation.evaluate import _predictions_head, _targets_from_diagnosis
+
+    truth = pd.DataFrame({"image": list("abcd"), "diagnosis": ["MEL", "nevus", "basal cell carcinoma", "eczema"]})
+    yes_no = _targets_from_diagnosis(truth, ClassifierHead(), "t.csv")
+    assert dict(zip(yes_no["image"], yes_no["target"])) == {"a": 1, "b": 0, "c": 1}  # eczema names no class
+    melanoma = _targets_from_diagnosis(truth, _predictions_head(pd.DataFrame({"label": ["other", "melanoma"]})), "t")
+    assert dict(zip(melanoma["image"], melanoma["target"])) == {"a": 1, "b": 0, "c": 0}
+    with pytest.raises(ConfigError, match="keratoses"):
+        _targets_from_diagnosis(truth, ClassifierHead("keratosis"), "t.csv")
+    head = _predictions_head(pd.DataFrame(columns=["p_MEL", "p_NV", "p_BCC", "probability"]))
+    assert head.malignant_classes == ("MEL", "BCC")
+    classes = _targets_from_diagnosis(truth, head, "t.csv")
+    assert classes["true_class"].tolist() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="none of kmel's malignant classes"):
+        _predictions_head(pd.DataFrame(columns=["p_NV", "p_DF"]))

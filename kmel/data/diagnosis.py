@@ -31,7 +31,7 @@ NAME_FRAGMENTS: tuple[tuple[str, str | None], ...] = (
     ("lentigo maligna", "MEL"), ("melanoma", "MEL"),
     ("basal cell", "BCC"), ("squamous cell", "SCC"), ("bowen", "SCC"),
     ("actinic", "AK"), ("solar keratosis", "AK"),
-    ("seborrh", "SK"), ("solar lentigo", "BKL"), ("lentigo", "BKL"), ("lichenoid", "BKL"),
+    ("seborrh", "SK"), ("benign keratosis", "BKL"), ("solar lentigo", "BKL"), ("lentigo", "BKL"), ("lichenoid", "BKL"),
     ("lichen planus like", "BKL"),
     ("epidermal nevus", None), ("becker", None), ("sebaceous", None), ("lipomatosus", None),
     ("nevus", "NV"), ("nevi", "NV"),

@@ -77,7 +77,8 @@ def predict_records(
         bar.update(len(frames[-1]))
     bar.close()
     if not frames:
-        return pd.DataFrame(columns=[C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_TARGET, "probability", *head.class_columns,
+        return pd.DataFrame(columns=[C.COL_IMAGE_ID, C.COL_SOURCE, C.COL_TARGET,
+                                     *(["true_class"] if head.multiclass else []), "probability", *head.class_columns,
                                      C.COL_SKIN_TONE_NAME, C.COL_ITA, "ita_category_name", "crop_mode"])
     return pd.concat(frames, ignore_index=True)
 
@@ -222,6 +223,8 @@ def evaluate_exported(
         model = flip_averaged(as_score_fn(model))
     crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress, pipeline=pipeline,
                                     checks=checks)
+    head = head_from_entry(pipeline["classifier"])
+    check_same_labels(head, records_dir)
     threshold = float(pipeline["classifier"]["threshold"])
     chosen_on = pipeline["classifier"].get("threshold_from", "val")  # models from before it was recorded: val
     # The threshold in pipeline.json is on the calibrated scale when a temperature is stored with it.
@@ -231,7 +234,21 @@ def evaluate_exported(
                                     "threshold_split": chosen_on, "models": str(models_dir),
                                     "runtime": runtime if runtime == "tf" else f"tflite {tflite_precision}",
                                     "tta": "flips (4 views averaged)" if tta else "none"},
-                              progress=progress, temperature=temperature, head=head_from_entry(pipeline["classifier"]))
+                              progress=progress, temperature=temperature, head=head)
+
+
+def check_same_labels(head: ClassifierHead, records_dir: str | Path) -> None:
+    """Refuse records whose labels mean something else than the model's outputs (another task, or other
+    classes or class order): their scores would be silently wrong."""
+    from kmel.data.records import load_manifest
+
+    def what(h: ClassifierHead) -> str:
+        return h.task + (f" {list(h.classes)}" if h.multiclass else "")
+
+    labels = head_from_manifest(load_manifest(records_dir))
+    if labels != head:
+        raise ConfigError(f"the records in {records_dir} are labelled for {what(labels)} but the classifier answers "
+                          f"{what(head)}: evaluate it on records built with the same --task and classes")
 
 
 def evaluate_predictions(
@@ -289,8 +306,13 @@ def _predictions_head(pred: pd.DataFrame) -> ClassifierHead:
     among them; only the truths of a ``diagnosis`` column depend on them), else yes/no."""
     classes = tuple(c[2:] for c in pred.columns if c.startswith("p_"))
     if len(classes) < 2:
-        return ClassifierHead()
-    return ClassifierHead("diagnosis", classes, tuple(c for c in classes if c in C.MALIGNANT_CLASSES))
+        labels = set(pred.get("label", pd.Series(dtype=str)).dropna().astype(str)) - {"benign", "malignant", "other"}
+        return ClassifierHead(labels.pop() if len(labels) == 1 and labels <= set(C.BINARY_TASKS) else "malignant")
+    malignant = tuple(c for c in classes if c in C.MALIGNANT_CLASSES)
+    if not malignant:
+        raise ConfigError(f"the predictions' classes {list(classes)} include none of kmel's malignant classes "
+                          f"{list(C.MALIGNANT_CLASSES)}: give the truth as image,target instead of image,diagnosis")
+    return ClassifierHead("diagnosis", classes, malignant)
 
 
 def _targets_from_diagnosis(truth: pd.DataFrame, head: ClassifierHead, truth_csv: str | Path) -> pd.DataFrame:
@@ -304,7 +326,12 @@ def _targets_from_diagnosis(truth: pd.DataFrame, head: ClassifierHead, truth_csv
         raise ConfigError(f"{truth_csv}: no row's diagnosis names one of the classes "
                           f"{list(head.classes) or list(C.DIAGNOSIS_CLASSES)} (see docs/data.md, 'Diagnosis classes')")
     truth = truth[known].copy()
-    malignant = head.malignant_classes if head.multiclass else C.MALIGNANT_CLASSES
+    if head.task not in ("malignant", "diagnosis"):
+        if head.task != "melanoma":
+            raise ConfigError(f"{truth_csv}: a diagnosis column cannot say which images are {head.task} (its BKL "
+                              "class lumps keratoses with lentigines): give image,target")
+    malignant = head.malignant_classes if head.multiclass else (("MEL",) if head.task == "melanoma"
+                                                                  else C.MALIGNANT_CLASSES)
     truth["target"] = names[known].isin(malignant).astype(int)
     if head.multiclass:
         truth["true_class"] = names[known].map({c: i for i, c in enumerate(head.classes)}).astype(int)

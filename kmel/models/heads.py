@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from kmel.config import ConfigError
+
 
 @dataclass(frozen=True)
 class ClassifierHead:
@@ -54,12 +56,21 @@ class ClassifierHead:
             return list(self.classes)
         return ["benign", "malignant"] if self.task == "malignant" else ["other", self.task]
 
+    def class_index(self, name: str) -> int:
+        """The output index of class ``name`` (any case) of a diagnosis head; a clear error otherwise."""
+        if not self.multiclass:
+            raise ConfigError(f"--explain-class {name}: these models answer yes/no ({self.task}); only a diagnosis "
+                              "model (build-records --task diagnosis) has classes to explain")
+        if str(name).upper() not in self.classes:
+            raise ConfigError(f"--explain-class {name}: not one of the model's classes {list(self.classes)}")
+        return self.classes.index(str(name).upper())
+
     def malignant_probability(self, outputs: Any) -> np.ndarray:
         """[N] probabilities of the malignant side from the model's [N, 1] / [N] or [N, K] outputs."""
         out = np.asarray(outputs, dtype=np.float64)
         if not self.multiclass:
             return out.reshape(-1)
-        return out.reshape(len(out), -1)[:, self.malignant_index].sum(axis=1)
+        return out.reshape(-1, self.n_outputs)[:, self.malignant_index].sum(axis=1)
 
     def malignant_target(self, targets: Any) -> np.ndarray:
         """[N] 0/1 truths of the malignant side from record targets (0/1, or class indices)."""

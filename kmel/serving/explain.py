@@ -36,6 +36,7 @@ def make_gradcam_fn(models_dir: str | Path, loaded: Any = None,
     def call(batch: np.ndarray) -> np.ndarray:
         return next(iter(fn(images=tf.constant(batch, tf.float32), class_index=index).values())).numpy()
 
+    call.loaded = loaded  # type: ignore[attr-defined]  # keeps the SavedModel (its variables) alive with the function
     return call
 
 

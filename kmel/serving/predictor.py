@@ -98,7 +98,8 @@ class Predictor:
         self.temperature = float(classifier.get("temperature", 1.0))  # the threshold is on the calibrated scale
         self.head = head_from_entry(classifier)
         # the label of each side of the threshold (a diagnosis model's decision is malignant or not)
-        self.decision_names = ["benign", "malignant"] if self.head.multiclass else self.head.class_names
+        self.decision_names = (["benign", "malignant"] if self.head.multiclass
+                               else list(classifier.get("class_names", self.head.class_names)))
         self.tta = tta
         if explain and runtime != "tf":
             raise ConfigError("--explain (Grad-CAM) needs the SavedModel runtime: drop --runtime tflite")
@@ -110,20 +111,9 @@ class Predictor:
             from kmel.serving.explain import make_gradcam_fn
 
             self._explain = make_gradcam_fn(self.models_dir, self.models.classifier_savedmodel,
-                                            self._class_index(explain_class))
+                                            None if explain_class is None else self.head.class_index(explain_class))
         workers = self.config.predict.workers if workers is None else workers
         self.crops = CropPipeline(self.models.segment, self.models.seg_size, self.config, workers)
-
-    def _class_index(self, name: str | None) -> int | None:
-        """The output index of a diagnosis model's class ``name`` (None: Grad-CAM of the predicted class)."""
-        if name is None:
-            return None
-        if not self.head.multiclass:
-            raise ConfigError(f"--explain-class {name}: these models answer yes/no ({self.head.task}); only a diagnosis "
-                              "model (build-records --task diagnosis) has classes to explain")
-        if name.upper() not in self.head.classes:
-            raise ConfigError(f"--explain-class {name}: not one of the model's classes {list(self.head.classes)}")
-        return self.head.classes.index(name.upper())
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """Calibrated malignant probabilities of float32 crops (flip-averaged with ``tta``)."""

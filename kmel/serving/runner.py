@@ -331,7 +331,12 @@ def predict_files(
     items = collect_inputs(inputs, stdin)
     pipeline = read_pipeline(models_dir)
     config_from_pipeline(pipeline, models_dir)  # both models trained, or the fix named
-    rows_file = RowsFile(out, fmt, output_columns(head_from_entry(pipeline["classifier"]).class_columns))
+    head = head_from_entry(pipeline["classifier"])
+    rows_file = RowsFile(out, fmt, output_columns(head.class_columns))
+    if explain_class is not None:
+        if explain_dir is None:
+            raise ConfigError("--explain-class says which class's Grad-CAM maps to draw: give --explain DIR too")
+        head.class_index(explain_class)  # a diagnosis model, and one of its classes
     if explain_dir is not None:
         check_writable_folder(explain_dir, "--explain")
     rows_file.check_identity(output_identity(pipeline, models_dir, tta, runtime, tflite_precision), overwrite)

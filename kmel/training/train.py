@@ -340,7 +340,9 @@ def fit_classifier(
     replicas = strat.num_replicas_in_sync
     batch = cc.batch_size * replicas
     manifest = load_manifest(crops_dir)
-    head = head_from_manifest(manifest)  # one sigmoid output, or a softmax over the diagnosis classes
+    # One sigmoid output, or a softmax over the diagnosis classes: the labels' meaning is the image records'
+    # (build-records wrote it; crop records made before the diagnosis task do not say it).
+    head = head_from_manifest(load_manifest(records_dir))
     work = start_run(models_dir, "classifier", _run_settings("classifier", cc, manifest, policy), restart)
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
