@@ -230,7 +230,9 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
     """Train the segmenter (seg) or the classifier (cls) and export it as a SavedModel.
 
     cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision
-    threshold on the validation split and writes the fairness report for the test split to OUT/report/.
+    threshold on the validation split and writes the fairness report for the test split to OUT/report/;
+    records built with --task diagnosis train a softmax over their classes (the malignant probability is
+    the sum of the malignant classes).
     A killed run resumes from its last finished epoch when the same command is run again. The run works
     in OUT/.run-segmenter (or .run-classifier) and replaces the previous model, history and report only
     when it is complete: a failed or killed run leaves OUT as it was.
