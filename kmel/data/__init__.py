@@ -9,6 +9,8 @@ _EXPORTS = {
     "find_images": "kmel.data.metadata",
     "find_masks": "kmel.data.metadata",
     "apply_task": "kmel.data.metadata",
+    "diagnosis_class": "kmel.data.diagnosis",
+    "diagnosis_classes": "kmel.data.diagnosis",
     "split_table": "kmel.data.metadata",
     "drop_content_duplicates": "kmel.data.metadata",
     "TASKS": "kmel.data.metadata",

@@ -12,6 +12,8 @@ _EXPORTS = {
     "DiceCoefficient": "kmel.training.losses",
     "IoUScore": "kmel.training.losses",
     "ThresholdedJaccard": "kmel.training.losses",
+    "SparseFocalCrossentropy": "kmel.training.losses",
+    "make_classifier_metrics": "kmel.training.metrics",
     "OneCycleSchedule": "kmel.training.schedules",
     "LayerScaledAdamW": "kmel.training.optimizers",
     "make_strategy": "kmel.training.distribute",
