@@ -120,9 +120,9 @@ def main() -> None:
     done = time.perf_counter()
 
     baseline = colour_baseline(crops, config)
-    diagnosis = {k: v for k, v in json.loads((models / "report" / "report.json").read_text()).get("diagnosis", {}).items()
-                 if k in ("balanced_accuracy", "accuracy", "top2_accuracy", "n")}
     report = json.loads((models / "report" / "report.json").read_text())
+    diagnosis = {k: v for k, v in report.get("diagnosis", {}).items()
+                 if k in ("balanced_accuracy", "accuracy", "top2_accuracy", "n")}
     summary = report["summary"]
     manifest = json.loads((crops / C.MANIFEST).read_text())
     result = {
