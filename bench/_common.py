@@ -125,13 +125,14 @@ def build_benchmark_records(out: Path, config, data: str = "isic") -> Path:
 
 
 def per_source(table, threshold: float) -> dict[str, dict]:
-    """AUC, and sensitivity / specificity at ``threshold``, per ``source`` of a scored table (``target``,
+    """AUC, partial AUC above 80 % TPR, and sensitivity / specificity at ``threshold``, per ``source`` of a scored table (``target``,
     ``probability``: a report's predictions.csv or :func:`kmel.evaluation.evaluate.predict_records`). A
     diagnosis model's table (``true_class`` and ``p_<CLASS>`` columns) adds the balanced multiclass accuracy
     and each class's recall."""
     from sklearn.metrics import roc_auc_score
 
     from kmel.evaluation.diagnosis import diagnosis_metrics
+    from kmel.evaluation.fairness import partial_auc
 
     classes = [c[2:] for c in table.columns if c.startswith("p_")]
 
@@ -142,6 +143,7 @@ def per_source(table, threshold: float) -> dict[str, dict]:
         out[source] = {
             "n": int(len(part)), "malignant": int(pos.sum()),
             "auc": round(float(roc_auc_score(y, p)), 4) if pos.any() and neg.any() else None,
+            "pauc80": round(partial_auc(y, p), 4) if pos.any() and neg.any() else None,
             "sensitivity": round(float((p[pos] >= threshold).mean()), 4) if pos.any() else None,
             "specificity": round(float((p[neg] < threshold).mean()), 4) if neg.any() else None,
         }

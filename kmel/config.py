@@ -43,7 +43,8 @@ class RecordsConfig:
     seed: int = 42
     workers: int = 0  # 0: one per CPU core
     sources: tuple[str, ...] = ()  # restrict to these sources; empty: all found
-    eval_only_sources: tuple[str, ...] = ("ddi",)  # every image of these goes to test; () to train on them too
+    # every image of these goes to test (clinical photographs, not dermoscopy: docs/data.md); () to train on them too
+    eval_only_sources: tuple[str, ...] = ("ddi", "pad_ufes20")
     duplicate_lists: tuple[str, ...] = ()  # extra duplicate-list files; *duplicate*.txt in data dir always read
     max_file_mb: int = 256  # larger image files are refused unread (listed in skipped.csv)
 

@@ -78,6 +78,8 @@ CLASSIFIER_KERAS = "classifier.keras"
 
 # Decoded (Pillow; GIF and WebP: first frame), in order of preference when one id has several files.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Files holding many images, one encoded image per dataset (ISIC 2024's train-image.hdf5): kmel/data/hdf5.py.
+HDF5_SUFFIXES = (".hdf5", ".h5")
 # Named like images but not decoded: such a file gets an error naming its format, never a silent skip
 # (the file's first bytes name the format when they can: a JPEG saved as .heic is decoded).
 UNSUPPORTED_IMAGE_EXTENSIONS = {

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from kmel.constants import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
+from kmel.constants import HDF5_SUFFIXES, IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 
 DEFAULT_MAX_PIXELS = 200_000_000
 MIB = 1 << 20
@@ -295,9 +295,10 @@ def encode_png(array: np.ndarray) -> bytes:
 class Found:
     """One entry of a folder walk: an image file to read, or something reported in its place.
 
-    ``status``: ``file`` (to be read), ``error`` (named like an image but cannot be one: a directory,
-    FIFO, device, socket or broken symlink; never opened) or ``skipped`` (a folder reached a second
-    time through a symlink: walked once, reported, not an error).
+    ``status``: ``file`` (to be read), ``container`` (an ``.hdf5`` / ``.h5`` file: its datasets are the images,
+    :mod:`kmel.data.hdf5`), ``error`` (named like an image but cannot be one: a directory, FIFO, device, socket or
+    broken symlink; never opened) or ``skipped`` (a folder reached a second time through a symlink: walked once,
+    reported, not an error).
     """
 
     path: Path
@@ -323,7 +324,7 @@ def walk_images(folder: str | Path) -> list[Found]:
     """Every image-like entry under ``folder`` (recursive, sorted), each once.
 
     Image-like: a decoded or known-but-unsupported extension in any case, or (for regular files)
-    image magic bytes. Symlinked folders are followed once, so a symlink loop cannot hang the walk.
+    image magic bytes; HDF5 files are listed as ``container``. Symlinked folders are followed once, so a symlink loop cannot hang the walk.
     """
     folder = Path(folder)
     found: list[Found] = []
@@ -355,9 +356,10 @@ def walk_images(folder: str | Path) -> list[Found]:
                 if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     found.append(Found(path, "error", "is a directory, not an image file"))
                 stack.append(path)
-            elif _looks_like_image(entry):
+            elif entry.name.lower().endswith(HDF5_SUFFIXES) or _looks_like_image(entry):
                 reason = check_file(path, max_bytes=1 << 62)  # the size bound is the reader's
-                found.append(Found(path, "error", reason) if reason else Found(path))
+                status = "container" if entry.name.lower().endswith(HDF5_SUFFIXES) else "file"
+                found.append(Found(path, "error", reason) if reason else Found(path, status))
     return sorted(found, key=lambda f: str(f.path))
 
 

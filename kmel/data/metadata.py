@@ -55,7 +55,8 @@ from kmel.data.formats.registry import (
     YEARS,
     read_metadata_file,
 )
-from kmel.data.images import check_file
+from kmel.data.hdf5 import is_container, list_members, member_name, read_source
+from kmel.data.images import ImageReadError, check_file
 
 TASKS = {"malignant": C.COL_MALIGNANT, "melanoma": C.COL_MELANOMA, "keratosis": C.COL_KERATOSIS}
 # Tie-break among sources of one year: the more specific one wins (HAM10000 carries lesion ids).
@@ -63,7 +64,7 @@ SOURCE_PRIORITY = {"ham10000": 0, "isic2018": 1}
 # Fitzpatrick types in the three bands DDI publishes (12 / 34 / 56), for every annotated source.
 FITZPATRICK_GROUPS = ("I-II", "III-IV", "V-VI")
 # Sources used only for evaluation unless asked otherwise (clinical photographs, not dermoscopy).
-EVAL_ONLY_SOURCES = ("ddi",)
+EVAL_ONLY_SOURCES = ("ddi", "pad_ufes20")
 YEAR_IN_PATH = re.compile(r"[/\\](20\d\d)[/\\]")
 
 
@@ -261,31 +262,47 @@ def load_metadata(
 
 def _same_content(a: Path, b: Path) -> bool:
     try:
-        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
-    except OSError:
+        return read_source(a, 1 << 62) == read_source(b, 1 << 62)
+    except (OSError, ImageReadError):
         return False
 
 
-def find_images(data_dir: Path, twins: list[dict[str, str]] | None = None) -> dict[str, Path]:
+def find_images(data_dir: Path, twins: list[dict[str, str]] | None = None,
+                unreadable: list[str] | None = None) -> dict[str, Path]:
     """Image id (file stem) → path, for images anywhere under ``data_dir`` (not under masks/).
 
-    Formats kmel does not decode (HEIC, JPEG 2000, ...) are found too, last in preference, so a
-    labelled image in such a format is listed in skipped.csv with its format instead of counted missing.
-    Two files of one id with different content (``ISIC_1.jpg`` and ``ISIC_1.JPG``, or one in two folders)
-    are appended to ``twins`` (``image_id``, ``used``, ``other``): one is used, and the user should know.
+    Images inside HDF5 files (ISIC 2024's ``train-image.hdf5``: one dataset per image id) are found by their
+    dataset names and named ``<file.hdf5>/<id>`` (:mod:`kmel.data.hdf5`), after image files in preference; a file
+    that is not readable HDF5 is appended to ``unreadable`` with the reason. Formats kmel does not decode (HEIC,
+    JPEG 2000, ...) are found too, last in preference, so a labelled image in such a format is listed in
+    skipped.csv with its format instead of counted missing. Two files of one id with different content
+    (``ISIC_1.jpg`` and ``ISIC_1.JPG``, or one in two folders) are appended to ``twins`` (``image_id``,
+    ``used``, ``other``): one is used, and the user should know.
     """
-    preference = {ext: i for i, ext in enumerate((*C.IMAGE_EXTENSIONS, *C.UNSUPPORTED_IMAGE_EXTENSIONS))}
+    order = (*C.IMAGE_EXTENSIONS, "hdf5", *C.UNSUPPORTED_IMAGE_EXTENSIONS)
+    preference = {ext: i for i, ext in enumerate(order)}
     found: dict[str, Path] = {}
+    ranks: dict[str, int] = {}
     for dirpath, dirs, files in os.walk(data_dir, followlinks=True):
         dirs[:] = sorted(d for d in dirs if d.lower() != "masks")
+        entries: list[tuple[str, Path, int]] = []
         for name in sorted(files):
             stem, dot, ext = name.rpartition(".")
             ext = "." + ext.lower()
-            if not dot or ext not in preference or stem.lower().endswith("_segmentation"):
-                continue
-            current, path = found.get(stem), Path(dirpath) / name
-            if current is None or preference[ext] < preference[current.suffix.lower()]:
-                found[stem] = path
+            if dot and is_container(name):
+                try:
+                    keys = list_members(Path(dirpath) / name)
+                except ImageReadError as exc:
+                    if unreadable is not None:
+                        unreadable.append(str(exc))
+                    continue
+                entries += [(key, Path(member_name(Path(dirpath) / name, key)), preference["hdf5"]) for key in keys]
+            elif dot and ext in preference and not stem.lower().endswith("_segmentation"):
+                entries.append((stem, Path(dirpath) / name, preference[ext]))
+        for stem, path, rank_here in entries:
+            current = found.get(stem)
+            if current is None or rank_here < ranks[stem]:
+                found[stem], ranks[stem] = path, rank_here
             if current is not None and twins is not None and not _same_content(current, path):
                 twins.append({"image_id": stem, "used": str(found[stem]), "other": str(path if found[stem] == current
                                                                                       else current)})
@@ -358,7 +375,7 @@ def split_table(
 ) -> pd.DataFrame:
     """Add ``split``: no patient (or HAM10000 lesion) in two splits; strata of (target, skin tone).
 
-    Rows of ``eval_only_sources`` (DDI's clinical photographs by default) all go to ``test`` and never
+    Rows of ``eval_only_sources`` (DDI's and PAD-UFES-20's clinical photographs by default) all go to ``test`` and never
     to train or val; pass ``()`` to split them like the rest.
 
     Groups are a patient id, else a lesion id, else the image itself. Groups are ordered by

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from kmel.config import CropsConfig, RecordsConfig
+from kmel.data.hdf5 import read_source
 from kmel.data.images import (
     MIB,
     ImageReadError,
@@ -124,7 +125,7 @@ def prepare_image(task: PrepareTask) -> dict[str, Any]:
     try:
         # Only a regular file within the size bound is opened: a FIFO or /dev/zero named like an image
         # is one skipped row, not a hung or killed run.
-        data = read_file(task.image_path, task.records.max_file_mb * MIB)
+        data = read_source(task.image_path, task.records.max_file_mb * MIB)  # a file, or a crop in an .hdf5
     except ImageReadError as exc:
         return {"image_id": task.image_id, "error": str(exc)}
     try:

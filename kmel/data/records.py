@@ -187,7 +187,9 @@ def build_records(
         )
 
     twins: list[dict[str, str]] = []
-    images, masks = find_images(data_dir, twins), find_masks(data_dir)
+    unreadable: list[str] = []
+    images, masks = find_images(data_dir, twins, unreadable), find_masks(data_dir)
+    report["unrecognised_files"] = report.get("unrecognised_files", []) + unreadable
     base = table["base_id"] if "base_id" in table else table[C.COL_IMAGE_ID]
     known = set(table[C.COL_IMAGE_ID]) | set(base)
     report["id_twins"] = [t for t in twins if t["image_id"] in known]

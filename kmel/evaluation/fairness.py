@@ -23,8 +23,9 @@ from fairlearn.metrics import (
 from sklearn import metrics as skm
 
 THRESHOLD_METHODS = ("f1_group_floor", "f1", "youden", "sensitivity")
-BOOTSTRAP_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
-GAP_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "selection_rate", "auc")
+BOOTSTRAP_METRICS = ("accuracy", "recall", "precision", "f1", "auc", "pauc80")
+GAP_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "selection_rate", "auc", "pauc80")
+PAUC_MIN_TPR = 0.8  # the ISIC 2024 challenge metric: partial AUC above 80 % true-positive rate
 UNKNOWN = "unknown"
 MIN_GROUP_SIZE = 30
 FITZPATRICK_BANDS = ("I-II", "III-IV", "V-VI")
@@ -131,6 +132,27 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
     return float(skm.roc_auc_score(y, s)) if len(np.unique(y)) == 2 else float("nan")
 
 
+def partial_auc(y_true: Any, scores: Any, min_tpr: float = PAUC_MIN_TPR) -> float:
+    """The area under the ROC curve above ``min_tpr`` true-positive rate (the ISIC 2024 challenge's metric at 0.8).
+
+    ∫ max(TPR(f) − min_tpr, 0) df over the false-positive rate f ∈ [0, 1], on the ROC curve with straight lines
+    between thresholds (ties make a diagonal step): range 0 to ``1 − min_tpr``; at 0.8 a perfect ranking scores
+    0.2, a random one 0.02 and a reversed one 0. Not standardised (unlike scikit-learn's ``max_fpr``). NaN without
+    both classes.
+    """
+    y = np.asarray(y_true).astype(int).reshape(-1)
+    if len(np.unique(y)) != 2:
+        return float("nan")
+    fpr, tpr, _ = skm.roc_curve(y, np.asarray(scores, dtype=np.float64).reshape(-1), drop_intermediate=False)
+    width = np.diff(fpr)
+    a, b = tpr[:-1] - min_tpr, tpr[1:] - min_tpr  # heights above the floor at each segment's ends
+    whole = np.where((a >= 0) & (b >= 0), width * (a + b) / 2, 0.0)
+    # A segment crossing the floor: only the triangle above it counts.
+    crossing = (a < 0) & (b > 0)
+    part = np.where(crossing, width * np.square(np.maximum(b, 0)) / np.where(crossing, b - a, 1.0) / 2, 0.0)
+    return float(whole.sum() + part.sum())
+
+
 def summary_metrics(y_true: Any, scores: Any, threshold: float) -> dict[str, Any]:
     """Overall metrics at ``threshold`` (precision is 0 when nothing is predicted positive)."""
     y = np.asarray(y_true).astype(int).reshape(-1)
@@ -140,7 +162,8 @@ def summary_metrics(y_true: Any, scores: Any, threshold: float) -> dict[str, Any
     two = len(np.unique(y)) == 2
     return _clean({
         "n": int(y.size), "n_positive": int(y.sum()), "threshold": float(threshold),
-        "auc": _auc(y, s), "average_precision": float(skm.average_precision_score(y, s)) if two else None,
+        "auc": _auc(y, s), "pauc80": partial_auc(y, s),
+        "average_precision": float(skm.average_precision_score(y, s)) if two else None,
         "accuracy": float(skm.accuracy_score(y, p)),
         "sensitivity": float(tp / (tp + fn)) if tp + fn else None,
         "specificity": float(tn / (tn + fp)) if tn + fp else None,
@@ -163,7 +186,7 @@ def _point_metrics(y: np.ndarray, s: np.ndarray, p: np.ndarray) -> dict[str, flo
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
     return {"accuracy": (tp + tn) / n, "recall": recall, "precision": precision, "f1": f1,
             "specificity": tn / (tn + fp) if tn + fp else float("nan"), "selection_rate": (tp + fp) / n,
-            "auc": _auc(y, s)}
+            "auc": _auc(y, s), "pauc80": partial_auc(y, s)}
 
 
 def _bootstrap(y: np.ndarray, s: np.ndarray, p: np.ndarray, n_boot: int, rng: np.random.Generator) -> dict:
@@ -197,10 +220,11 @@ def _bootstrap_samples(
             "precision": np.where(tp + fp > 0, tp / (tp + fp), 0.0),
             "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0),
         }
-    auc = []
+    auc, pauc = [], []
     for row in idx[: min(n_boot, 200)]:  # AUC needs a sort per resample: 200 are plenty for an interval
         auc.append(_auc(y[row], s[row]))
-    values["auc"] = np.asarray(auc)
+        pauc.append(partial_auc(y[row], s[row]))
+    values["auc"], values["pauc80"] = np.asarray(auc), np.asarray(pauc)
     return values
 
 
@@ -288,7 +312,7 @@ def fairness_report(
             tn = float(((p[sel] == 0) & (y[sel] == 0)).sum())
             fp = float(((p[sel] == 1) & (y[sel] == 0)).sum())
             row["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
-            row["auc"] = _auc(y[sel], s[sel])
+            row["auc"], row["pauc80"] = _auc(y[sel], s[sel]), partial_auc(y[sel], s[sel])
             samples[str(name)] = _bootstrap_samples(y[sel], s[sel], p[sel], n_bootstrap, rng)
             row["ci95"] = _intervals(samples[str(name)])
             row["small"] = row["n"] < min_group_size

@@ -60,21 +60,22 @@ def _markdown(report: Mapping[str, Any], title: str) -> str:
     lines.append(f"Split: **{meta.get('split', '?')}**, n = {s['n']} ({s['n_positive']} positive). "
                  f"Threshold {s['threshold']:.4f} (chosen on: {meta.get('threshold_from', 'unknown')}).")
     lines += ["", "| metric | value |", "|---|---|"]
-    for key in ("auc", "average_precision", "accuracy", "sensitivity", "specificity", "precision", "f1",
+    for key in ("auc", "pauc80", "average_precision", "accuracy", "sensitivity", "specificity", "precision", "f1",
                 "balanced_accuracy", "brier"):
-        lines.append(f"| {key} | {_fmt(s.get(key))} |")
+        name = "pAUC above 80 % TPR (ISIC 2024 metric, 0–0.2)" if key == "pauc80" else key
+        lines.append(f"| {name} | {_fmt(s.get(key))} |")
     lines.append(f"| confusion (tp/fp/fn/tn) | {s['tp']}/{s['fp']}/{s['fn']}/{s['tn']} |")
     for grouping, data in report["fairness"].items():
         if grouping == "overall":
             continue
         lines += ["", f"## By {grouping.replace('_', ' ')}", "",
-                  "| group | n | positives | accuracy [95% CI] | recall [95% CI] | precision [95% CI] | F1 | AUC | "
-                  "selection rate |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| group | n | positives | accuracy [95% CI] | recall [95% CI] | precision [95% CI] | F1 | "
+                  "AUC [95% CI] | pAUC>80%TPR [95% CI] | selection rate |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in data["groups"].items():
             small = " \\*" if row.get("small") else ""
             lines.append(f"| {name}{small} | {row['n']} | {row['n_positive']} | {_ci(row, 'accuracy')} | "
                          f"{_ci(row, 'recall')} | {_ci(row, 'precision')} | {_fmt(row['f1'])} | "
-                         f"{_fmt(row['auc'])} | {_fmt(row['selection_rate'])} |")
+                         f"{_ci(row, 'auc')} | {_ci(row, 'pauc80')} | {_fmt(row['selection_rate'])} |")
         lines += ["", "Max–min gaps: " + ", ".join(_gap(k, v) for k, v in data["gaps"].items()) + ".",
                   f"Equalized-odds difference {_fmt(data['equalized_odds_difference'])}, "
                   f"demographic-parity difference {_fmt(data['demographic_parity_difference'])}."]

@@ -29,13 +29,13 @@ from typing import Any, Iterable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from kmel.config import ConfigError
+from kmel.data.hdf5 import is_container, list_members, member_name, read_source
 from kmel.data.images import (
     MIB,
     Found,
     ImageReadError,
     check_file,
     load_image_reduced,
-    read_file,
     walk_images,
 )
 from kmel.models.heads import head_from_entry
@@ -76,7 +76,8 @@ class InputFile:
 
 def collect_inputs(inputs: Sequence[str | Path], stdin: Iterable[str] | None = None) -> list[InputFile]:
     """Every input file once, in order: each file named, every image-like file under each folder, and
-    for ``-`` each path read from ``stdin`` (one per line).
+    for ``-`` each path read from ``stdin`` (one per line). An ``.hdf5`` / ``.h5`` file (ISIC 2024's) is one input
+    per image in it, named ``<file.hdf5>/<key>`` (``relpath`` ``file.hdf5/ISIC_…``).
 
     A path named on the command line that does not exist is a usage error (``FileNotFoundError``);
     one read from ``stdin`` gets an error row.
@@ -97,7 +98,10 @@ def collect_inputs(inputs: Sequence[str | Path], stdin: Iterable[str] | None = N
             found += [(os.path.abspath(path), f) for f in walk_images(path)]
         else:
             reason = check_file(path, max_bytes=1 << 62)  # the size bound is the reader's
-            found.append((os.path.dirname(os.path.abspath(path)), Found(path, "error", reason) if reason else Found(path)))
+            status = "container" if is_container(path) else "file"
+            found.append((os.path.dirname(os.path.abspath(path)), Found(path, "error", reason) if reason
+                          else Found(path, status)))
+    found = [(base, member) for base, entry in found for member in _members(entry)]
     if not found:
         return []
     common = os.path.commonpath([base for base, _ in found])
@@ -110,6 +114,16 @@ def collect_inputs(inputs: Sequence[str | Path], stdin: Iterable[str] | None = N
         relpath = Path(os.path.relpath(absolute, common)).as_posix()
         files.append(InputFile(entry.path, relpath, entry.status, entry.reason))
     return files
+
+
+def _members(entry: Found) -> list[Found]:
+    """An HDF5 file as one entry per image in it (``<file.hdf5>/<key>``), or as one error row; others as they are."""
+    if entry.status != "container":
+        return [entry]
+    try:
+        return [Found(Path(member_name(entry.path, key))) for key in list_members(entry.path)]
+    except ImageReadError as exc:
+        return [Found(entry.path, "error", str(exc))]
 
 
 # === The runner ===
@@ -154,7 +168,7 @@ def _decode_and_pre(item: InputFile, max_bytes: int, crops: Any) -> Any:
         return item.reason
     records = crops.config.records
     try:
-        data = read_file(item.path, max_bytes)  # only a regular file within the size bound is opened
+        data = read_source(item.path, max_bytes)  # a regular file within the size bound, or a crop in an .hdf5
         image, size = load_image_reduced(data, max(records.image_size, records.seg_size), name=str(item.path))
         del data
     except ImageReadError as exc:

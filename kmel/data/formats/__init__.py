@@ -3,7 +3,7 @@ readers with :func:`register_format` (tried in this import order). A new format 
 here, one fixture and one test in ``tests/test_metadata_formats.py``."""
 
 # isort: off  (registration order is the order formats are tried in)
-from kmel.data.formats import isic, ham10000, fitzpatrick, archive, ddi, custom, kmel_outputs  # noqa: F401, I001
+from kmel.data.formats import isic, ham10000, fitzpatrick, archive, isic2024, ddi, pad_ufes, custom, kmel_outputs  # noqa: F401, I001, E501
 # isort: on
 from kmel.data.formats.csvread import CsvTable, read_csv_table
 from kmel.data.formats.kmel_outputs import in_kmel_output_folder

@@ -28,10 +28,13 @@ STANDARD_COLUMNS = [
 
 
 YEARS = {"isic2016": 2016, "isic2017": 2017, "isic2018": 2018, "ham10000": 2018, "isic2019": 2019,
-         "isic2020": 2020, "fitzpatrick17k": 2021, "ddi": 2021, "isic_archive": 2024, "custom": 2100}
+         "isic2020": 2020, "pad_ufes20": 2020, "fitzpatrick17k": 2021, "ddi": 2021, "isic2024": 2024,
+         "isic_archive": 2024, "custom": 2100}
 
 
-def _frame(**columns: Any) -> pd.DataFrame:
+def _frame(extra: pd.DataFrame | None = None, **columns: Any) -> pd.DataFrame:
+    """The standard columns from ``columns`` (a value or one per row), then ``extra``'s columns as published (the
+    clinical and lesion measurements a source ships for image + metadata fusion, e.g. ISIC 2024's ``tbp_lv_*``)."""
     n = max((len(v) for v in columns.values() if isinstance(v, (list, np.ndarray, pd.Series))), default=0)
     data = {}
     names = STANDARD_COLUMNS + ([COL_DROP_REASON] if COL_DROP_REASON in columns else [])
@@ -40,6 +43,9 @@ def _frame(**columns: Any) -> pd.DataFrame:
         data[name] = list(value) if isinstance(value, (list, np.ndarray, pd.Series)) else [value] * n
     df = pd.DataFrame(data)
     df["base_id"] = df[C.COL_IMAGE_ID].astype(str).str.replace("_downsampled", "", regex=False)
+    if extra is not None:
+        extra = extra.drop(columns=[c for c in extra.columns if c in df.columns]).reset_index(drop=True)
+        df = pd.concat([df, extra], axis=1)
     return df
 
 

@@ -1,0 +1,126 @@
+"""Images stored inside HDF5 files, as the ISIC 2024 challenge (SLICE-3D) ships them: ``train-image.hdf5`` holds one
+dataset per ``isic_id``, each the encoded bytes (a JPEG) of one crop. They are read one at a time, straight out of
+the file: a 401,059-crop file is never loaded whole and never unpacked to disk.
+
+An image inside a container is named ``<path of the .hdf5 / .h5 file>/<dataset name>``, e.g.
+``data/isic2024/train-image.hdf5/ISIC_0015657``; :func:`split_member` reads such a name back, :func:`read_source`
+reads either kind of name. Each process keeps a few containers open (h5py handles are never shared across a fork:
+they are keyed by process id). Every failure is an :class:`~kmel.data.images.ImageReadError` naming the file and
+the key, so a damaged crop is one skipped row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kmel.constants import HDF5_SUFFIXES
+from kmel.data.images import ImageReadError, _too_large, check_file, read_file
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+OPEN_CONTAINERS = 4  # per process; a data folder rarely has more than train + test
+
+_open: OrderedDict[tuple[int, str], Any] = OrderedDict()
+
+
+def is_container(path: str | Path) -> bool:
+    """Named like an HDF5 file (``.hdf5`` / ``.h5``, any case)."""
+    return str(path).lower().endswith(HDF5_SUFFIXES)
+
+
+def member_name(container: str | Path, key: str) -> str:
+    """The name of the image ``key`` inside ``container``: ``<container>/<key>``."""
+    return f"{container}/{key}"
+
+
+def split_member(name: str | Path) -> tuple[str, str] | None:
+    """(container, key) when ``name`` is an image inside an HDF5 file (its parent is an existing ``.hdf5`` /
+    ``.h5`` file), else None (a plain file name)."""
+    head, sep, key = str(name).rpartition("/")
+    if sep and key and is_container(head) and os.path.isfile(head):
+        return head, key
+    return None
+
+
+def _container(path: str) -> Any:
+    import h5py
+
+    key = (os.getpid(), os.path.abspath(path))
+    if key in _open:
+        _open.move_to_end(key)
+        return _open[key]
+    reason = check_file(path, max_bytes=1 << 62)
+    if reason:
+        raise ImageReadError(f"{path}: {reason}")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise ImageReadError(f"{path}: not a readable HDF5 file ({exc})") from None
+    _open[key] = handle
+    while len(_open) > OPEN_CONTAINERS:
+        (pid, _), old = _open.popitem(last=False)
+        if pid == os.getpid():
+            old.close()
+    return handle
+
+
+def close_containers() -> None:
+    """Close this process's open containers (the next read opens them again)."""
+    for (pid, _), handle in list(_open.items()):
+        if pid == os.getpid():
+            handle.close()
+    _open.clear()
+
+
+def list_members(container: str | Path) -> list[str]:
+    """The names of the datasets at the top of ``container``, sorted (groups are not images and are left out)."""
+    import h5py
+
+    handle = _container(str(container))
+    try:
+        return sorted(name for name, item in handle.items() if isinstance(item, h5py.Dataset))
+    except (OSError, RuntimeError) as exc:
+        raise ImageReadError(f"{container}: cannot list its datasets ({exc})") from None
+
+
+def read_member(container: str | Path, key: str, max_bytes: int) -> bytes:
+    """The encoded image bytes stored under ``key`` in ``container``; at most ``max_bytes`` are read.
+
+    Accepted layouts: a scalar fixed-length bytes dataset (``S<n>``, ISIC 2024's), a scalar opaque dataset, or a
+    1-D ``uint8`` array. Anything else (a pixel array, a group) raises with what it holds.
+    """
+    import h5py
+
+    name = member_name(container, key)
+    handle = _container(str(container))
+    try:
+        item = handle.get(key)
+        if item is None:
+            raise ImageReadError(f"{name}: no dataset of that name in the HDF5 file")
+        if not isinstance(item, h5py.Dataset):
+            raise ImageReadError(f"{name}: is an HDF5 group, not an image")
+        dtype, shape = item.dtype, item.shape
+        if shape == () and dtype.kind in "SV" and dtype.itemsize:
+            if dtype.itemsize > max_bytes:
+                raise ImageReadError(f"{name}: {_too_large(dtype.itemsize, max_bytes)}")
+            value = np.empty((), dtype)
+            item.read_direct(value)  # all itemsize bytes: numpy's bytes_ would drop trailing NULs
+            return value.tobytes()
+        if len(shape) == 1 and dtype == np.uint8:
+            if shape[0] > max_bytes:
+                raise ImageReadError(f"{name}: {_too_large(shape[0], max_bytes)}")
+            return item[()].tobytes()
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise ImageReadError(f"{name}: cannot be read ({exc})") from None
+    raise ImageReadError(f"{name}: holds a {dtype} array of shape {shape}, not the encoded bytes of one image "
+                         "(kmel reads datasets of JPEG / PNG bytes, as in ISIC 2024's train-image.hdf5)")
+
+
+def read_source(name: str | Path, max_bytes: int) -> bytes:
+    """The bytes of an image file, or of an image inside an HDF5 file (``<file.hdf5>/<key>``)."""
+    inside = split_member(name)
+    return read_member(*inside, max_bytes) if inside else read_file(name, max_bytes)
