@@ -70,6 +70,20 @@ SOURCES = {
             "4,000004.png,34,False,epidermal-nevus\n5,000005.png,12,True,squamous-cell-carcinoma-keratoacanthoma\n",
             {"000001": "MEL", "000002": "NV", "000003": "BKL", "000004": None, "000005": "SCC"}),
     "custom": ("image_id,label\nmole_1,benign\nmole_2,malignant\n", {"mole_1": None, "mole_2": None}),
+    "isic2024": ("isic_id,target,patient_id,tbp_tile_type,iddx_1,iddx_2,iddx_3,iddx_4\n"
+                 "ISIC_1,1,IP_1,3D: XP,Malignant,Malignant melanocytic proliferations (Melanoma),Melanoma Invasive,"
+                 "Invasive melanoma\n"
+                 "ISIC_2,0,IP_1,3D: XP,Benign,,,\n"
+                 "ISIC_3,0,IP_2,3D: XP,Benign,Benign melanocytic proliferations,Nevus,\n"
+                 "ISIC_4,1,IP_2,3D: XP,Malignant,Malignant adnexal epithelial proliferations - Follicular,"
+                 "Basal cell carcinoma,\n"
+                 "ISIC_5,1,IP_3,3D: XP,Malignant,Malignant epidermal proliferations,Squamous cell carcinoma in situ,\n"
+                 "ISIC_6,0,IP_3,3D: XP,Benign,Benign epidermal proliferations,Seborrheic keratosis,\n",
+                 {"ISIC_1": "MEL", "ISIC_2": None, "ISIC_3": "NV", "ISIC_4": "BCC", "ISIC_5": "SCC", "ISIC_6": "BKL"}),
+    "pad_ufes20": ("patient_id,lesion_id,fitspatrick,region,diagnostic,img_id\n" + "".join(
+        f"PAT_{i},{i},2.0,ARM,{d},PAT_{i}_{i}_1.png\n" for i, d in enumerate(("BCC", "SCC", "MEL", "ACK", "SEK", "NEV"))),
+        {"PAT_0_0_1": "BCC", "PAT_1_1_1": "SCC", "PAT_2_2_1": "MEL", "PAT_3_3_1": "AK", "PAT_4_4_1": "BKL",
+         "PAT_5_5_1": "NV"}),
 }
 
 

@@ -76,6 +76,12 @@ FIXTURES = {
     "isic_archive": ARCHIVE_CSV,
     "ddi": DDI_CSV,
     "custom": "image_id,label\nmole_1,benign\nmole_2,malignant\n",
+    "isic2024": "isic_id,target,patient_id,age_approx,sex,anatom_site_general,tbp_tile_type,tbp_lv_A,iddx_1\n"
+                "ISIC_0015670,0,IP_1235828,60,male,lower extremity,3D: white,20.2,Benign\n",
+    "isic2024_test": "isic_id,patient_id,age_approx,sex,anatom_site_general,tbp_tile_type,tbp_lv_A\n"
+                     "ISIC_0015657,IP_6074337,45,male,posterior torso,3D: XP,22.8\n",
+    "pad_ufes20": "patient_id,lesion_id,age,gender,fitspatrick,region,diameter_1,diameter_2,diagnostic,img_id,biopsed\n"
+                  "PAT_46,881,55,FEMALE,3.0,NECK,6.0,5.0,BCC,PAT_46_881_939.png,True\n",
     "kmel_records_metadata": "image_id,source,year,diagnosis,target,split,image_path\n"
                              "A,custom,2100,BENIGN,0,train,/x/A.jpg\n",
     "kmel_skipped": "image_id,path,reason\nA,/x/A.jpg,cannot decode\n",

@@ -28,6 +28,7 @@ CLINICAL_COLUMNS = ("smoke", "drink", "background_father", "background_mother", 
                  about="PAD-UFES-20 metadata (smartphone photographs)")
 def _read_pad(t: CsvTable) -> pd.DataFrame:
     df = t.rows
+    missing = pd.Series(pd.NA, index=df.index, dtype=object)
     code = df["diagnostic"].fillna("").str.strip().str.upper()
     diag = code.map(PAD_DIAGNOSIS).fillna("UNK")
     known = diag != "UNK"
@@ -43,5 +44,9 @@ def _read_pad(t: CsvTable) -> pd.DataFrame:
                   year=YEARS["pad_ufes20"], diagnosis=diag, malignant=malignant,
                   melanoma=(diag == "MEL").astype(float).where(known), keratosis=(diag == "SK").astype(float).where(known),
                   patient_id=df["patient_id"].str.strip(), lesion_id=lesion.where(df["lesion_id"].notna()),
-                  age=pd.to_numeric(df.get("age"), errors="coerce"), sex=df.get("gender").str.strip().str.lower(),
-                  site=df.get("region").str.strip().str.lower(), fitzpatrick=fitz.where(fitz.between(1, 6), -1))
+                  age=pd.to_numeric(df.get("age", missing), errors="coerce"), sex=_lower(df.get("gender", missing)),
+                  site=_lower(df["region"]), fitzpatrick=fitz.where(fitz.between(1, 6), -1))
+
+
+def _lower(column: pd.Series) -> pd.Series:
+    return column.astype(object).where(column.isna(), column.astype(str).str.strip().str.lower())
