@@ -108,6 +108,10 @@ def test_hdf5_members_read_in_every_layout_and_fail_naming_file_and_key(tmp_path
         assert f"crops.hdf5/{key}" in str(err.value)
     with pytest.raises(ImageReadError, match="over the"):
         read_source(f"{path}/ISIC_1", 100)
+    with h5py.File(tmp_path / "new.hdf5", "w") as f:  # replaced while this process has it open: read afresh
+        f.create_dataset("ISIC_1", data=np.bytes_(_jpeg(5)))
+    (tmp_path / "new.hdf5").replace(path)
+    assert read_source(f"{path}/ISIC_1", 1 << 20) == _jpeg(5) and list_members(path) == ["ISIC_1"]
     fake = tmp_path / "fake.hdf5"
     fake.write_bytes(b"not hdf5 at all")
     with pytest.raises(ImageReadError, match="not a readable HDF5 file"):

@@ -6,7 +6,8 @@ An image inside a container is named ``<path of the .hdf5 / .h5 file>/<dataset n
 ``data/isic2024/train-image.hdf5/ISIC_0015657``; :func:`split_member` reads such a name back, :func:`read_source`
 reads either kind of name. Each process keeps a few containers open (h5py handles are never shared across a fork:
 they are keyed by process id). Every failure is an :class:`~kmel.data.images.ImageReadError` naming the file and
-the key, so a damaged crop is one skipped row.
+the key, so a damaged crop is one skipped row. A container replaced or rewritten since it was opened is opened
+again (its inode, size and modification time are compared on each read).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kmel.data.images import ImageReadError, _too_large, check_file, read_file
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 OPEN_CONTAINERS = 4  # per process; a data folder rarely has more than train + test
 
-_open: OrderedDict[tuple[int, str], Any] = OrderedDict()
+_open: OrderedDict[tuple[int, str], tuple[Any, tuple[int, int, int]]] = OrderedDict()  # (pid, path) -> handle, version
 
 
 def is_container(path: str | Path) -> bool:
@@ -49,20 +50,23 @@ def split_member(name: str | Path) -> tuple[str, str] | None:
 def _container(path: str) -> Any:
     import h5py
 
-    key = (os.getpid(), os.path.abspath(path))
-    if key in _open:
-        _open.move_to_end(key)
-        return _open[key]
     reason = check_file(path, max_bytes=1 << 62)
     if reason:
         raise ImageReadError(f"{path}: {reason}")
+    info = os.stat(path)
+    key, version = (os.getpid(), os.path.abspath(path)), (info.st_ino, info.st_size, info.st_mtime_ns)
+    if key in _open and _open[key][1] == version:  # the same file, unchanged since it was opened
+        _open.move_to_end(key)
+        return _open[key][0]
+    if key in _open:
+        _open.pop(key)[0].close()
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise ImageReadError(f"{path}: not a readable HDF5 file ({exc})") from None
-    _open[key] = handle
+    _open[key] = (handle, version)
     while len(_open) > OPEN_CONTAINERS:
-        (pid, _), old = _open.popitem(last=False)
+        (pid, _), (old, _) = _open.popitem(last=False)
         if pid == os.getpid():
             old.close()
     return handle
@@ -70,7 +74,7 @@ def _container(path: str) -> Any:
 
 def close_containers() -> None:
     """Close this process's open containers (the next read opens them again)."""
-    for (pid, _), handle in list(_open.items()):
+    for (pid, _), (handle, _) in list(_open.items()):
         if pid == os.getpid():
             handle.close()
     _open.clear()
