@@ -21,10 +21,8 @@ import click  # noqa: E402
 from kmel.config import ConfigError, list_profiles, load_config  # noqa: E402
 from kmel.models.integrity import ModelChecks  # noqa: E402
 
-PROFILE_HELP = (
-    f"Settings profile: a shipped name ({', '.join(list_profiles())}) or a path to your own YAML. "
-    "Flags override it; the resolved config is written next to every output."
-)
+PROFILE_HELP = (f"Settings profile: a shipped name ({', '.join(list_profiles())}) or a path to your own YAML. "
+                "Flags override it; the resolved config is written next to every output.")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -108,29 +106,34 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 def cli() -> None:
     """kmel: fair melanoma detection in dermoscopic images (Keras 3 / TensorFlow).
 
-    Typical run: make-synthetic (or your ISIC download) -> build-records -> train seg -> train cls
-    -> predict / evaluate. `demo` does all of it on synthetic data. `tensorboard --logdir runs`
-    shows the trainings.
+    Typical run: make-synthetic (or your ISIC download) -> build-records -> train seg -> train cls -> predict
+    / evaluate. `demo` does all of it on synthetic data. `tensorboard --logdir runs` shows the trainings.
     """
 
 
 @cli.command("make-synthetic")
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option("--style", type=click.Choice(["isic", "isic2024"]), default="isic", show_default=True,
+              help="isic: 2019 + 2020 CSVs, JPEGs, masks; isic2024: ISIC 2024's train-metadata.csv + train-image.hdf5.")
 @click.option("--n-images", default=120, show_default=True, type=POSITIVE, help="Number of labelled images to draw.")
-@click.option("--size", default=256, show_default=True, type=click.IntRange(min=32), help="Image side in pixels.")
+@click.option("--size", default=None, type=click.IntRange(min=32), help="Image side in pixels [isic: 256, isic2024: 128].")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Random seed (same seed, same bytes).")
 @click.option("--predict-images", default=0, show_default=True, type=NON_NEGATIVE,
               help="Also write this many held-out images to OUT/predict/ with OUT/predict/truth.csv.")
-def make_synthetic(out: str, n_images: int, size: int, seed: int, predict_images: int) -> None:
-    """Write a synthetic data folder laid out like an ISIC download (2019 + 2020 CSVs, images, masks)."""
+def make_synthetic(out: str, style: str, n_images: int, size: int | None, seed: int, predict_images: int) -> None:
+    """Write a synthetic data folder laid out like an ISIC download (2019 + 2020, or 2024: see --style)."""
 
     def body() -> int:
         from kmel.data.synthetic import make_prediction_folder, make_synthetic_dataset
+        from kmel.data.synthetic_isic2024 import isic2024_counts, make_isic2024_dataset
 
-        summary = make_synthetic_dataset(Path(out), n_images=n_images, seed=seed, size=size)
+        if style == "isic2024":
+            summary = isic2024_counts(make_isic2024_dataset(Path(out), n_images, seed, size=size or 128, progress=True))
+        else:
+            summary = make_synthetic_dataset(Path(out), n_images=n_images, seed=seed, size=size or 256)
         click.echo(f"wrote {out}: {summary}")
         if predict_images:
-            make_prediction_folder(Path(out) / "predict", n_images=predict_images, seed=seed + 1, size=size)
+            make_prediction_folder(Path(out) / "predict", n_images=predict_images, seed=seed + 1, size=size or 256)
             click.echo(f"wrote {predict_images} held-out images to {Path(out) / 'predict'}")
         return 0
 
@@ -210,9 +213,8 @@ def _train_options(fn: Callable) -> Callable:
         click.option("--logdir", default="runs", show_default=True, type=click.Path(file_okay=False),
                      help="TensorBoard log folder."),
         click.option("--seed", type=NON_NEGATIVE, default=None, help="Random seed [profile]."),
-        click.option("--restart", is_flag=True,
-                     help="Drop an interrupted run of this model in OUT and start afresh (by default the same "
-                          "command resumes it; with other settings it is refused)."),
+        click.option("--restart", is_flag=True, help="Drop an interrupted run of this model in OUT and start afresh "
+                     "(by default the same command resumes it; with other settings it is refused)."),
         click.option("--quiet", is_flag=True, help="One line per epoch, no progress bars."),
     ]
     for option in reversed(options):
@@ -229,12 +231,11 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
           restart: bool, quiet: bool) -> None:
     """Train the segmenter (seg) or the classifier (cls) and export it as a SavedModel.
 
-    cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision
-    threshold on the validation split and writes the fairness report for the test split to OUT/report/;
-    records built with --task diagnosis train a softmax over their classes (the malignant probability is
-    the sum of the malignant classes).
-    A killed run resumes from its last finished epoch when the same command is run again. The run works
-    in OUT/.run-segmenter (or .run-classifier) and replaces the previous model, history and report only
+    cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision threshold on
+    the validation split and writes the fairness report for the test split to OUT/report/; records built with
+    --task diagnosis train a softmax over their classes (the malignant probability is the sum of the malignant
+    classes). A killed run resumes from its last finished epoch when the same command is run again. The run
+    works in OUT/.run-segmenter (or .run-classifier) and replaces the previous model, history and report only
     when it is complete: a failed or killed run leaves OUT as it was.
     """
 

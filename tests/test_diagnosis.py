@@ -78,8 +78,11 @@ SOURCES = {
                  "ISIC_4,1,IP_2,3D: XP,Malignant,Malignant adnexal epithelial proliferations - Follicular,"
                  "Basal cell carcinoma,\n"
                  "ISIC_5,1,IP_3,3D: XP,Malignant,Malignant epidermal proliferations,Squamous cell carcinoma in situ,\n"
-                 "ISIC_6,0,IP_3,3D: XP,Benign,Benign epidermal proliferations,Seborrheic keratosis,\n",
-                 {"ISIC_1": "MEL", "ISIC_2": None, "ISIC_3": "NV", "ISIC_4": "BCC", "ISIC_5": "SCC", "ISIC_6": "BKL"}),
+                 "ISIC_6,0,IP_3,3D: XP,Benign,Benign epidermal proliferations,Seborrheic keratosis,\n"
+                 "ISIC_7,0,IP_3,3D: XP,Benign,Flat melanotic pigmentations - not melanocytic nevus,,\n"
+                 "ISIC_8,0,IP_3,3D: XP,Benign,Flat melanotic pigmentations - not melanocytic nevus,Solar lentigo,\n",
+                 {"ISIC_1": "MEL", "ISIC_2": None, "ISIC_3": "NV", "ISIC_4": "BCC", "ISIC_5": "SCC", "ISIC_6": "BKL",
+                  "ISIC_7": None, "ISIC_8": "BKL"}),
     "pad_ufes20": ("patient_id,lesion_id,fitspatrick,region,diagnostic,img_id\n" + "".join(
         f"PAT_{i},{i},2.0,ARM,{d},PAT_{i}_{i}_1.png\n" for i, d in enumerate(("BCC", "SCC", "MEL", "ACK", "SEK", "NEV"))),
         {"PAT_0_0_1": "BCC", "PAT_1_1_1": "SCC", "PAT_2_2_1": "MEL", "PAT_3_3_1": "AK", "PAT_4_4_1": "BKL",

@@ -93,14 +93,15 @@ def test_hdf5_members_read_in_every_layout_and_fail_naming_file_and_key(tmp_path
         f.create_dataset("ISIC_1", data=np.bytes_(jpeg))
         f.create_dataset("ISIC_2", data=np.frombuffer(jpeg, np.uint8))
         f.create_dataset("ISIC_3", data=np.void(padded))  # opaque
+        f.create_dataset("ISIC_4", data=np.array(padded, dtype=f"S{len(padded)}"))  # S<n> ending in NULs
         f.create_dataset("pixels", data=np.zeros((4, 4, 3), np.uint8))
         f.create_group("folder")
-    assert list_members(path) == ["ISIC_1", "ISIC_2", "ISIC_3", "pixels"]
+    assert list_members(path) == ["ISIC_1", "ISIC_2", "ISIC_3", "ISIC_4", "pixels"]
     assert split_member(f"{path}/ISIC_1") == (str(path), "ISIC_1")
     assert split_member(tmp_path / "x.jpg") is None
     for key in ("ISIC_1", "ISIC_2"):
         assert read_source(f"{path}/{key}", 1 << 20) == jpeg, key
-    assert read_source(f"{path}/ISIC_3", 1 << 20) == padded
+    assert read_source(f"{path}/ISIC_3", 1 << 20) == read_source(f"{path}/ISIC_4", 1 << 20) == padded
     for key, why in (("pixels", "not the encoded bytes of one image"), ("folder", "group"),
                      ("ISIC_9", "no dataset of that name")):
         with pytest.raises(ImageReadError, match=why) as err:

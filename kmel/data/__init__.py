@@ -43,6 +43,7 @@ _EXPORTS = {
     "make_seg_augmenter": "kmel.data.augment",
     "make_synthetic_dataset": "kmel.data.synthetic",
     "make_prediction_folder": "kmel.data.synthetic",
+    "make_isic2024_dataset": "kmel.data.synthetic_isic2024",
     "make_lesion_image": "kmel.data.synthetic_images",
 }
 __all__ = sorted(_EXPORTS)

@@ -34,6 +34,7 @@ NAME_FRAGMENTS: tuple[tuple[str, str | None], ...] = (
     ("seborrh", "SK"), ("benign keratosis", "BKL"), ("solar lentigo", "BKL"), ("lentigo", "BKL"), ("lichenoid", "BKL"),
     ("lichen planus like", "BKL"),
     ("epidermal nevus", None), ("becker", None), ("sebaceous", None), ("lipomatosus", None),
+    ("not melanocytic nevus", None),  # the ISIC hierarchy's "Flat melanotic pigmentations - not melanocytic nevus"
     ("nevus", "NV"), ("nevi", "NV"),
     ("dermatofibroma", "DF"),
     ("kaposi", None), ("angioma", "VASC"), ("angiokeratoma", "VASC"), ("vascular", "VASC"), ("pyogenic", "VASC"),
