@@ -267,3 +267,20 @@ def test_predict_reads_an_hdf5_file_and_a_folder_holding_one(data_folder, tmp_pa
     assert rows.loc["ISIC_9500002", "status"] == "error"
     assert "not a readable HDF5 file" in rows.loc["notes", "error"]
     assert json.loads(json.dumps(folder.errors))  # reasons are plain text
+
+
+def test_build_records_on_a_synthetic_isic2024_folder(tmp_path):
+    """make-synthetic --style isic2024's folder builds records without the real data: every crop read out of the
+    hdf5, patients kept within one split, the tabular columns in the records' table, both classes present."""
+    from kmel.data.records import build_records
+    from kmel.data.synthetic_isic2024 import make_isic2024_dataset
+
+    published = make_isic2024_dataset(tmp_path / "data", n_images=80, seed=2, size=64)
+    manifest = build_records(tmp_path / "data", tmp_path / "rec", tiny_config(**{"records.workers": 1}), progress=False)
+    table = pd.read_csv(tmp_path / "rec" / C.METADATA_CSV)
+    assert sorted(table["image_id"]) == sorted(published["isic_id"]) and manifest["skipped"] == []
+    assert table["image_path"].str.contains("train-image.hdf5/ISIC_").all()
+    assert (table.groupby("patient_id")["split"].nunique() == 1).all()
+    truth = published.set_index("isic_id").loc[table["image_id"]]
+    assert (table["target"].to_numpy() == truth["target"].to_numpy()).all() and table["target"].sum() >= 2
+    np.testing.assert_allclose(table["tbp_lv_areaMM2"], truth["tbp_lv_areaMM2"])
