@@ -119,7 +119,7 @@ def cli() -> None:
 @click.option("--size", default=None, type=click.IntRange(min=32), help="Image side in pixels [isic: 256, isic2024: 128].")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE, help="Random seed (same seed, same bytes).")
 @click.option("--predict-images", default=0, show_default=True, type=NON_NEGATIVE,
-              help="Also write this many held-out images to OUT/predict/ with OUT/predict/truth.csv.")
+              help="Also write this many held-out ISIC-style images (JPEG files) to OUT/predict/ with truth.csv.")
 def make_synthetic(out: str, style: str, n_images: int, size: int | None, seed: int, predict_images: int) -> None:
     """Write a synthetic data folder laid out like an ISIC download (2019 + 2020, or 2024: see --style)."""
 

@@ -44,7 +44,7 @@ class RecordsConfig:
     workers: int = 0  # 0: one per CPU core
     sources: tuple[str, ...] = ()  # restrict to these sources; empty: all found
     # every image of these goes to test (clinical photographs, not dermoscopy: docs/data.md); () to train on them too
-    eval_only_sources: tuple[str, ...] = ("ddi", "pad_ufes20")
+    eval_only_sources: tuple[str, ...] = C.EVAL_ONLY_SOURCES
     duplicate_lists: tuple[str, ...] = ()  # extra duplicate-list files; *duplicate*.txt in data dir always read
     max_file_mb: int = 256  # larger image files are refused unread (listed in skipped.csv)
 

@@ -78,6 +78,9 @@ CLASSIFIER_KERAS = "classifier.keras"
 
 # Decoded (Pillow; GIF and WebP: first frame), in order of preference when one id has several files.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Sources of clinical photographs (not dermoscopy): every image goes to test unless a profile says otherwise
+# (records.eval_only_sources; docs/data.md, "Clinical photographs").
+EVAL_ONLY_SOURCES = ("ddi", "pad_ufes20")
 # Files holding many images, one encoded image per dataset (ISIC 2024's train-image.hdf5): kmel/data/hdf5.py.
 HDF5_SUFFIXES = (".hdf5", ".h5")
 # Named like images but not decoded: such a file gets an error naming its format, never a silent skip

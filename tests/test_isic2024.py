@@ -113,11 +113,47 @@ def test_hdf5_members_read_in_every_layout_and_fail_naming_file_and_key(tmp_path
         f.create_dataset("ISIC_1", data=np.bytes_(_jpeg(5)))
     (tmp_path / "new.hdf5").replace(path)
     assert read_source(f"{path}/ISIC_1", 1 << 20) == _jpeg(5) and list_members(path) == ["ISIC_1"]
+    with h5py.File(tmp_path / "weights.h5", "w") as f:  # a Keras weights file: groups only
+        f.create_group("dense").create_dataset("kernel", data=np.zeros(3))
+    with pytest.raises(ImageReadError, match="holds no datasets"):
+        list_members(tmp_path / "weights.h5")
     fake = tmp_path / "fake.hdf5"
     fake.write_bytes(b"not hdf5 at all")
     with pytest.raises(ImageReadError, match="not a readable HDF5 file"):
         list_members(fake)
     close_containers()
+
+
+def test_hdf5_reads_from_many_threads_over_more_files_than_stay_open(tmp_path):
+    """predict decodes in a thread pool: reads of 8 containers (more than OPEN_CONTAINERS) from 4 threads, where
+    closing the least recently used file must never pull it from under another thread's read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kmel.data.hdf5 import OPEN_CONTAINERS, close_containers, read_source
+
+    expected = {}
+    for c in range(OPEN_CONTAINERS * 2):
+        with h5py.File(tmp_path / f"part{c}.hdf5", "w") as f:
+            for k in range(5):
+                data = _jpeg(c * 10 + k)
+                f.create_dataset(f"ISIC_{c}_{k}", data=np.bytes_(data))
+                expected[f"{tmp_path}/part{c}.hdf5/ISIC_{c}_{k}"] = data
+    names = list(expected) * 20
+    np.random.default_rng(0).shuffle(names)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda name: read_source(name, 1 << 20), names))
+    assert all(g == expected[n] for g, n in zip(got, names))
+    close_containers()
+
+
+def test_the_isic_hierarchy_is_read_one_way_for_the_archive_and_isic2024():
+    """The first non-empty level a name fragment matches decides; a match naming no class is final (UNK)."""
+    from kmel.data.diagnosis import most_specific_code
+
+    levels = [pd.Series(["Kaposi sarcoma", "", "Atypical melanocytic neoplasm", None]),
+              pd.Series(["Malignant soft tissue proliferations - Vascular", "Nevus", "Benign melanocytic "
+                         "proliferations", "Basal cell carcinoma"])]
+    assert most_specific_code(levels).tolist() == ["UNK", "NV", "UNK", "BCC"]
 
 
 # === Metadata formats ===
@@ -276,7 +312,8 @@ def test_build_records_on_a_synthetic_isic2024_folder(tmp_path):
     from kmel.data.synthetic_isic2024 import make_isic2024_dataset
 
     published = make_isic2024_dataset(tmp_path / "data", n_images=80, seed=2, size=64)
-    manifest = build_records(tmp_path / "data", tmp_path / "rec", tiny_config(**{"records.workers": 1}), progress=False)
+    # Two worker processes (spawn): each opens the hdf5 itself.
+    manifest = build_records(tmp_path / "data", tmp_path / "rec", tiny_config(**{"records.workers": 2}), progress=False)
     table = pd.read_csv(tmp_path / "rec" / C.METADATA_CSV)
     assert sorted(table["image_id"]) == sorted(published["isic_id"]) and manifest["skipped"] == []
     assert table["image_path"].str.contains("train-image.hdf5/ISIC_").all()

@@ -42,14 +42,40 @@ NAME_FRAGMENTS: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def code_for_name(name: str) -> str | None:
-    """The code of a diagnosis written in words (``"basal-cell-carcinoma"`` → ``"BCC"``); None when no fragment
-    of :data:`NAME_FRAGMENTS` is in it or the first one found names no class."""
+def match_name(name: str) -> tuple[bool, str | None]:
+    """(whether a fragment of :data:`NAME_FRAGMENTS` is in ``name``, the code it gives — None for a name that is
+    deliberately no class, such as an epidermal nevus)."""
     text = " ".join(str(name).lower().replace("-", " ").replace("_", " ").split())
     for fragment, code in NAME_FRAGMENTS:
         if fragment in text:
-            return code
-    return None
+            return True, code
+    return False, None
+
+
+def code_for_name(name: str) -> str | None:
+    """The code of a diagnosis written in words (``"basal-cell-carcinoma"`` → ``"BCC"``); None when no fragment
+    of :data:`NAME_FRAGMENTS` is in it or the first one found names no class."""
+    return match_name(name)[1]
+
+
+def most_specific_code(levels: Sequence[pd.Series]) -> pd.Series:
+    """One code per row from an ISIC diagnosis hierarchy (the Archive's ``diagnosis_5`` … ``diagnosis_2``, ISIC
+    2024's ``iddx_5`` … ``iddx_2``), most specific level first: the first non-empty level that a fragment matches
+    decides (a match that names no class gives UNK, without looking at broader levels: a Kaposi sarcoma filed
+    under "vascular proliferations" is not a VASC lesion); a level no fragment matches defers to the next; UNK
+    when none decides."""
+    def decide(names: Sequence[object]) -> str:
+        for name in names:
+            if isinstance(name, str) and name.strip():
+                matched, code = match_name(name)
+                if matched:
+                    return code or "UNK"
+        return "UNK"
+
+    if not levels:
+        raise ValueError("no diagnosis levels given")
+    frame = pd.concat(list(levels), axis=1)
+    return pd.Series([decide(row) for row in frame.itertuples(index=False)], index=frame.index, dtype=object)
 
 
 def diagnosis_class(value: object) -> str | None:

@@ -13,6 +13,7 @@ again (its inode, size and modification time are compared on each read).
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ import numpy as np
 from kmel.constants import HDF5_SUFFIXES
 from kmel.data.images import ImageReadError, _too_large, check_file, read_file
 
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 OPEN_CONTAINERS = 4  # per process; a data folder rarely has more than train + test
 
-_open: OrderedDict[tuple[int, str], tuple[Any, tuple[int, int, int]]] = OrderedDict()  # (pid, path) -> handle, version
+# (pid, path) -> (handle, (inode, size, mtime)). One lock for the cache and every read: h5py serialises its calls
+# anyway, and a handle is closed only under the lock, so no thread can be reading from it then.
+_open: OrderedDict[tuple[int, str], tuple[Any, tuple[int, int, int]]] = OrderedDict()
+_lock = threading.RLock()
 
 
 def is_container(path: str | Path) -> bool:
@@ -48,6 +51,7 @@ def split_member(name: str | Path) -> tuple[str, str] | None:
 
 
 def _container(path: str) -> Any:
+    """The open file (call with ``_lock`` held); ImageReadError naming ``path`` when it cannot be one."""
     import h5py
 
     reason = check_file(path, max_bytes=1 << 62)
@@ -61,34 +65,59 @@ def _container(path: str) -> Any:
     if key in _open:
         _open.pop(key)[0].close()
     try:
-        handle = h5py.File(path, "r")
+        # No file locking: reading only, and HDF5's locks fail on some network file systems (NFS, Lustre).
+        handle = h5py.File(path, "r", locking=False)
     except OSError as exc:
         raise ImageReadError(f"{path}: not a readable HDF5 file ({exc})") from None
     _open[key] = (handle, version)
     while len(_open) > OPEN_CONTAINERS:
         (pid, _), (old, _) = _open.popitem(last=False)
-        if pid == os.getpid():
+        if pid == os.getpid():  # a forked child's copy of its parent's handle is left alone
             old.close()
     return handle
 
 
 def close_containers() -> None:
     """Close this process's open containers (the next read opens them again)."""
-    for (pid, _), (handle, _) in list(_open.items()):
-        if pid == os.getpid():
-            handle.close()
-    _open.clear()
+    with _lock:
+        for (pid, _), (handle, _) in list(_open.items()):
+            if pid == os.getpid():
+                handle.close()
+        _open.clear()
 
 
 def list_members(container: str | Path) -> list[str]:
-    """The names of the datasets at the top of ``container``, sorted (groups are not images and are left out)."""
+    """The names of the datasets at the top of ``container``, sorted (groups are not images and are left out);
+    ImageReadError when it is not a readable HDF5 file or holds no dataset (e.g. a Keras ``weights.h5``)."""
     import h5py
 
-    handle = _container(str(container))
+    with _lock:
+        handle = _container(str(container))
+        try:
+            names = sorted(name for name, item in handle.items() if isinstance(item, h5py.Dataset))
+        except (OSError, RuntimeError) as exc:
+            raise ImageReadError(f"{container}: cannot list its datasets ({exc})") from None
+    if not names:
+        raise ImageReadError(f"{container}: holds no datasets at its top level, so no images (kmel reads HDF5 files "
+                             "with one dataset of encoded image bytes per image id, as ISIC 2024's train-image.hdf5)")
+    return names
+
+
+def source_size(name: str | Path) -> int | None:
+    """The size in bytes of an image file, or of the encoded image stored in an HDF5 dataset, without reading it;
+    None when it cannot be told (then compare contents)."""
+    inside = split_member(name)
     try:
-        return sorted(name for name, item in handle.items() if isinstance(item, h5py.Dataset))
-    except (OSError, RuntimeError) as exc:
-        raise ImageReadError(f"{container}: cannot list its datasets ({exc})") from None
+        if not inside:
+            return os.stat(name).st_size
+        with _lock:
+            item = _container(inside[0]).get(inside[1])
+            shape, dtype = getattr(item, "shape", None), getattr(item, "dtype", None)
+            if shape == () and dtype is not None and dtype.kind in "SV":
+                return int(dtype.itemsize)
+            return int(shape[0]) if shape is not None and len(shape) == 1 else None
+    except (ImageReadError, OSError, RuntimeError):
+        return None
 
 
 def read_member(container: str | Path, key: str, max_bytes: int) -> bytes:
@@ -97,10 +126,18 @@ def read_member(container: str | Path, key: str, max_bytes: int) -> bytes:
     Accepted layouts: a scalar fixed-length bytes dataset (``S<n>``, ISIC 2024's), a scalar opaque dataset, or a
     1-D ``uint8`` array. Anything else (a pixel array, a group) raises with what it holds.
     """
+    name = member_name(container, key)
+    with _lock:
+        return _read(name, container, key, max_bytes)
+
+
+def _read(name: str, container: str | Path, key: str, max_bytes: int) -> bytes:
     import h5py
 
-    name = member_name(container, key)
-    handle = _container(str(container))
+    try:
+        handle = _container(str(container))
+    except ImageReadError as exc:
+        raise ImageReadError(f"{name}: {exc}") from None
     try:
         item = handle.get(key)
         if item is None:

@@ -306,6 +306,15 @@ class Found:
     reason: str = ""
 
 
+def found_file(path: Path) -> Found:
+    """A file to read as a walk entry: ``error`` when it cannot be one (never opened; the size bound is the
+    reader's), ``container`` for an HDF5 file, else ``file``."""
+    reason = check_file(path, max_bytes=1 << 62)
+    if reason:
+        return Found(path, "error", reason)
+    return Found(path, "container" if str(path).lower().endswith(HDF5_SUFFIXES) else "file")
+
+
 def _looks_like_image(entry: os.DirEntry) -> bool:
     """By extension (decoded or not), else by the first bytes of a regular file."""
     suffix = os.path.splitext(entry.name)[1].lower()
@@ -357,9 +366,7 @@ def walk_images(folder: str | Path) -> list[Found]:
                     found.append(Found(path, "error", "is a directory, not an image file"))
                 stack.append(path)
             elif entry.name.lower().endswith(HDF5_SUFFIXES) or _looks_like_image(entry):
-                reason = check_file(path, max_bytes=1 << 62)  # the size bound is the reader's
-                status = "container" if entry.name.lower().endswith(HDF5_SUFFIXES) else "file"
-                found.append(Found(path, "error", reason) if reason else Found(path, status))
+                found.append(found_file(path))
     return sorted(found, key=lambda f: str(f.path))
 
 

@@ -55,7 +55,14 @@ from kmel.data.formats.registry import (
     YEARS,
     read_metadata_file,
 )
-from kmel.data.hdf5 import is_container, list_members, member_name, read_source
+from kmel.data.hdf5 import (
+    close_containers,
+    is_container,
+    list_members,
+    member_name,
+    read_source,
+    source_size,
+)
 from kmel.data.images import ImageReadError, check_file
 
 TASKS = {"malignant": C.COL_MALIGNANT, "melanoma": C.COL_MELANOMA, "keratosis": C.COL_KERATOSIS}
@@ -64,7 +71,6 @@ SOURCE_PRIORITY = {"ham10000": 0, "isic2018": 1}
 # Fitzpatrick types in the three bands DDI publishes (12 / 34 / 56), for every annotated source.
 FITZPATRICK_GROUPS = ("I-II", "III-IV", "V-VI")
 # Sources used only for evaluation unless asked otherwise (clinical photographs, not dermoscopy).
-EVAL_ONLY_SOURCES = ("ddi", "pad_ufes20")
 YEAR_IN_PATH = re.compile(r"[/\\](20\d\d)[/\\]")
 
 
@@ -261,6 +267,9 @@ def load_metadata(
 
 
 def _same_content(a: Path, b: Path) -> bool:
+    size_a, size_b = source_size(a), source_size(b)
+    if size_a is not None and size_b is not None and size_a != size_b:
+        return False  # e.g. Kaggle's ISIC 2024 download: 401,059 JPEGs and the same crops in train-image.hdf5
     try:
         return read_source(a, 1 << 62) == read_source(b, 1 << 62)
     except (OSError, ImageReadError):
@@ -306,6 +315,7 @@ def find_images(data_dir: Path, twins: list[dict[str, str]] | None = None,
             if current is not None and twins is not None and not _same_content(current, path):
                 twins.append({"image_id": stem, "used": str(found[stem]), "other": str(path if found[stem] == current
                                                                                       else current)})
+    close_containers()  # the workers that read the images open their own
     return found
 
 
@@ -371,7 +381,7 @@ def diagnosis_drops(table: pd.DataFrame, classes: Sequence[str]) -> dict[str, di
 
 def split_table(
     table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
-    eval_only_sources: Sequence[str] = EVAL_ONLY_SOURCES,
+    eval_only_sources: Sequence[str] = C.EVAL_ONLY_SOURCES,
 ) -> pd.DataFrame:
     """Add ``split``: no patient (or HAM10000 lesion) in two splits; strata of (target, skin tone).
 

@@ -29,12 +29,12 @@ from typing import Any, Iterable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from kmel.config import ConfigError
-from kmel.data.hdf5 import is_container, list_members, member_name, read_source
+from kmel.data.hdf5 import list_members, member_name, read_source
 from kmel.data.images import (
     MIB,
     Found,
     ImageReadError,
-    check_file,
+    found_file,
     load_image_reduced,
     walk_images,
 )
@@ -97,10 +97,7 @@ def collect_inputs(inputs: Sequence[str | Path], stdin: Iterable[str] | None = N
         if path.is_dir():
             found += [(os.path.abspath(path), f) for f in walk_images(path)]
         else:
-            reason = check_file(path, max_bytes=1 << 62)  # the size bound is the reader's
-            status = "container" if is_container(path) else "file"
-            found.append((os.path.dirname(os.path.abspath(path)), Found(path, "error", reason) if reason
-                          else Found(path, status)))
+            found.append((os.path.dirname(os.path.abspath(path)), found_file(path)))
     found = [(base, member) for base, entry in found for member in _members(entry)]
     if not found:
         return []

@@ -5,17 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kmel.data.diagnosis import code_for_name
+from kmel.data.diagnosis import most_specific_code
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.registry import YEARS, _frame, register_format
 
 FITZPATRICK_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
-
-
-def _archive_code(name: pd.Series) -> pd.Series:
-    """ISIC Archive diagnosis names (old ``diagnosis`` and the ``diagnosis_2..5`` hierarchy) to codes, by the
-    fragments of :data:`kmel.data.diagnosis.NAME_FRAGMENTS`; UNK when none names a class."""
-    return name.fillna("").map(lambda n: code_for_name(n) or "UNK")
 
 
 @register_format("isic_archive", ("isic_id", "diagnosis_1", "benign_malignant", "image_type", "patient_id", "lesion_id",
@@ -34,11 +28,8 @@ def _read_isic_archive(t: CsvTable) -> pd.DataFrame:
         verdict = df["benign_malignant"].str.strip().str.lower()
     malignant = verdict.map({"benign": 0.0, "malignant": 1.0})
     # The most specific diagnosis named: diagnosis_5 .. diagnosis_2, else the older diagnosis column.
-    name = empty.copy()
-    for col in ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis_2", "diagnosis"):
-        if col in df:
-            name = name.where(name.notna(), df[col])
-    diag = _archive_code(name)
+    diag = most_specific_code([df[c] for c in ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis_2",
+                                               "diagnosis") if c in df] or [empty])
     known = diag != "UNK"
     melanoma = (diag == "MEL").astype(float).where(known | (malignant == 0))
     image_type = df.get("image_type", empty).str.strip().str.lower()

@@ -15,10 +15,9 @@ the pathology result itself.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
-from kmel.data.diagnosis import code_for_name
+from kmel.data.diagnosis import most_specific_code
 from kmel.data.formats.csvread import CsvTable
 from kmel.data.formats.registry import COL_DROP_REASON, YEARS, _frame, register_format
 
@@ -45,13 +44,9 @@ def _features(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _diagnosis(df: pd.DataFrame) -> pd.Series:
-    """The most specific ``iddx_*`` level that names a class, as a code; UNK when none does."""
-    code = pd.Series(np.nan, index=df.index, dtype=object)
-    for col in ("iddx_5", "iddx_4", "iddx_3", "iddx_2"):
-        if col in df:
-            named = df[col].fillna("").map(lambda n: code_for_name(n) if n.strip() else None)
-            code = code.where(code.notna(), named)
-    return code.fillna("UNK")
+    """The most specific ``iddx_*`` level that names a class, as a code (the ISIC Archive's rule); UNK when none does."""
+    levels = [df[c] for c in ("iddx_5", "iddx_4", "iddx_3", "iddx_2") if c in df]
+    return most_specific_code(levels) if levels else pd.Series("UNK", index=df.index, dtype=object)
 
 
 def _rows(df: pd.DataFrame, **columns) -> pd.DataFrame:
