@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from kmel.evaluation.fairness import _clean, _ordered
-from kmel.models.pipeline import _logit
+from kmel.models.scores import logit
 
 
 def expected_calibration_error(y_true: Any, probabilities: Any, n_bins: int = 10) -> float | None:
@@ -31,7 +31,7 @@ def fit_temperature(y_true: Any, probabilities: Any) -> float:
     from scipy.optimize import minimize_scalar
 
     y = np.asarray(y_true, dtype=np.float64).reshape(-1)
-    z = _logit(np.asarray(probabilities).reshape(-1))
+    z = logit(np.asarray(probabilities).reshape(-1))
     if y.size == 0 or len(np.unique(y)) < 2:
         return 1.0
 

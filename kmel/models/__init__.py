@@ -5,6 +5,14 @@ EfficientNet classifier, Grad-CAM graphs, pretrained weights (``weights/``) and 
 from kmel import lazy_exports
 
 _EXPORTS = {
+    "FusionSpec": "kmel.models.fusion",
+    "FusionModel": "kmel.models.fusion",
+    "make_fusion_spec": "kmel.models.fusion",
+    "make_fusion_features": "kmel.models.fusion",
+    "load_fusion": "kmel.models.fusion",
+    "fusion_importance": "kmel.models.fusion",
+    "logit": "kmel.models.scores",
+    "sigmoid": "kmel.models.scores",
     "BACKBONES": "kmel.models.classifier",
     "CLASSIFIER_LAST_CONV": "kmel.models.classifier",
     "build_classifier": "kmel.models.classifier",

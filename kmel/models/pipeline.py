@@ -22,6 +22,7 @@ from kmel.models.integrity import (
     check_graph,
     check_pipeline,
 )
+from kmel.models.scores import logit
 
 
 def load_serving(path: str | Path, checks: ModelChecks = DEFAULT_CHECKS, fingerprint: str | None = None) -> Any:
@@ -72,14 +73,9 @@ def read_pipeline(models_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
-
-
 def apply_temperature(probabilities: Any, temperature: float) -> np.ndarray:
     """sigmoid(logit(p) / T): T > 1 softens over-confident scores; monotone, so rankings and AUC are unchanged."""
-    z = _logit(np.asarray(probabilities, dtype=np.float64)) / float(temperature)
+    z = logit(probabilities) / float(temperature)
     return 1.0 / (1.0 + np.exp(-z))
 
 

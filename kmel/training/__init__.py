@@ -4,6 +4,7 @@ distribution strategies."""
 from kmel import lazy_exports
 
 _EXPORTS = {
+    "fit_fusion": "kmel.training.fusion",
     "fit_segmenter": "kmel.training.train",
     "fit_classifier": "kmel.training.train",
     "clear_training_state": "kmel.training.train",
