@@ -142,3 +142,34 @@ def test_source_balance_draws_every_source_equally(unequal_records):
         got = drawn_shares(source_balance)
         for key, share in want.items():  # about 4 standard errors of a share near 0.25 over 2,500 draws
             assert got.get(key, 0.0) == pytest.approx(share, abs=0.035), (source_balance, key, got, want)
+
+
+def test_balanced_sampler_reads_the_split_once_per_group(unequal_records):
+    """Each group's stream is cached after its first pass: drawing 600 records reads each train record at most once
+    per group (plus one pass), however small a group is. Before the cache, a group of n records read about N / n
+    records per draw and its 256-element shuffle buffer 256 / n passes: the diagnosis task's 80 small groups made an
+    epoch take hours."""
+    import tensorflow as tf
+
+    from kmel.data.datasets import (
+        classifier_balance_weights,
+        make_balanced_records,
+        make_record_dataset,
+    )
+    from kmel.data.records import load_manifest, shard_paths
+    from tests.tiny import tiny_config
+
+    config = tiny_config()
+    manifest = load_manifest(unequal_records)
+    n_train = manifest["n_records"]["img"]["train"]
+    groups = len(classifier_balance_weights(manifest, "train", config))
+    reads = []
+
+    def count(record):
+        tf.py_function(lambda: reads.append(1), [], [])
+        return record
+
+    records = make_record_dataset(shard_paths(unequal_records, "img", "train", manifest), True, 0).map(count)
+    drawn = list(make_balanced_records(records, manifest, "train", config, 0).take(600).as_numpy_iterator())
+    assert len(drawn) == 600 and groups >= 6
+    assert len(reads) <= (groups + 1) * n_train, (len(reads), groups, n_train)
