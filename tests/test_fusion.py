@@ -125,9 +125,9 @@ def test_spec_leaves_out_ids_and_labels_and_picks_tbp_columns():
     spec = make_fusion_spec(raw)
     numeric_tbp = [c for c in TBP_LV_COLUMNS if c not in TEXT_TBP]
     assert set(numeric_tbp) | {"age_approx", "clin_size_long_diam_mm"} == set(spec.numeric)
-    assert {"sex", "anatom_site_general", "tbp_tile_type", "attribution", *TEXT_TBP} == {c for c, _ in spec.categorical}
+    assert {"sex", "anatom_site_general", "tbp_tile_type", *TEXT_TBP} == {c for c, _ in spec.categorical}
     for col in ("isic_id", "target", "patient_id", "lesion_id", "iddx_1", "iddx_full", "mel_thick_mm",
-                "mel_mitotic_index", "tbp_lv_dnn_lesion_confidence", "image_type", "empty"):
+                "mel_mitotic_index", "tbp_lv_dnn_lesion_confidence", "image_type", "empty", "attribution"):
         assert col not in spec.columns, col
 
     records = _records(300, seed=1, malignant=0.05, hidden=0.0)

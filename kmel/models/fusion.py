@@ -41,14 +41,16 @@ BOOLEAN_TEXT = {"true": 1.0, "false": 0.0}
 # Never features: ids, labels and what is derived from them, split and paths, and kmel's per-image bookkeeping.
 # The skin tone estimates (and the Fitzpatrick annotation) are the fairness report's groups, not inputs. The raw
 # ISIC 2024 table's train-only columns describe the pathology result (docs on kmel/data/formats/isic2024.py), and
-# PAD-UFES-20's ``biopsed`` is true for every cancer there: each names the label.
+# PAD-UFES-20's ``biopsed`` is true for every cancer there: each names the label. Where an image was taken
+# (``source``, ISIC 2024's ``attribution`` — the clinic — and ``height`` / ``width``) is left out too: a model
+# meant for other hospitals must not learn one hospital's share of melanomas.
 NOT_FEATURES = frozenset({
     C.COL_IMAGE_ID, "base_id", C.COL_SOURCE, C.COL_YEAR, C.COL_DIAGNOSIS, C.COL_MALIGNANT, C.COL_MELANOMA,
     C.COL_KERATOSIS, C.COL_TARGET, C.COL_SPLIT, C.COL_IMAGE_PATH, C.COL_MASK_PATH, C.COL_SHA256, "height", "width",
     "has_mask", C.COL_LESION, C.COL_PATIENT, C.COL_FITZPATRICK, "fitzpatrick_group", C.COL_SKIN_TONE,
     C.COL_SKIN_TONE_NAME, C.COL_ITA, C.COL_ITA_CATEGORY, "brightness", "skin_pixels", "drop_reason", "crop_mode",
     "isic_id", "iddx_full", "iddx_1", "iddx_2", "iddx_3", "iddx_4", "iddx_5", "mel_thick_mm", "mel_mitotic_index",
-    "tbp_lv_dnn_lesion_confidence", "copyright_license", "biopsed",
+    "tbp_lv_dnn_lesion_confidence", "copyright_license", "biopsed", "attribution",
 })
 # LightGBM keeps feature names space-separated in its model text and refuses JSON's special characters.
 _BAD_NAME = re.compile(r"[\s\",:\[\]{}]")
