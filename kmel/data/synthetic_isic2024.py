@@ -16,10 +16,10 @@ a fresh lesion per crop. Each crop is written as soon as it is made: what grows 
 table and a 16-byte digest per crop, never the images. NumPy, OpenCV, h5py and pandas only; the same seed
 gives the same bytes.
 
-Speed, measured on the project's 2-core machine under ``nice -n 19`` beside a running benchmark (load ~5):
-``python bench/records_hdf5.py --n 5000 --generate-only`` wrote 5,000 crops in 14.2 s (352 crops/s, peak RSS
-164 MiB); most of it is drawing the ~1,050 base lesions (~9 ms each), a crop from the pool costs ~1.3 ms (790
-crops/s with the pool cut to 25 bases), so 50,000 crops take about 75 s (extrapolated, not run).
+Speed, measured on the project's 2-core machine under ``nice -n 19`` beside a running training (so an upper
+bound): ``python bench/records_hdf5.py --n 50000 --generate-only`` wrote 50,000 crops in 609 s (82 crops/s;
+train-image.hdf5 204 MiB); 5,000 crops in 14.2 s (352 crops/s) — most of the small run is drawing the ~1,050 base
+lesions (~9 ms each), a crop from the pool costs ~1.3 ms alone.
 """
 
 from __future__ import annotations
@@ -380,5 +380,5 @@ def make_isic2024_dataset(out_dir: Path, n_images: int = 200, seed: int = 0, mal
     partial = out_dir / (METADATA_CSV + ".partial")
     table.to_csv(partial, index=False, lineterminator="\n")
     os.replace(partial, out_dir / METADATA_CSV)
-    return pd.read_csv(out_dir / METADATA_CSV)
+    return pd.read_csv(out_dir / METADATA_CSV, low_memory=False)
 
