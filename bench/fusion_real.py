@@ -60,6 +60,7 @@ def main() -> None:
     from union_eval import score_split
 
     from kmel import constants as C
+    from kmel.lesion.crops import ensure_crop_records
     from kmel.models.fusion import fusion_importance
     from kmel.models.pipeline import read_pipeline
     from kmel.serving.runtime import config_from_pipeline
@@ -69,7 +70,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pipeline = read_pipeline(models)
     config = config_from_pipeline(pipeline, models)
-    crops = records / pipeline["classifier"]["crops_dir"]
+    # The crops this classifier's settings make (built when missing): a crops folder of another run may hold crops
+    # made with other settings.
+    crops = ensure_crop_records(records, models, config, pipeline=pipeline)
     table = pd.read_csv(records / C.METADATA_CSV, low_memory=False).set_index(C.COL_IMAGE_ID)
     start = time.perf_counter()
     scored = {split: score_split(models, crops, split, config, tta=False) for split in ("val", "test")}

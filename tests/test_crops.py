@@ -65,6 +65,14 @@ def test_crop_records_cover_every_image_and_are_reused(setup):
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("crop-*.tfrecord")}
     assert ensure_crop_records(setup["records"], setup["models"], setup["config"], progress=False) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("crop-*.tfrecord")} == stamps
+    # Other crop settings: another folder beside it; the crops a classifier was trained on are left as they were.
+    from dataclasses import replace
+
+    config = setup["config"]
+    other = replace(config, crops=replace(config.crops, hair_kernel=config.crops.hair_kernel + 2))
+    elsewhere = ensure_crop_records(setup["records"], setup["models"], other, progress=False)
+    assert elsewhere != out and elsewhere.parent == out.parent and (elsewhere / C.MANIFEST).is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("crop-*.tfrecord")} == stamps
 
 
 def test_predict_and_crop_records_use_the_same_function(setup, tmp_path, monkeypatch):

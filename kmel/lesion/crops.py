@@ -4,8 +4,9 @@
 resize to the records' long side → enhance (CLAHE + gamma) → pad square → segmenter → probability
 map back on the image → :func:`kmel.lesion.lesion.prepare_crop` (clean mask, crop with margin or whole
 image, hair removal, skin tone). OpenCV work runs in a thread pool (OpenCV releases the GIL), the
-segmenter in batches. Crop records live in ``<records>/crops-<segmenter fingerprint>/``, one crop
-shard per img- shard, each rebuilt only when its source shard, the settings or the segmenter change.
+segmenter in batches. Crop records live in ``<records>/crops-<segmenter fingerprint>-<settings hash>/``, one crop
+shard per img- shard, each rebuilt only when its source shard changes; other crop settings or another segmenter
+get another folder, so the crops a classifier was trained on stay as they were.
 """
 
 from __future__ import annotations
@@ -141,8 +142,17 @@ class CropPipeline:
 # === Crop records ===
 
 
-def crops_dir_for(records_dir: str | Path, segmenter_fingerprint: str) -> Path:
-    return Path(records_dir) / f"crops-{segmenter_fingerprint}"
+def crop_settings(config: Config, segmenter_fingerprint: str) -> str:
+    """Everything that changes a crop record's pixels, as one canonical JSON string."""
+    return json.dumps({"crops": to_plain(config.crops), "size": config.classifier.image_size,
+                       "records": config.records.image_size, "segmenter": segmenter_fingerprint}, sort_keys=True)
+
+
+def crops_dir_for(records_dir: str | Path, segmenter_fingerprint: str, config: Config) -> Path:
+    """``<records>/crops-<segmenter fingerprint>-<settings hash>``: crops made with other settings (another crop
+    size, colour constancy on) get their own folder, so a classifier's crops are never rebuilt under it."""
+    settings = hashlib.sha256(crop_settings(config, segmenter_fingerprint).encode()).hexdigest()[:8]
+    return Path(records_dir) / f"crops-{segmenter_fingerprint}-{settings}"
 
 
 def _crop_example(record: dict[str, Any], crop: PreparedCrop, quality: int) -> bytes:
@@ -198,10 +208,9 @@ def build_crop_records(
     if not fingerprint:
         raise FileNotFoundError(f"no trained segmenter in {models_dir}: run `python cli.py train seg` first")
     segment, seg_size = make_segment_fn(models_dir, pipeline, checks)
-    out = crops_dir_for(records_dir, fingerprint)
+    out = crops_dir_for(records_dir, fingerprint, config)
     out.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps({"crops": to_plain(config.crops), "size": config.classifier.image_size,
-                           "records": config.records.image_size, "segmenter": fingerprint}, sort_keys=True)
+    settings = crop_settings(config, fingerprint)
     total = sum(manifest["n_records"]["img"].values())
     bar = tqdm(total=total, desc="lesion crops", unit="img", disable=not progress, dynamic_ncols=True)
     shards: dict[str, list[dict[str, Any]]] = {}
@@ -278,7 +287,7 @@ def ensure_crop_records(
     fingerprint = pipeline.get("segmenter", {}).get("fingerprint")
     if not fingerprint:
         raise FileNotFoundError(f"no trained segmenter in {models_dir}: run `python cli.py train seg` first")
-    out = crops_dir_for(records_dir, fingerprint)
+    out = crops_dir_for(records_dir, fingerprint, config)
     manifest = out / C.MANIFEST
     if manifest.exists():
         data = json.loads(manifest.read_text())
