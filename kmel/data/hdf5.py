@@ -20,8 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from kmel.constants import HDF5_SUFFIXES
-from kmel.data.images import ImageReadError, _too_large, check_file, read_file
+from kmel.data.images import (
+    ImageReadError,
+    _too_large,
+    check_file,
+    is_container,
+    read_file,
+)
 
 OPEN_CONTAINERS = 4  # per process; a data folder rarely has more than train + test
 
@@ -29,11 +34,6 @@ OPEN_CONTAINERS = 4  # per process; a data folder rarely has more than train + t
 # anyway, and a handle is closed only under the lock, so no thread can be reading from it then.
 _open: OrderedDict[tuple[int, str], tuple[Any, tuple[int, int, int]]] = OrderedDict()
 _lock = threading.RLock()
-
-
-def is_container(path: str | Path) -> bool:
-    """Named like an HDF5 file (``.hdf5`` / ``.h5``, any case)."""
-    return str(path).lower().endswith(HDF5_SUFFIXES)
 
 
 def member_name(container: str | Path, key: str) -> str:
@@ -111,20 +111,30 @@ def source_size(name: str | Path) -> int | None:
         if not inside:
             return os.stat(name).st_size
         with _lock:
-            item = _container(inside[0]).get(inside[1])
-            shape, dtype = getattr(item, "shape", None), getattr(item, "dtype", None)
-            if shape == () and dtype is not None and dtype.kind in "SV":
-                return int(dtype.itemsize)
-            return int(shape[0]) if shape is not None and len(shape) == 1 else None
+            return _encoded_size(_container(inside[0]).get(inside[1]))
     except (ImageReadError, OSError, RuntimeError):
         return None
+
+
+def _encoded_size(item: Any) -> int | None:
+    """The byte length of the encoded image a dataset holds in an accepted layout — a scalar fixed-length bytes
+    (``S<n>``, ISIC 2024's) or opaque dataset, or a 1-D ``uint8`` array — else None (a group, a pixel array)."""
+    import h5py
+
+    if not isinstance(item, h5py.Dataset):
+        return None
+    if item.shape == () and item.dtype.kind in "SV" and item.dtype.itemsize:
+        return int(item.dtype.itemsize)
+    if len(item.shape) == 1 and item.dtype == np.uint8:
+        return int(item.shape[0])
+    return None
 
 
 def read_member(container: str | Path, key: str, max_bytes: int) -> bytes:
     """The encoded image bytes stored under ``key`` in ``container``; at most ``max_bytes`` are read.
 
-    Accepted layouts: a scalar fixed-length bytes dataset (``S<n>``, ISIC 2024's), a scalar opaque dataset, or a
-    1-D ``uint8`` array. Anything else (a pixel array, a group) raises with what it holds.
+    Accepted layouts: those of :func:`_encoded_size`. Anything else (a pixel array, a group) raises with what it
+    holds.
     """
     name = member_name(container, key)
     with _lock:
@@ -144,21 +154,20 @@ def _read(name: str, container: str | Path, key: str, max_bytes: int) -> bytes:
             raise ImageReadError(f"{name}: no dataset of that name in the HDF5 file")
         if not isinstance(item, h5py.Dataset):
             raise ImageReadError(f"{name}: is an HDF5 group, not an image")
-        dtype, shape = item.dtype, item.shape
-        if shape == () and dtype.kind in "SV" and dtype.itemsize:
-            if dtype.itemsize > max_bytes:
-                raise ImageReadError(f"{name}: {_too_large(dtype.itemsize, max_bytes)}")
-            value = np.empty((), dtype)
-            item.read_direct(value)  # all itemsize bytes: numpy's bytes_ would drop trailing NULs
-            return value.tobytes()
-        if len(shape) == 1 and dtype == np.uint8:
-            if shape[0] > max_bytes:
-                raise ImageReadError(f"{name}: {_too_large(shape[0], max_bytes)}")
+        size = _encoded_size(item)
+        if size is None:
+            raise ImageReadError(f"{name}: holds a {item.dtype} array of shape {item.shape}, not the encoded bytes of "
+                                 "one image (kmel reads datasets of JPEG / PNG bytes, as in ISIC 2024's "
+                                 "train-image.hdf5)")
+        if size > max_bytes:
+            raise ImageReadError(f"{name}: {_too_large(size, max_bytes)}")
+        if item.shape != ():
             return item[()].tobytes()
+        value = np.empty((), item.dtype)
+        item.read_direct(value)  # all itemsize bytes: numpy's bytes_ would drop trailing NULs
+        return value.tobytes()
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise ImageReadError(f"{name}: cannot be read ({exc})") from None
-    raise ImageReadError(f"{name}: holds a {dtype} array of shape {shape}, not the encoded bytes of one image "
-                         "(kmel reads datasets of JPEG / PNG bytes, as in ISIC 2024's train-image.hdf5)")
 
 
 def read_source(name: str | Path, max_bytes: int) -> bytes:

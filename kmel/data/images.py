@@ -306,13 +306,18 @@ class Found:
     reason: str = ""
 
 
+def is_container(path: str | Path) -> bool:
+    """Named like an HDF5 file (``.hdf5`` / ``.h5``, any case): many images inside, read by :mod:`kmel.data.hdf5`."""
+    return str(path).lower().endswith(HDF5_SUFFIXES)
+
+
 def found_file(path: Path) -> Found:
     """A file to read as a walk entry: ``error`` when it cannot be one (never opened; the size bound is the
     reader's), ``container`` for an HDF5 file, else ``file``."""
     reason = check_file(path, max_bytes=1 << 62)
     if reason:
         return Found(path, "error", reason)
-    return Found(path, "container" if str(path).lower().endswith(HDF5_SUFFIXES) else "file")
+    return Found(path, "container" if is_container(path) else "file")
 
 
 def _looks_like_image(entry: os.DirEntry) -> bool:
@@ -365,7 +370,7 @@ def walk_images(folder: str | Path) -> list[Found]:
                 if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     found.append(Found(path, "error", "is a directory, not an image file"))
                 stack.append(path)
-            elif entry.name.lower().endswith(HDF5_SUFFIXES) or _looks_like_image(entry):
+            elif is_container(entry.name) or _looks_like_image(entry):
                 found.append(found_file(path))
     return sorted(found, key=lambda f: str(f.path))
 

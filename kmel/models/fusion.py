@@ -77,10 +77,6 @@ def _numbers(values: pd.Series) -> pd.Series:
     return out.replace([np.inf, -np.inf], np.nan)
 
 
-def _logit(scores: Any) -> np.ndarray:
-    return logit(np.asarray(scores, dtype=np.float64).reshape(-1), SCORE_CLIP)
-
-
 def _feature_names(numeric: Sequence[str], categorical: Sequence[str], relative: bool) -> tuple[str, ...]:
     base = (IMAGE_LOGIT, *numeric)
     names = [*base, *categorical]
@@ -207,7 +203,7 @@ def make_fusion_features(table: pd.DataFrame, image_score: Any, spec: FusionSpec
     score = np.asarray(image_score, dtype=np.float64).reshape(-1)
     if score.size != len(table):
         raise ValueError(f"fusion: {score.size} image scores for {len(table)} table rows")
-    base = pd.DataFrame({IMAGE_LOGIT: _logit(score)}, index=table.index)
+    base = pd.DataFrame({IMAGE_LOGIT: logit(score, SCORE_CLIP)}, index=table.index)
     for col in spec.numeric:
         base[col] = _numbers(table[col]) if col in table.columns else np.nan
     columns: dict[str, Any] = dict(base.items())
@@ -295,10 +291,10 @@ def load_fusion(folder: str | Path, image_fingerprint: str | None = None) -> Fus
                          "this kmel (kmel.training.fusion.fit_fusion)")
     try:
         spec = FusionSpec.from_dict(data["spec"])
-        booster = lgb.Booster(model_str=data["booster"])
         model = FusionModel(spec=spec, booster_text=data["booster"], n_trees=int(data["n_trees"]),
                             threshold=float(data["threshold"]), temperature=float(data["temperature"]),
                             image_fingerprint=str(data["image_fingerprint"]), metrics=dict(data.get("metrics", {})))
+        booster = model.booster  # parsed once here, kept for predict
     except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:
         raise ValueError(f"{path}: {str(exc).splitlines()[0]}; the file was edited or is damaged: fit and save the "
                          "fusion again") from None
