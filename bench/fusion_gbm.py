@@ -13,7 +13,8 @@ whose lesions all score high: what the patient-relative features remove) + N(0, 
 Patients are split in half, validation and test. Methods, all scored on test:
 - ``image``: the image score alone;
 - ``lightgbm``: :func:`kmel.training.fusion.fit_fusion` on validation (5-fold cross-fitting by patient, median
-  best round, final fit on all of validation);
+  best round, final fit on all of validation), the trees starting from the image logit (kmel's default);
+- ``lgb_no_offset``: the same with the trees starting from the base rate (the image logit only a feature);
 - ``hgb``: ``HistGradientBoostingClassifier`` on the same features (:func:`kmel.models.fusion.make_fusion_features`,
   categoricals as categorical): early stopping on AUC on an inner 20 % of validation patients, then refitted on
   all of validation with that many rounds; the same tree size, rate, L2 and thread count (no row bagging: it
@@ -116,6 +117,7 @@ def bootstrap(y: np.ndarray, groups: np.ndarray, scores: dict[str, np.ndarray], 
         for metric in ("auc", "pauc80"):
             values[f"lightgbm_minus_image_{metric}"] = values[f"lightgbm_{metric}"] - values[f"image_{metric}"]
             values[f"lightgbm_minus_hgb_{metric}"] = values[f"lightgbm_{metric}"] - values[f"hgb_{metric}"]
+            values[f"lightgbm_minus_lgb_no_offset_{metric}"] = values[f"lightgbm_{metric}"] - values[f"lgb_no_offset_{metric}"]
         for k, v in values.items():
             draws.setdefault(k, []).append(float(v))
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
@@ -145,12 +147,15 @@ def main() -> None:
 
     with Timer() as t_lgb:
         fusion = fit_fusion(val, score[is_val], seed=args.seed)
+    with Timer() as t_plain:
+        plain = fit_fusion(val, score[is_val], seed=args.seed, image_offset=False)
     with Timer() as t_hgb:
         hgb, spec, hgb_rounds = fit_hgb(val, score[is_val], args.seed)
     scores = {"image": score[~is_val], "lightgbm": fusion.predict(test, score[~is_val]),
+              "lgb_no_offset": plain.predict(test, score[~is_val]),
               "hgb": hgb.predict_proba(make_fusion_features(test, score[~is_val], spec).to_numpy(np.float64))[:, 1]}
     intervals = bootstrap(y, patient_groups(test), scores, args.boot, args.seed)
-    seconds = {"image": 0.0, "lightgbm": t_lgb.seconds, "hgb": t_hgb.seconds}
+    seconds = {"image": 0.0, "lightgbm": t_lgb.seconds, "lgb_no_offset": t_plain.seconds, "hgb": t_hgb.seconds}
     rows = {name: {"auc": float(roc_auc_score(y, s)), "pauc80": partial_auc(y, s), "fit_s": seconds[name],
                    "auc_ci95": intervals[f"{name}_auc"], "pauc80_ci95": intervals[f"{name}_pauc80"]}
             for name, s in scores.items()}
@@ -171,7 +176,7 @@ def main() -> None:
               "bootstrap": f"{args.boot} resamples of test patients (paired across methods), percentile 95 % CI",
               "n_val": len(val), "n_val_malignant": int(val["target"].sum()), "n_test": len(test),
               "n_test_malignant": int(y.sum()), "n_features": len(fusion.spec.features),
-              "lightgbm_trees": fusion.n_trees,
+              "lightgbm_trees": fusion.n_trees, "lgb_no_offset_trees": plain.n_trees,
               "lightgbm_oof": {k: fusion.metrics[k] for k in ("oof_auc", "oof_pauc80")},
               "hgb_rounds": hgb_rounds, "methods": rows,
               "differences_ci95": {k: v for k, v in intervals.items() if "_minus_" in k}}

@@ -84,18 +84,24 @@ def main() -> None:
     start = time.perf_counter()
     model = fit_fusion(rows["val"], scored["val"]["probability"].to_numpy(), seed=0)
     fitting = time.perf_counter() - start
+    plain = fit_fusion(rows["val"], scored["val"]["probability"].to_numpy(), seed=0, image_offset=False)
     model.save(out)
     test, image = rows["test"], scored["test"]["probability"].to_numpy()
     fused = model.predict(test, image)
     y = test[C.COL_TARGET].to_numpy().astype(int)
+    sources = [(s, (test[C.COL_SOURCE] == s).to_numpy()) for s in sorted(test[C.COL_SOURCE].unique())]
     result = {
         "cls": str(args.cls), "features": list(model.spec.features), "n_trees": model.n_trees,
         "val_out_of_fold": model.metrics, "test": compare(y, image, fused, args.bootstrap),
-        "test_by_source": {s: compare(y[m], image[m], fused[m], args.bootstrap)
-                           for s in sorted(test[C.COL_SOURCE].unique()) if (m := (test[C.COL_SOURCE] == s).to_numpy()).any()},
+        "test_by_source": {s: compare(y[m], image[m], fused[m], args.bootstrap) for s, m in sources if m.any()},
         "importance_gain": {k: round(v, 4) for k, v in sorted(fusion_importance(model).items(), key=lambda kv: -kv[1])
                             if v > 0},
         "scoring_seconds": round(scoring, 1), "fit_seconds": round(fitting, 1),
+        # the trees started from the base rate, the image logit only a feature (kmel's scheme before 2026-11-29)
+        "no_image_offset": {"n_trees": plain.n_trees, "val_out_of_fold": plain.metrics,
+                            "test": compare(y, image, plain.predict(test, image), args.bootstrap),
+                            "test_by_source": {s: compare(y[m], image[m], plain.predict(test, image)[m], args.bootstrap)
+                                               for s, m in sources if m.any()}},
     }
     print(json.dumps(result, indent=2))
     (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -1,7 +1,7 @@
 """Frozen dataclass configs, one per stage, loaded from a YAML profile and overridden by flags.
 
 A profile is a YAML file with one mapping per stage (``records``, ``segmenter``, ``crops``,
-``classifier``, ``predict``). ``load_config("cpu-small", {"segmenter.epochs": 3})`` reads the
+``classifier``, ``predict``, ``fusion``). ``load_config("cpu-small", {"segmenter.epochs": 3})`` reads the
 shipped profile, applies dotted overrides and returns a :class:`Config`. Unknown keys are errors,
 so a typo in a user's profile is caught before hours of training.
 """
@@ -170,6 +170,25 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    """Image + metadata fusion (``kmel train fusion``): LightGBM over the image score and the records' tabular
+    columns, fitted on the validation split with cross-fitting grouped by patient (kmel/training/fusion.py)."""
+
+    folds: int = 5  # cross-fitting folds (each needs a patient with a malignant lesion)
+    include: tuple[str, ...] = ()  # only these metadata columns (empty: every usable one)
+    exclude: tuple[str, ...] = ()  # never these
+    relative: bool = True  # patient-relative features: z-score and rank within the patient, the lesion count
+    image_offset: bool = True  # the trees start from the image logit and learn what the metadata adds to it
+    threshold_method: str = "f1"  # f1 | youden | sensitivity (target_sensitivity) on the out-of-fold scores
+    target_sensitivity: float = 0.9
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 20
+    bootstrap: int = 1000  # resamples for the image-vs-fused intervals of the report
+    seed: int = 42
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str = "default"
     records: RecordsConfig = field(default_factory=RecordsConfig)
@@ -177,6 +196,7 @@ class Config:
     crops: CropsConfig = field(default_factory=CropsConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -188,6 +208,7 @@ _SECTIONS = {
     "crops": CropsConfig,
     "classifier": ClassifierConfig,
     "predict": PredictConfig,
+    "fusion": FusionConfig,
 }
 
 
@@ -236,7 +257,7 @@ def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
 _RANGES: dict[str, tuple[float, float, bool]] = {
     **dict.fromkeys(("image_size", "seg_size", "shard_size", "batch_size", "epochs", "max_file_mb", "queue_batches",
                      "max_batch_pixels", "bootstrap", "clahe_tiles", "morph_kernel", "hair_kernel", "inpaint_radius",
-                     "skin_min_pixels"), (1, float("inf"), True)),
+                     "skin_min_pixels", "min_data_in_leaf"), (1, float("inf"), True)),
     **dict.fromkeys(("seed", "workers", "steps_per_epoch", "reduce_lr_patience", "early_stopping_patience",
                      "hair_threshold", "weight_decay", "focal_gamma", "margin", "colour_constancy_p"),
                     (0, float("inf"), True)),
@@ -249,6 +270,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     **dict.fromkeys(("learning_rate", "max_learning_rate", "gamma", "clahe_clip", "reduce_lr_factor"),
                     (0, float("inf"), False)),
     "backbone_lr_scale": (0, 1, False),
+    **dict.fromkeys(("folds", "num_leaves"), (2, float("inf"), True)),
 }
 
 

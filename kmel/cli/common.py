@@ -24,9 +24,10 @@ PROFILE_HELP = (f"Settings profile: a shipped name ({', '.join(list_profiles())}
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from kmel.data.records import DataError
+    from kmel.models.fusion import FusionError
     from kmel.models.weights.download import WeightsError
 
-    return ConfigError, FileNotFoundError, DataError, WeightsError
+    return ConfigError, FileNotFoundError, DataError, WeightsError, FusionError
 
 
 POSITIVE = click.IntRange(min=1)

@@ -35,6 +35,10 @@ from kmel.models.integrity import ModelChecks
 @click.option("--explain-class", default=None, metavar="CLASS",
               help="With --explain and a diagnosis model: the maps of this class (e.g. MEL) instead.")
 @click.option("--tta", is_flag=True, help="Average the classifier over flips (noted in the output's tta column).")
+@click.option("--metadata", default=None, type=click.Path(dir_okay=False),
+              help="CSV of the patients' data (an id column: relpath, image, image_id, isic_id… and age, sex, site, "
+                   "patient_id, measurements): the images it lists get the fusion model's probability (`kmel train "
+                   "fusion`), with image_probability and fused columns; the others keep the image model's.")
 @click.option("--max-file-mb", type=POSITIVE, default=None,
               help="Larger input files get an error row, unread [predict.max_file_mb: 256].")
 @click.option("--runtime", type=click.Choice(["tf", "tflite"]), default="tf", show_default=True,
@@ -48,7 +52,8 @@ from kmel.models.integrity import ModelChecks
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: str, batch_size: int | None,
-            explain_dir: str | None, explain_class: str | None, tta: bool, max_file_mb: int | None, runtime: str, tflite_precision: str,
+            explain_dir: str | None, explain_class: str | None, tta: bool, metadata: str | None,
+            max_file_mb: int | None, runtime: str, tflite_precision: str,
             overwrite: bool, no_verify: bool, trust_model: bool, strict: bool, quiet: bool) -> None:
     """Classify image files into a CSV or JSONL file, one row per input file.
 
@@ -70,9 +75,13 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
         s = predict_files(inputs, target, models, batch_size, tta, explain_dir, fmt, stdin, max_file_mb,
                           progress=not quiet, runtime=runtime, tflite_precision=tflite_precision,
                           checks=ModelChecks(not no_verify, trust_model), overwrite=overwrite,
-                          explain_class=explain_class)
+                          explain_class=explain_class, metadata=metadata)
         click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_skipped} skipped, {s.n_malignant} predicted positive "
                    f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {target}")
+        if s.n_fused is not None:
+            click.echo(f"fused with --metadata: {s.n_fused} of the output's ok rows (the others: image model only)"
+                       + (f"; the table lacks {', '.join(s.fusion_missing_columns)} (read as missing)"
+                          if s.fusion_missing_columns else ""))
         for path, reason in s.errors[:20]:
             click.echo(f"  not read {path}: {reason}", err=True)
         if len(s.errors) > 20:
@@ -168,6 +177,12 @@ def evaluate(records: str, models: str, split: str, out: str, predictions: str |
         summary = report.get("summary", {})
         click.echo(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if isinstance(v, float)))
         click.echo(f"report in {Path(out) / 'report.md'}")
+        fusion = report.get("fusion")
+        if fusion and fusion.get("evaluated"):
+            click.echo(f"fusion: AUC image {fusion['image_auc']:.4f} -> fused {fusion['fused_auc']:.4f}, pAUC80 "
+                       f"{fusion['image_pauc80']:.4f} -> {fusion['fused_pauc80']:.4f}; report in {fusion['report']}")
+        elif fusion:
+            click.echo(f"fusion not evaluated: {fusion['reason']}", err=True)
         meta = report.get("meta", {})
         notes = meta.get("unmatched_truth_rows", 0) + meta.get("prediction_rows_not_ok", 0)
         if notes:

@@ -55,13 +55,13 @@ def train_options(fn: Callable) -> Callable:
 
 
 @click.command("train")
-@click.argument("model", type=click.Choice(["seg", "cls"]))
+@click.argument("model", type=click.Choice(["seg", "cls", "fusion"]))
 @train_options
 def train(model: str, records: str, out: str, profile: str, epochs: int | None, batch_size: int | None,
           steps_per_epoch: int | None, image_size: int | None, backbone: str | None, strategy: str,
           precision: str, weights: str | None, weights_mirror: str | None, logdir: str, seed: int | None,
           restart: bool, quiet: bool) -> None:
-    """Train the segmenter (seg) or the classifier (cls) and export it as a SavedModel.
+    """Train the segmenter (seg), the classifier (cls), or the image + metadata fusion (fusion).
 
     cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision threshold on
     the validation split and writes the fairness report for the test split to OUT/report/; records built with
@@ -69,9 +69,20 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
     classes). A killed run resumes from its last finished epoch when the same command is run again. The run
     works in OUT/.run-segmenter (or .run-classifier) and replaces the previous model, history and report only
     when it is complete: a failed or killed run leaves OUT as it was.
+
+    fusion (after cls) fits gradient-boosted trees (LightGBM) over the classifier's calibrated score and the
+    records' metadata (age, sex, site, ISIC 2024's measurements; each also relative to the same patient's other
+    lesions) on the validation split, cross-fitted by patient, and reports image-only vs fused on the test split
+    in OUT/fusion/report/. Settings: the profile's fusion section and --seed; `predict --metadata` uses it.
     """
 
     def body() -> int:
+        if model == "fusion":
+            return _train_fusion(records, out, profile, seed, quiet, dict(
+                epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,
+                backbone=backbone, weights=weights, weights_mirror=weights_mirror,
+                strategy=None if strategy == "auto" else strategy, precision=None if precision == "auto" else precision,
+                restart=restart or None))
         section = "segmenter" if model == "seg" else "classifier"
         overrides = {f"{section}.{k}": v for k, v in dict(
             epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,
@@ -96,6 +107,27 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
         return 0
 
     run(body)
+
+
+def _train_fusion(records: str, out: str, profile: str, seed: int | None, quiet: bool, unused: dict) -> int:
+    given = sorted(f"--{k.replace('_', '-')}" for k, v in unused.items() if v is not None)
+    if given:
+        raise click.UsageError(f"train fusion fits trees, not a network: {', '.join(given)} not used (its settings "
+                               "are the profile's fusion section and --seed)")
+    from kmel.data.locks import folder_lock
+    from kmel.training.fusion import train_fusion
+
+    config = config_for(profile, {"fusion.seed": seed})
+    with folder_lock(out, "train fusion"):
+        entry = train_fusion(records, out, config.fusion, progress=not quiet)
+    m = entry["metrics"]
+    click.echo(f"fusion model in {Path(out) / entry['file']}: {len(entry['features'])} features, {entry['n_trees']} "
+               f"trees, threshold {entry['threshold']:.4f} (chosen on val, out of fold)")
+    click.echo(f"test: AUC image {m['image_auc']:.4f} -> fused {m['fused_auc']:.4f}; pAUC80 image "
+               f"{m['image_pauc80']:.4f} -> fused {m['fused_pauc80']:.4f} ({m['n']} lesions, {m['n_positive']} "
+               "malignant)")
+    click.echo(f"report: {Path(out) / 'fusion' / 'report' / 'report.md'}")
+    return 0
 
 
 @contextmanager

@@ -113,18 +113,25 @@ def report_groups(table: pd.DataFrame) -> dict[str, np.ndarray]:
     return groups
 
 
-def with_record_metadata(table: pd.DataFrame, records_dir: str | Path) -> pd.DataFrame:
-    """Add sex, age, site and Fitzpatrick band from build-records' metadata.csv (in ``records_dir`` or its parent)."""
+def read_record_table(records_dir: str | Path) -> pd.DataFrame | None:
+    """build-records' metadata.csv of a record set (in ``records_dir``, or its parent for a crops folder), one row
+    per image id; None when there is none."""
     for folder in (Path(records_dir), Path(records_dir).parent):
         path = folder / C.METADATA_CSV
         if path.is_file():
-            meta = pd.read_csv(path, dtype={C.COL_IMAGE_ID: str}, low_memory=False)
-            wanted = [c for c in SUBGROUP_COLUMNS.values() if c in meta and c not in table and c != C.COL_SOURCE]
-            if wanted:
-                meta = meta.drop_duplicates(C.COL_IMAGE_ID).set_index(C.COL_IMAGE_ID)[wanted]
-                return table.join(meta, on=C.COL_IMAGE_ID)
-            break
-    return table
+            meta = pd.read_csv(path, dtype={C.COL_IMAGE_ID: str, C.COL_PATIENT: str, C.COL_LESION: str},
+                               low_memory=False)
+            return meta.drop_duplicates(C.COL_IMAGE_ID).set_index(C.COL_IMAGE_ID)
+    return None
+
+
+def with_record_metadata(table: pd.DataFrame, records_dir: str | Path) -> pd.DataFrame:
+    """Add sex, age, site and Fitzpatrick band from build-records' metadata.csv (in ``records_dir`` or its parent)."""
+    meta = read_record_table(records_dir)
+    if meta is None:
+        return table
+    wanted = [c for c in SUBGROUP_COLUMNS.values() if c in meta and c not in table and c != C.COL_SOURCE]
+    return table.join(meta[wanted], on=C.COL_IMAGE_ID) if wanted else table
 
 
 def report_from_table(
@@ -229,12 +236,57 @@ def evaluate_exported(
     chosen_on = pipeline["classifier"].get("threshold_from", "val")  # models from before it was recorded: val
     # The threshold in pipeline.json is on the calibrated scale when a temperature is stored with it.
     temperature = float(pipeline["classifier"].get("temperature", 1.0))
-    return write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
-                              meta={"threshold_from": f"pipeline.json (chosen on {chosen_on})",
-                                    "threshold_split": chosen_on, "models": str(models_dir),
-                                    "runtime": runtime if runtime == "tf" else f"tflite {tflite_precision}",
-                                    "tta": "flips (4 views averaged)" if tta else "none"},
-                              progress=progress, temperature=temperature, head=head)
+    report = write_split_report(model, crops_dir, split, config, config.predict.batch_size, threshold, out_dir,
+                                meta={"threshold_from": f"pipeline.json (chosen on {chosen_on})",
+                                      "threshold_split": chosen_on, "models": str(models_dir),
+                                      "runtime": runtime if runtime == "tf" else f"tflite {tflite_precision}",
+                                      "tta": "flips (4 views averaged)" if tta else "none"},
+                                progress=progress, temperature=temperature, head=head)
+    if pipeline.get("fusion"):
+        report["fusion"] = evaluate_fusion(models_dir, pipeline, crops_dir, out_dir, config, threshold, checks,
+                                           meta={"split": split, "models": str(models_dir), "tta": tta,
+                                                 "runtime": runtime})
+        import json
+
+        from kmel.evaluation.fairness import _clean
+
+        (Path(out_dir) / "report.json").write_text(json.dumps(_clean(report), indent=2, allow_nan=False))
+    return report
+
+
+def evaluate_fusion(
+    models_dir: str | Path, pipeline: Mapping[str, Any], records_dir: str | Path, out_dir: str | Path,
+    config: Config, image_threshold: float, checks: Any, meta: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The models folder's fusion model on the rows ``evaluate`` just scored (``out_dir/predictions.csv``, joined
+    with the records' table): its report beside the image model's in ``out_dir/fusion/``; returns the
+    image-only vs fused summary (or why there is none: the fusion belongs to another classifier, say)."""
+    from kmel.evaluation.fusion import write_fusion_report
+    from kmel.models.fusion import FusionError, fusion_importance, load_models_fusion
+
+    try:
+        fusion = load_models_fusion(models_dir, dict(pipeline), verify=checks.verify)
+    except FusionError as exc:
+        return {"evaluated": False, "reason": str(exc)}
+    table = pd.read_csv(Path(out_dir) / "predictions.csv", dtype={C.COL_IMAGE_ID: str}, low_memory=False)
+    meta_table = read_record_table(records_dir)
+    if meta_table is not None:
+        extra = [c for c in meta_table.columns if c not in table.columns]
+        table = table.join(meta_table[extra], on=C.COL_IMAGE_ID)
+    image = table["probability"].to_numpy(np.float64)
+    fused = fusion.predict(table, image)
+    report = write_fusion_report(
+        Path(out_dir) / "fusion", table[C.COL_TARGET].to_numpy(), image, fused, image_threshold, fusion.threshold,
+        report_groups(table), fusion_importance(fusion),
+        meta={**dict(meta), "n": len(table), "image_threshold": image_threshold,
+              "threshold_from": "pipeline.json fusion (chosen on val, out of fold)", "threshold_split": "val",
+              "missing_columns": list(fusion.spec.missing_columns(table.columns))},
+        n_bootstrap=config.classifier.bootstrap, seed=config.classifier.seed)
+    overall = report["image_vs_fused"]["overall"]
+    return {"evaluated": True, "report": str(Path(out_dir) / "fusion" / "report.md"), "n": overall["n"],
+            **{f"{score}_{metric}": overall[metric][score] for metric in ("auc", "pauc80")
+               for score in ("image", "fused")},
+            **{f"difference_{metric}_ci95": overall[metric].get("difference_ci95") for metric in ("auc", "pauc80")}}
 
 
 def check_same_labels(head: ClassifierHead, records_dir: str | Path) -> None:

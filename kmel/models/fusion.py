@@ -28,9 +28,14 @@ import pandas as pd
 from kmel import constants as C
 from kmel.models.scores import logit, sigmoid
 
+
+class FusionError(ValueError):
+    """A fusion model or its input that cannot be used; the message names the file or column and the fix."""
+
+
 FUSION_JSON = "fusion.json"
 FORMAT = "kmel-fusion"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the image logit is the trees' starting score (``image_offset``); 1 read as without it
 IMAGE_LOGIT = "image_logit"
 PATIENT_COUNT = "patient_n_lesions"
 Z_SUFFIX, RANK_SUFFIX = "_pz", "_prank"
@@ -103,7 +108,7 @@ class FusionSpec:
     def __post_init__(self) -> None:
         want = _feature_names(self.numeric, [c for c, _ in self.categorical], self.relative)
         if tuple(self.features) != want:
-            raise ValueError("fusion spec: its features do not follow from its numeric and categorical columns "
+            raise FusionError("fusion spec: its features do not follow from its numeric and categorical columns "
                              "(make specs with make_fusion_spec)")
 
     @property
@@ -142,7 +147,7 @@ def make_fusion_spec(
     if include is not None:
         named = [c for c in include if c in NOT_FEATURES or c not in table.columns or _BAD_NAME.search(c)]
         if named:
-            raise ValueError(f"fusion features {named}: absent from the table, an id/label/bookkeeping column, or a "
+            raise FusionError(f"fusion features {named}: absent from the table, an id/label/bookkeeping column, or a "
                              "name with spaces or JSON punctuation; include only measurement columns")
     candidates = [c for c in (include if include is not None else table.columns)
                   if c not in NOT_FEATURES and c not in set(exclude) and not _BAD_NAME.search(str(c))]
@@ -162,7 +167,7 @@ def make_fusion_spec(
         else:
             unusable.append(col)
     if include is not None and unusable:
-        raise ValueError(f"fusion features {unusable}: text with more than {MAX_CATEGORIES} values, not a category")
+        raise FusionError(f"fusion features {unusable}: text with more than {MAX_CATEGORIES} values, not a category")
     return FusionSpec(features=_feature_names(numeric, [c for c, _ in categorical], relative),
                       numeric=tuple(numeric), categorical=tuple(categorical), relative=relative)
 
@@ -195,22 +200,22 @@ def make_fusion_features(table: pd.DataFrame, image_score: Any, spec: FusionSpec
     """The fusion matrix: columns exactly ``spec.features``, float64, one row per table row.
 
     ``image_score``: the image model's malignant probability per row (as a logit, clipped to [1e-6, 1 − 1e-6]).
-    Numeric columns read as numbers (text in them becomes NaN); categoricals as their code in the spec's list,
-    unknown or missing values NaN; a column the spec needs but the table lacks is all NaN
+    Numeric columns read as numbers (text in them becomes NaN); categoricals as their code in the spec's list
+    (compared without regard to case), unknown or missing values NaN; a column the spec needs but the table lacks is all NaN
     (:meth:`FusionSpec.missing_columns` names them).
     """
     index, table = table.index, table.reset_index(drop=True)  # positional inside: an index may repeat labels
     score = np.asarray(image_score, dtype=np.float64).reshape(-1)
     if score.size != len(table):
-        raise ValueError(f"fusion: {score.size} image scores for {len(table)} table rows")
+        raise FusionError(f"fusion: {score.size} image scores for {len(table)} table rows")
     base = pd.DataFrame({IMAGE_LOGIT: logit(score, SCORE_CLIP)}, index=table.index)
     for col in spec.numeric:
         base[col] = _numbers(table[col]) if col in table.columns else np.nan
     columns: dict[str, Any] = dict(base.items())
     for col, cats in spec.categorical:
-        codes = {c: float(i) for i, c in enumerate(cats)}
+        codes = {c.casefold(): float(i) for i, c in enumerate(cats)}  # "Male" in a user's table is "male"
         text = _text(table[col]) if col in table.columns else pd.Series(None, index=table.index, dtype=object)
-        columns[col] = text.map(codes).astype(np.float64)
+        columns[col] = text.map(lambda v: codes.get(v.casefold()) if isinstance(v, str) else None).astype(np.float64)
     if spec.relative:
         groups = patient_groups(table, spec.patient_column)
         columns.update(_relative(base, groups))
@@ -224,7 +229,9 @@ def make_fusion_features(table: pd.DataFrame, image_score: Any, spec: FusionSpec
 class FusionModel:
     """A fitted fusion: the spec, the LightGBM booster as text, its calibration and decision threshold.
 
-    ``temperature`` divides the booster's logit; ``threshold`` applies to the calibrated probability;
+    ``image_offset``: the trees start from the image model's logit and add to it (boosting from the image score:
+    with no trees, the fused score is the image score), so the fused logit is image logit + the booster's sum;
+    ``temperature`` divides that logit; ``threshold`` applies to the calibrated probability;
     ``image_fingerprint`` names the image model whose scores it was fitted on (its SavedModel fingerprint);
     ``metrics`` are the out-of-fold validation figures of the fit.
     """
@@ -236,6 +243,7 @@ class FusionModel:
     temperature: float
     image_fingerprint: str = ""
     metrics: dict = field(default_factory=dict)
+    image_offset: bool = True
 
     @cached_property
     def booster(self) -> Any:
@@ -246,8 +254,10 @@ class FusionModel:
     def predict(self, table: pd.DataFrame, image_score: Any) -> np.ndarray:
         """Calibrated malignant probability per row of ``table`` (image scores in the same order)."""
         features = make_fusion_features(table, image_score, self.spec)
-        raw = self.booster.predict(features.to_numpy(np.float64), raw_score=True)
-        return sigmoid(np.asarray(raw, dtype=np.float64) / self.temperature)
+        raw = np.asarray(self.booster.predict(features.to_numpy(np.float64), raw_score=True), dtype=np.float64)
+        if self.image_offset:
+            raw = raw + features[IMAGE_LOGIT].to_numpy(np.float64)
+        return sigmoid(raw / self.temperature)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/fusion.json`` (written whole, then renamed into place); returns its path."""
@@ -255,7 +265,8 @@ class FusionModel:
         folder.mkdir(parents=True, exist_ok=True)
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": self.spec.to_dict(),
                 "n_trees": self.n_trees, "threshold": self.threshold, "temperature": self.temperature,
-                "image_fingerprint": self.image_fingerprint, "importance_gain": fusion_importance(self),
+                "image_fingerprint": self.image_fingerprint, "image_offset": self.image_offset,
+                "importance_gain": fusion_importance(self),
                 "metrics": self.metrics, "booster": self.booster_text}
         path = folder / FUSION_JSON
         partial = path.with_name(FUSION_JSON + ".partial")
@@ -284,27 +295,61 @@ def load_fusion(folder: str | Path, image_fingerprint: str | None = None) -> Fus
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): fit and save the fusion again") from None
+        raise FusionError(f"{path} is not valid JSON ({exc}): fit and save the fusion again") from None
     got = (data.get("format"), data.get("format_version")) if isinstance(data, dict) else type(data).__name__
-    if got != (FORMAT, FORMAT_VERSION):
-        raise ValueError(f"{path} is {got}, this kmel reads ({FORMAT!r}, {FORMAT_VERSION}): refit the fusion with "
+    if not (isinstance(got, tuple) and got[0] == FORMAT and got[1] in (1, FORMAT_VERSION)):
+        raise FusionError(f"{path} is {got}, this kmel reads ({FORMAT!r}, 1 or {FORMAT_VERSION}): refit the fusion with "
                          "this kmel (kmel.training.fusion.fit_fusion)")
     try:
         spec = FusionSpec.from_dict(data["spec"])
         model = FusionModel(spec=spec, booster_text=data["booster"], n_trees=int(data["n_trees"]),
                             threshold=float(data["threshold"]), temperature=float(data["temperature"]),
-                            image_fingerprint=str(data["image_fingerprint"]), metrics=dict(data.get("metrics", {})))
+                            image_fingerprint=str(data["image_fingerprint"]), metrics=dict(data.get("metrics", {})),
+                            image_offset=bool(data.get("image_offset", False)) if got[1] >= 2 else False)
         booster = model.booster  # parsed once here, kept for predict
     except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as exc:
-        raise ValueError(f"{path}: {str(exc).splitlines()[0]}; the file was edited or is damaged: fit and save the "
+        raise FusionError(f"{path}: {str(exc).splitlines()[0]}; the file was edited or is damaged: fit and save the "
                          "fusion again") from None
     if tuple(booster.feature_name()) != spec.features:
-        raise ValueError(f"{path}: its feature list disagrees with its booster's feature names (the file was edited "
+        raise FusionError(f"{path}: its feature list disagrees with its booster's feature names (the file was edited "
                          "or mixed): fit and save the fusion again")
     if booster.num_trees() != model.n_trees:
-        raise ValueError(f"{path}: n_trees {model.n_trees} but its booster has {booster.num_trees()} trees (the file "
+        raise FusionError(f"{path}: n_trees {model.n_trees} but its booster has {booster.num_trees()} trees (the file "
                          "was edited or mixed): fit and save the fusion again")
     if image_fingerprint is not None and model.image_fingerprint != image_fingerprint:
-        raise ValueError(f"{path} was fitted on the scores of image model {model.image_fingerprint or '(unnamed)'!r}, "
+        raise FusionError(f"{path} was fitted on the scores of image model {model.image_fingerprint or '(unnamed)'!r}, "
                          f"not {image_fingerprint!r}: refit the fusion on this image model's validation scores")
     return model
+
+
+FUSION_DIR = "fusion"
+
+
+def fusion_path(models_dir: str | Path) -> Path:
+    """Where ``kmel train fusion`` puts the fusion model of a models folder."""
+    return Path(models_dir) / FUSION_DIR / FUSION_JSON
+
+
+def load_models_fusion(models_dir: str | Path, pipeline: dict[str, Any], verify: bool = True) -> FusionModel | None:
+    """The fusion model of a models folder, or None when it has none (no ``fusion`` entry in pipeline.json).
+
+    Refused (``ValueError`` naming the fix): fusion.json missing, or (``verify``) not the file pipeline.json
+    recorded (SHA-256), or fitted on the scores of another classifier than the one in the folder (retrained
+    since: run ``kmel train fusion`` again).
+    """
+    entry = pipeline.get("fusion")
+    if not entry:
+        return None
+    path = fusion_path(models_dir)
+    if not path.is_file():
+        raise FusionError(f"{Path(models_dir) / 'pipeline.json'} lists a fusion model but {path} is missing: run "
+                         "`kmel train fusion` again, or copy the whole models folder")
+    if verify and entry.get("sha256"):
+        import hashlib
+
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise FusionError(f"{path} is not the fusion model pipeline.json records (SHA-256 {digest[:12]}…, "
+                             f"recorded {entry['sha256'][:12]}…): run `kmel train fusion` again")
+    fingerprint = pipeline.get("classifier", {}).get("fingerprint")
+    return load_fusion(path.parent, image_fingerprint=fingerprint if verify else None)

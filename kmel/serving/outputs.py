@@ -28,18 +28,21 @@ COLUMNS = (
 FORMATS = ("csv", "jsonl")
 
 
-def output_columns(class_columns: Sequence[str] = ()) -> tuple[str, ...]:
+def output_columns(class_columns: Sequence[str] = (), fused: bool = False) -> tuple[str, ...]:
     """The columns of a predict output: a diagnosis model's ``p_<CLASS>`` columns and ``diagnosis`` come
-    after the file's names, then the yes/no columns every model writes."""
-    if not class_columns:
-        return COLUMNS
-    return (*COLUMNS[:3], *class_columns, "diagnosis", *COLUMNS[3:])
+    after the file's names, then the yes/no columns every model writes; with ``fused`` (``--metadata``),
+    ``image_probability`` and ``fused`` follow ``probability``."""
+    columns = COLUMNS if not class_columns else (*COLUMNS[:3], *class_columns, "diagnosis", *COLUMNS[3:])
+    if fused:
+        at = columns.index("probability") + 1
+        columns = (*columns[:at], "image_probability", "fused", *columns[at:])
+    return columns
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 META_SUFFIX = ".meta.json"
 # What must match for rows to be appended to an output: the models and the options that change scores.
 IDENTITY_KEYS = ("segmenter_fingerprint", "classifier_fingerprint", "threshold", "temperature", "tta", "runtime",
-                 "precision")
+                 "precision", "fusion")
 
 
 def _is_number(text: str) -> bool:
@@ -80,9 +83,9 @@ def meta_path(out: str | Path) -> Path:
 
 
 def output_identity(pipeline: dict[str, Any], models_dir: str | Path, tta: bool, runtime: str,
-                    tflite_precision: str) -> dict[str, Any]:
+                    tflite_precision: str, fused: bool = False) -> dict[str, Any]:
     """What wrote an output's rows: the models (fingerprints from pipeline.json, which the load verifies)
-    and the options that change the scores."""
+    and the options that change the scores (``fused``: ``--metadata``, naming the fusion model's SHA-256)."""
     classifier = pipeline.get("classifier", {})
     return {
         "kmel_version": kmel.__version__, "models": os.path.abspath(models_dir),
@@ -90,6 +93,7 @@ def output_identity(pipeline: dict[str, Any], models_dir: str | Path, tta: bool,
         "classifier_fingerprint": classifier.get("fingerprint"),
         "threshold": classifier.get("threshold"), "temperature": classifier.get("temperature", 1.0),
         "tta": bool(tta), "runtime": runtime, "precision": tflite_precision if runtime == "tflite" else "float32",
+        "fusion": pipeline.get("fusion", {}).get("sha256") if fused else None,
     }
 
 
@@ -154,6 +158,14 @@ class RowsFile:
                 raise wrong
             rows.append(row)
         return rows
+
+    def read_rows(self) -> list[dict[str, Any]]:
+        """Every row in the file (CSV values as text)."""
+        return self._rows()
+
+    def rewrite(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Replace the file's rows (written whole, fsynced, then renamed into place)."""
+        self._rewrite(rows)
 
     def done(self) -> set[str]:
         """The ``relpath`` and absolute ``path`` of every row an earlier run wrote that is not an error;

@@ -135,6 +135,8 @@ class PredictSummary:
     n_resumed: int = 0
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    n_fused: int | None = None  # with --metadata: rows given the fused probability (all rows of the output)
+    fusion_missing_columns: list[str] = field(default_factory=list)  # the fusion's columns the table lacks
 
     @property
     def images_per_second(self) -> float:
@@ -290,7 +292,8 @@ def run_predictions(
                     summary.errors.append((printable(str(item.path)), reason))
                 elif i in predictions:
                     result = predictions[i]
-                    row.update(result.columns(), status="ok", error="")
+                    row.update(result.columns(), image_probability=round(result.probability, 6), fused=False,
+                               status="ok", error="")
                     summary.n_ok += 1
                     summary.n_malignant += result.prediction
                     if explain_dir is not None and result.heatmap is not None:
@@ -329,13 +332,16 @@ def predict_files(
     checks: ModelChecks = DEFAULT_CHECKS,
     overwrite: bool = False,
     explain_class: str | None = None,
+    metadata: str | Path | None = None,
 ) -> PredictSummary:
     """Predict every input file (files, folders, ``-`` for paths on ``stdin``) into ``out``
     (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output. ``runtime``: ``tf``
     (SavedModels) or ``tflite`` (the ``tflite_precision`` files of ``kmel export --format tflite``).
     ``checks``: what is verified before the models run (:mod:`kmel.models.integrity`). An output that
     other models or options wrote is refused, unless ``overwrite`` (start it afresh). ``explain_class``: with
-    ``explain_dir`` and a diagnosis model, the Grad-CAM maps of that class instead of the predicted one."""
+    ``explain_dir`` and a diagnosis model, the Grad-CAM maps of that class instead of the predicted one.
+    ``metadata``: a CSV of the patients' data; its images get the fusion model's probability
+    (:mod:`kmel.serving.fusion`)."""
     RowsFile(out, fmt)  # a known format
     # Wrong inputs, models, output file or explain folder are usage errors before anything is written
     # (an --overwrite output is only replaced once all of them are right) and before the models load.
@@ -343,18 +349,41 @@ def predict_files(
     pipeline = read_pipeline(models_dir)
     config_from_pipeline(pipeline, models_dir)  # both models trained, or the fix named
     head = head_from_entry(pipeline["classifier"])
-    rows_file = RowsFile(out, fmt, output_columns(head.class_columns))
+    fusion = table = None
+    if metadata is not None:
+        from kmel.models.fusion import load_models_fusion
+        from kmel.serving.fusion import check_matches, describe, read_metadata_table
+
+        fusion = load_models_fusion(models_dir, pipeline, verify=checks.verify)
+        if fusion is None:
+            raise ConfigError(f"--metadata needs a fusion model in {models_dir}: run `kmel train fusion` after "
+                              "`kmel train cls`, or drop --metadata")
+        table, key = read_metadata_table(metadata)
+        missing = describe(fusion, table, metadata)["missing_columns"]
+        check_matches(table, key, metadata, [item.relpath for item in items])
+    rows_file = RowsFile(out, fmt, output_columns(head.class_columns, fused=fusion is not None))
     if explain_class is not None:
         if explain_dir is None:
             raise ConfigError("--explain-class says which class's Grad-CAM maps to draw: give --explain DIR too")
         head.class_index(explain_class)  # a diagnosis model, and one of its classes
     if explain_dir is not None:
         check_writable_folder(explain_dir, "--explain")
-    rows_file.check_identity(output_identity(pipeline, models_dir, tta, runtime, tflite_precision), overwrite)
+    rows_file.check_identity(output_identity(pipeline, models_dir, tta, runtime, tflite_precision,
+                                             fused=fusion is not None), overwrite)
     done = rows_file.done()
     with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime, explain_class=explain_class,
                    tflite_precision=tflite_precision, checks=checks, pipeline=pipeline) as predictor:
-        return run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
+        summary = run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
+    if fusion is not None:
+        from kmel.serving.fusion import fuse_rows
+
+        rows, summary.n_fused = fuse_rows(rows_file.read_rows(), fusion, table, predictor.threshold,
+                                          predictor.decision_names)
+        rows_file.rewrite(rows)
+        summary.fusion_missing_columns = list(missing)
+        new = [r for r in rows if r.get("status") == "ok" and r["relpath"] not in done]
+        summary.n_malignant = sum(int(r["prediction"]) for r in new)
+    return summary
 
 
 def predict_folder(
