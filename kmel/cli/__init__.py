@@ -17,6 +17,7 @@ from kmel.cli.common import (
 )
 from kmel.cli.data import build_records_cmd, make_synthetic
 from kmel.cli.models import evaluate, export, predict
+from kmel.cli.serve import serve
 from kmel.cli.train import train
 
 __all__ = ["cli", "main", "version_line"]
@@ -59,7 +60,7 @@ def cli() -> None:
     """
 
 
-for command in (make_synthetic, build_records_cmd, train, predict, export, evaluate):
+for command in (make_synthetic, build_records_cmd, train, predict, export, evaluate, serve):
     cli.add_command(command)
 
 
