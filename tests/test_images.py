@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -73,6 +75,46 @@ def test_oversized_image_refused_before_decoding(tmp_path):
     Image.new("L", (3000, 3000)).save(path)
     with pytest.raises(ImageReadError, match="too large"):
         load_image(path, max_pixels=1_000_000)
+
+
+def test_decodes_in_threads_each_keep_their_own_pixel_limit(monkeypatch):
+    """Pillow's bound is one process-wide number (Image.MAX_IMAGE_PIXELS) that each decode sets to its own
+    max_pixels. Threads decoding a 30,000-pixel image at once, half with a 10,000-pixel limit (refused) and half
+    with the default (decoded): each gets its own outcome, never a refusal from the other's bound, and the value
+    found before is back afterwards. Image.open is slowed so the threads overlap inside the decode."""
+    data = io.BytesIO()
+    Image.new("L", (300, 100), 128).save(data, "PNG")
+    data = data.getvalue()
+    real_open = Image.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.003)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 123_456_789)  # whatever the process had
+    start, outcomes, lock = threading.Barrier(8), [], threading.Lock()
+
+    def decode(limit: int) -> None:
+        start.wait()
+        for _ in range(6):
+            try:
+                load_image_bytes(data, "x.png", max_pixels=limit)
+                got = "decoded"
+            except ImageReadError as exc:
+                got = "refused" if "too large" in str(exc) else str(exc)
+            with lock:
+                outcomes.append((limit, got))
+
+    threads = [threading.Thread(target=decode, args=(10_000 if i % 2 else 200_000_000,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(outcomes) == 48
+    assert {limit: {got for lim, got in outcomes if lim == limit} for limit, _ in outcomes} == {
+        10_000: {"refused"}, 200_000_000: {"decoded"}}
+    assert Image.MAX_IMAGE_PIXELS == 123_456_789
 
 
 def test_grayscale_jpeg_becomes_rgb(tmp_path):

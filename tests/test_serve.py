@@ -176,7 +176,8 @@ def test_oversized_requests_and_images_get_413_as_json(setup, client):
 
 
 def test_the_pixel_bound_does_not_depend_on_pillows_process_wide_limit(setup, client, monkeypatch):
-    """Decoding threads change PIL.Image.MAX_IMAGE_PIXELS while they decode; the 413 must not follow it."""
+    """Whatever PIL.Image.MAX_IMAGE_PIXELS the process has, the header check and the decode hold their own bound
+    (kmel.data.images.pillow_pixel_limit; tests/test_images.py races decodes with different limits)."""
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as another thread might have left it
@@ -237,7 +238,7 @@ def _blocked(monkeypatch, service) -> tuple[threading.Event, threading.Event]:
 
 
 def test_waiting_requests_are_batched_into_one_model_call(setup, client, monkeypatch):
-    from kmel.serving.app import Upload
+    from kmel.serving.uploads import Upload
 
     service = client.app.state.service
     entered, release = _blocked(monkeypatch, service)
@@ -409,6 +410,7 @@ def test_model_card_says_what_the_model_is(setup, client):
     assert "not a medical device" in card["intended_use"] and "Fitzpatrick" in card["skin_tone"]["caveat"]
     assert card["serving"] == {"runtime": "tf", "precision": "float32", "tta": False, "explain": True}
     assert card["limits"]["max_files"] == LIMITS["max_files"]
+    assert card["fusion"]["active"] is False and card["fusion"]["present"] is False  # no fusion model here
     import kmel
 
     assert card["kmel_version"] == kmel.__version__
@@ -438,6 +440,146 @@ def test_the_page_ships_in_the_package():
     assert "<!doctype html>" in resources.files("kmel.serving").joinpath("static", "index.html").read_text()
     setup_cfg = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
     assert "serving/static/*" in setup_cfg
+
+
+# === With a fusion model: the image score and the patient's data ===
+
+FIELDS = {"age": "72", "sex": "male", "site": "back", "patient_id": "P1"}  # as a --metadata CSV gives them
+
+
+def _add_fusion(models: Path, image_fingerprint: str | None = None) -> dict:
+    """Fit a fusion model on synthetic patients (age drives the label; 2 folds: about a second) into
+    ``models/fusion/`` and record it in pipeline.json as `kmel train fusion` does (tests/test_fusion_cli.py
+    trains one through the CLI). ``image_fingerprint``: the classifier it claims to belong to (default: the
+    folder's). Returns the pipeline entry."""
+    import hashlib
+
+    from kmel.models.fusion import fusion_path
+    from kmel.serving.export import update_pipeline
+    from kmel.training.fusion import fit_fusion
+
+    pipeline = json.loads((models / "pipeline.json").read_text())
+    rng = np.random.default_rng(0)
+    n = 240
+    age = rng.integers(20, 90, n)
+    target = (age + rng.normal(0, 12, n) > 65).astype(int)
+    table = pd.DataFrame({"age": age.astype(str), "sex": rng.choice(["female", "male"], n),
+                          "site": rng.choice(["back", "face", "leg"], n), "target": target,
+                          "patient_id": [f"P{i // 3}" for i in range(n)]})
+    scores = np.clip(0.3 + 0.3 * target + rng.normal(0, 0.2, n), 0.01, 0.99)
+    fingerprint = pipeline["classifier"]["fingerprint"] if image_fingerprint is None else image_fingerprint
+    model = fit_fusion(table, scores, folds=2, params={"min_data_in_leaf": 5, "num_iterations": 60,
+                                                       "early_stopping_round": 10}, image_fingerprint=fingerprint)
+    path = model.save(fusion_path(models).parent)
+    entry = {"file": "fusion/fusion.json", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+             "image_fingerprint": fingerprint, "threshold": model.threshold, "features": list(model.spec.features),
+             "report_split": "test", "metrics": {"n": 40, "n_positive": 9, "image_auc": 0.7, "fused_auc": 0.8}}
+    update_pipeline(models, "fusion", entry)
+    return entry
+
+
+@pytest.fixture(scope="module")
+def fused_client(setup):
+    """A server over a copy of the models with a fusion model fitted on their classifier's fingerprint."""
+    from fastapi.testclient import TestClient
+
+    from kmel.serving.app import make_app
+
+    models = setup["root"] / "models-fused"
+    shutil.copytree(setup["models"], models)
+    entry = _add_fusion(models)
+    with TestClient(make_app(models)) as test_client:
+        yield test_client, models, entry
+
+
+def _expected(fusion_dir: Path, entries: list[dict], fields: dict) -> list[dict]:
+    """predict --metadata's rows for these entries' image probabilities, every file described by ``fields``."""
+    from kmel.models.fusion import load_fusion
+    from kmel.serving.fusion import fuse_rows
+
+    ids = [f"file{i}" for i in range(len(entries))]
+    rows = [{"relpath": i, "status": e["status"], "probability": e["image_probability"]} for i, e in zip(ids, entries)]
+    table = pd.DataFrame([fields] * len(ids), index=pd.Index(ids, name="_stem"))
+    return fuse_rows(rows, load_fusion(fusion_dir), table, 0.5, ["benign", "malignant"])[0]
+
+
+def test_with_patient_fields_each_entry_is_predicts_fused_row(setup, fused_client):
+    """The entries of a request with patient fields (one patient's three lesions) get what fuse_rows gives
+    predict --metadata rows for the same image probabilities and fields (the patient-relative features compare
+    the three); image_probability is the image model's; an unreadable file stays an error entry, not fused."""
+    from kmel.serving.outputs import output_columns
+
+    client, models, _ = fused_client
+    names = ["img0.jpg", "img1.jpg", "img2.jpg"]
+    alone = _post(client, _files(setup, *names)).json()["results"]
+    extra = (("files", ("notes.txt", b"not an image", "text/plain")),)
+    r = _post(client, _files(setup, *names, extra=extra), data=FIELDS)
+    assert r.status_code == 200, r.text
+    entries = r.json()["results"]
+    assert [e["fused"] for e in entries] == [True, True, True, None] and entries[3]["status"] == "error"
+    assert [e["image_probability"] for e in entries[:3]] == pytest.approx([e["probability"] for e in alone], abs=1e-9)
+    expected = _expected(models / "fusion", entries[:3], FIELDS)
+    for got, want in zip(entries, expected):
+        for key in ("probability", "image_probability", "threshold", "prediction", "label", "fused"):
+            assert got[key] == pytest.approx(want[key], abs=1e-9) if key.endswith("probability") else \
+                got[key] == want[key], key
+    assert not np.allclose([e["probability"] for e in entries[:3]], [e["image_probability"] for e in entries[:3]])
+    assert list(entries[0])[: len(output_columns(fused=True))] == list(output_columns(fused=True))
+    assert entries[0]["age"] == 72 and entries[0]["patient_id"] == "P1"  # the fields, echoed after the row
+    one = _post(client, _files(setup, "img1.jpg"), data=FIELDS).json()["results"][0]
+    assert one["probability"] == pytest.approx(_expected(models / "fusion", [one], FIELDS)[0]["probability"], abs=1e-9)
+
+
+def test_without_patient_fields_entries_keep_the_image_models_result(setup, fused_client):
+    """No fields (or only a patient id, which the trees read nothing from alone): fused is false and
+    image_probability is probability, at the image model's threshold. Official ISIC names are aliases; a
+    field the fusion does not read is still a 400."""
+    client, models, _ = fused_client
+    for data in ({}, {"patient_id": "P1"}):
+        entry = _post(client, _files(setup, "img0.jpg"), data=data).json()["results"][0]
+        assert entry["fused"] is False and entry["image_probability"] == entry["probability"]
+        assert entry["threshold"] == 0.5 and entry["prediction"] == int(entry["probability"] >= 0.5)
+    aliased = _post(client, _files(setup, "img0.jpg"),
+                    data={"age_approx": "72", "sex": "male", "anatom_site_general": "back", "patient": "P1"})
+    named = _post(client, _files(setup, "img0.jpg"), data=FIELDS)
+    assert aliased.json()["results"][0]["probability"] == named.json()["results"][0]["probability"]
+    assert aliased.json()["results"][0]["fused"] is True
+    r = _post(client, _files(setup, "img0.jpg"), data={"colour": "red"})
+    assert r.status_code == 400 and "colour" in r.json()["error"] and "patient_id" in r.json()["error"]
+    r = _post(client, _files(setup, "img0.jpg"), data={"age": "72", "age_approx": "70"})
+    assert r.status_code == 400 and "twice" in r.json()["error"]
+    r = _post(client, _files(setup, "img0.jpg"), data={"site": "x" * 65})
+    assert r.status_code == 400 and "64 characters" in r.json()["error"]
+
+
+def test_the_model_card_shows_the_fusion_model(fused_client):
+    client, models, entry = fused_client
+    fusion = client.get("/api/model").json()["fusion"]
+    assert fusion["active"] is True and fusion["features"] == entry["features"]
+    assert fusion["test"]["metrics"] == entry["metrics"] and fusion["threshold"] == entry["threshold"]
+    assert {"age", "sex", "site", "patient_id"} <= set(fusion["fields"]) and fusion["patient_field"] == "patient_id"
+    assert fusion["aliases"]["age_approx"] == "age"
+    schema = client.get("/openapi.json").json()["paths"]["/api/predict"]["post"]["requestBody"]
+    assert "patient_id" in schema["content"]["multipart/form-data"]["schema"]["properties"]
+
+
+def test_a_fusion_fitted_on_another_classifier_is_reported_and_not_applied(setup, tmp_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from kmel.serving.app import make_app
+
+    models = tmp_path / "models"
+    shutil.copytree(setup["models"], models)
+    _add_fusion(models, image_fingerprint="another-classifier")
+    with caplog.at_level(logging.WARNING, logger="kmel.serve"), TestClient(make_app(models)) as client:
+        fusion = client.get("/api/model").json()["fusion"]
+        assert fusion["active"] is False and fusion["present"] is True and "another-classifier" in fusion["reason"]
+        assert "refit the fusion" in fusion["reason"]
+        entry = _post(client, _files(setup, "img0.jpg"), data={"age": "72", "sex": "male"}).json()["results"][0]
+        assert "fused" not in entry and "image_probability" not in entry and entry["age"] == 72
+        assert _post(client, _files(setup, "img0.jpg"), data={"patient_id": "P1"}).status_code == 400
+    warnings = [rec for rec in caplog.records if rec.name == "kmel.serve" and rec.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "image model alone" in warnings[0].getMessage()
 
 
 # === The page in a real browser, against a real server ===
@@ -541,5 +683,45 @@ def test_the_page_in_a_real_browser_shows_the_apis_probabilities(setup, shared_d
             driver.save_screenshot(str(tmp_path / "serve.png"))
             if os.environ.get("KMEL_SERVE_SCREENSHOT"):
                 shutil.copy(tmp_path / "serve.png", os.environ["KMEL_SERVE_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+def test_the_page_shows_the_image_only_and_the_fused_probability(setup, fused_client):
+    """With a fusion model the page says that patient details give the fused probability, and each result of an
+    upload with details shows both numbers, as the API gives them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from kmel.serving.app import make_app
+
+    client, models, _ = fused_client
+    names = ["img0.jpg", "img2.jpg"]
+    fields = {"age": "72", "sex": "male", "site": "back"}
+    expected = {e["relpath"]: e for e in _post(client, _files(setup, *names), data=fields).json()["results"]}
+    assert all(e["fused"] for e in expected.values())
+    driver = _browser()
+    try:
+        with _Server(make_app(models)) as url:
+            driver.get(url + "/")
+            WebDriverWait(driver, 30).until(lambda d: "Image + patient data" in d.find_element(By.ID, "card-body").text)
+            summary = driver.find_element(By.ID, "meta-summary")
+            assert "fused" in summary.get_attribute("textContent")
+            summary.click()
+            driver.find_element(By.ID, "age").send_keys(fields["age"])
+            Select(driver.find_element(By.ID, "sex")).select_by_visible_text(fields["sex"])
+            driver.find_element(By.ID, "site").send_keys(fields["site"])
+            driver.find_element(By.ID, "files").send_keys("\n".join(str(setup["images"][n]) for n in names))
+            WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result .probability"))
+                                            == 2)
+            for card in driver.find_elements(By.CSS_SELECTOR, ".result"):
+                entry = expected[card.get_attribute("data-file")]
+                assert card.find_element(By.CSS_SELECTOR, ".probability").text == f"{entry['probability']:.6f}"
+                assert card.find_element(By.CSS_SELECTOR, ".image-probability").text == \
+                    f"{entry['image_probability']:.6f}"
+                assert card.find_element(By.CSS_SELECTOR, ".fused-probability").text == f"{entry['probability']:.6f}"
+                assert "With patient data" in card.text and "Image only" in card.text
+            logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+            assert not logs, logs
     finally:
         driver.quit()

@@ -9,6 +9,9 @@ are not decoded (HEIC, JPEG 2000, DICOM...) are named.
 Files are checked before they are opened (:func:`check_file`): only regular files (after
 following symlinks) are read, and only up to a size bound, so a FIFO, ``/dev/zero`` or a
 multi-gigabyte file named ``x.jpg`` costs one error, not a hung or killed run.
+
+Pillow bounds an image's size by one process-wide number, ``PIL.Image.MAX_IMAGE_PIXELS``; a decode holds it
+at its own ``max_pixels`` through :func:`pillow_pixel_limit`, so decoding threads never see each other's bound.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import io
 import os
 import stat
-import warnings
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +187,53 @@ def _draft_size(size: tuple[int, int], min_long_side: int) -> tuple[int, int]:
     return max(1, int(np.ceil(w * scale))), max(1, int(np.ceil(h * scale)))
 
 
+class _PillowLimit:
+    """Who holds ``PIL.Image.MAX_IMAGE_PIXELS`` and at what value (see :func:`pillow_pixel_limit`)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.value: int | None = None
+        self.holders = 0
+        self.found: int | None = None
+
+    @contextmanager
+    def hold(self, max_pixels: int) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: not self.holders or self.value == max_pixels)
+            if not self.holders:
+                self.found, self.value = Image.MAX_IMAGE_PIXELS, max_pixels
+                Image.MAX_IMAGE_PIXELS = max_pixels
+            self.holders += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.holders -= 1
+                if not self.holders:
+                    Image.MAX_IMAGE_PIXELS, self.value = self.found, None
+                    self.changed.notify_all()
+
+
+_PILLOW_LIMIT = _PillowLimit()
+
+
+def pillow_pixel_limit(max_pixels: int) -> AbstractContextManager[None]:
+    """Hold Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` at ``max_pixels`` while the ``with`` block runs.
+
+    Pillow has no per-call bound, and a bare set-decode-restore in two threads can leave either one's value (or
+    decode under the other's). Here threads asking for the same limit share it and run side by side (kmel's
+    decoders all ask for the same); a thread asking for another waits until they are done; the last one out puts
+    back the value found. Not re-entrant with a different limit.
+    """
+    return _PILLOW_LIMIT.hold(max_pixels)
+
+
+def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
+    if img.width * img.height > max_pixels:
+        raise ImageReadError(f"{name}: image too large: {img.width}x{img.height} is over the {max_pixels:,} "
+                             "pixel limit")
+
+
 def _decode(
     data: bytes, name: str, max_pixels: int, min_long_side: int = 0
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -191,28 +243,25 @@ def _decode(
     if unsupported:
         raise ImageReadError(f"{name}: {unsupported} image: format not supported (kmel decodes "
                              f"{', '.join(DECODED_FORMATS)}); convert it to JPEG or PNG")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Pillow refuses over twice the limit (and only warns over it): the size is checked here from the header,
+    # before anything is decoded, and again after loading (an icon's embedded frame may be larger than declared).
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pillow_pixel_limit(max_pixels):
             img = Image.open(io.BytesIO(data))  # an animated GIF or WebP: its first frame
-            if img.width * img.height > max_pixels:
-                raise ImageReadError(
-                    f"{name}: {img.width}x{img.height} is larger than the {max_pixels:,} pixel limit"
-                )
+            _check_pixels(img, name, max_pixels)
             w, h = img.size
             if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored rotated by 90°
                 w, h = h, w
             if min_long_side and img.format == "JPEG" and max(w, h) >= 2 * min_long_side:
                 img.draft("RGB", _draft_size(img.size, min_long_side))
             img.load()
-            if img.format == "PNG" and len(data) > 24 and data[24] == 16:  # IHDR bit depth
-                deep = _decode_16bit_png(data)
-                if deep is not None:
-                    return np.ascontiguousarray(ImageOps.exif_transpose(Image.fromarray(deep))), (h, w)
-            img = ImageOps.exif_transpose(img)
-            return np.ascontiguousarray(_to_rgb(img)), (h, w)
+            _check_pixels(img, name, max_pixels)
+        if img.format == "PNG" and len(data) > 24 and data[24] == 16:  # IHDR bit depth
+            deep = _decode_16bit_png(data)
+            if deep is not None:
+                return np.ascontiguousarray(ImageOps.exif_transpose(Image.fromarray(deep))), (h, w)
+        img = ImageOps.exif_transpose(img)
+        return np.ascontiguousarray(_to_rgb(img)), (h, w)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -221,8 +270,6 @@ def _decode(
         raise ImageReadError(f"{name}: image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{name}: truncated or corrupt image data ({exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
 def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

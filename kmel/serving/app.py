@@ -1,47 +1,35 @@
 """``kmel serve``'s web app: the exported models behind an HTTP API and one self-contained page.
 
-:func:`make_app` loads the models once (:class:`kmel.serving.predictor.Predictor`) and returns a FastAPI app:
-``POST /api/predict`` (images as multipart files → one entry per file with the keys of ``kmel predict``'s row,
-optionally the lesion crop and a Grad-CAM overlay as PNG data URLs), ``GET /api/model`` (the model card, from
-pipeline.json and MODELS/report/report.json), ``GET /api/health``, ``GET /`` (the page,
+:func:`make_app` loads the models once (:class:`kmel.serving.predictor.Predictor`, and the folder's fusion model
+when it has one) and returns a FastAPI app: ``POST /api/predict`` (images as multipart files → one entry per file
+with the keys of ``kmel predict``'s row, optionally the lesion crop and a Grad-CAM overlay as PNG data URLs; with a
+fusion model and patient fields, the fused probability as ``predict --metadata`` gives it), ``GET /api/model``
+(the model card, from pipeline.json and MODELS/report/report.json), ``GET /api/health``, ``GET /`` (the page,
 kmel/serving/static/index.html: no CDN), ``/openapi.json`` and ``/docs``.
 
-Requests never run the models side by side: each is a job on one queue, and one model thread takes the jobs
-waiting, up to ``predict.batch_size`` images, decodes them as ``predict`` does (so the API's numbers are
-``predict``'s), segments, crops and classifies them as one batch. Memory is bounded by the limits, not by the
-traffic: a request is admitted only while fewer than ``max_concurrent`` are in flight (429 otherwise), its body
-is read into memory up to ``max_request_mb`` (413), and each image's size is read from its header before it is
-decoded (413 over ``max_megapixels``). The multipart body is parsed in memory, never spooled to temporary files:
-uploads reach the disk only when ``keep_uploads`` names a folder. Logs say how many files were served and how
-long it took, never their names or contents.
+The models run in one thread fed by one queue (:mod:`kmel.serving.service`). Memory is bounded by the limits, not
+by the traffic: a request is admitted only while fewer than ``max_concurrent`` are in flight (429 otherwise), its
+body is read into memory up to ``max_request_mb`` (413), and each image's size is read from its header before it
+is decoded (413 over ``max_megapixels``). The multipart body is parsed in memory, never spooled to temporary files
+(:mod:`kmel.serving.uploads`): uploads reach the disk only when ``keep_uploads`` names a folder. Logs say how many
+files were served and how long it took, never their names, contents or fields.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import io
 import ipaddress
 import json
 import logging
 import math
-import re
-import threading
 import time
-import uuid
-import warnings
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path, PurePosixPath
-from queue import Empty, Queue
+from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -50,11 +38,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 import kmel
 from kmel import constants as C
 from kmel.config import ConfigError
-from kmel.data.images import MIB, ImageReadError, load_image_reduced
+from kmel.data.images import DEFAULT_MAX_PIXELS, MIB
+from kmel.models.fusion import FusionError, FusionModel, load_models_fusion
 from kmel.models.heads import head_from_entry
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
-from kmel.serving.explain import overlay
-from kmel.serving.outputs import output_columns, printable
+from kmel.serving.fusion import ALIASES
+from kmel.serving.service import ModelService
+from kmel.serving.uploads import (
+    METADATA_FIELDS,
+    ApiError,
+    check_metadata,
+    image_pixels,
+    parse_multipart,
+    read_body,
+    save_uploads,
+)
 
 log = logging.getLogger("kmel.serve")
 
@@ -62,7 +60,6 @@ DEFAULT_MAX_REQUEST_MB = 32
 DEFAULT_MAX_MEGAPIXELS = 50
 DEFAULT_MAX_FILES = 64
 DEFAULT_MAX_CONCURRENT = 32
-METADATA_FIELDS = (C.COL_AGE, C.COL_SEX, C.COL_SITE)  # echoed into each entry; the image models do not read them
 INTENDED_USE = (
     "Research use only. kmel is not a medical device and has not been validated for clinical use: do not use it "
     "to diagnose, to decide on treatment, or to reassure anyone about a lesion. Anyone worried about a mole or a "
@@ -84,14 +81,6 @@ PAGE_HEADERS = {  # the page fetches nothing from anywhere but this server
 }
 
 
-class ApiError(Exception):
-    """An answer other than 200: its status and one line, sent as ``{"error": ...}``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
 # === Binding: loopback by default, a token for anything else ===
 
 
@@ -110,264 +99,6 @@ def check_bind(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
         raise ConfigError(f"--host {host} is reachable from other machines: give --token T (or set KMEL_SERVE_TOKEN), "
                           "and every /api call must then send 'Authorization: Bearer T'; or serve on 127.0.0.1")
-
-
-# === Requests: the body in memory, its multipart parts, the images' sizes ===
-
-
-@dataclass
-class Upload:
-    """One uploaded file: the client's file name (its last path part, printable) and its bytes."""
-
-    name: str
-    data: bytes
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
-    too_large = ApiError(413, f"request larger than the {limit / MIB:g} MiB limit (kmel serve --max-request-mb): "
-                              "send fewer or smaller images per request")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_multipart(body: bytes, content_type: str) -> tuple[list[Upload], dict[str, str]]:
-    """The files and text fields of a multipart/form-data body, parsed in memory (nothing is spooled to disk)."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    kind, options = parse_options_header(content_type)
-    if kind != b"multipart/form-data" or not options.get(b"boundary"):
-        raise ApiError(415, "send the images as multipart/form-data, e.g. curl -F files=@a.jpg -F files=@b.jpg URL")
-    parts: list[tuple[dict[bytes, bytes], bytes]] = []
-    state: dict[str, Any] = {}
-
-    def begin() -> None:
-        state.update(headers={}, data=[], field=b"", value=b"")
-
-    def header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state.update(field=b"", value=b"")
-
-    callbacks = {
-        "on_part_begin": begin, "on_header_end": header_end,
-        "on_header_field": lambda d, s, e: state.update(field=state["field"] + d[s:e]),
-        "on_header_value": lambda d, s, e: state.update(value=state["value"] + d[s:e]),
-        "on_part_data": lambda d, s, e: state["data"].append(d[s:e]),
-        "on_part_end": lambda: parts.append((state["headers"], b"".join(state["data"]))),
-    }
-    try:
-        parser = MultipartParser(options[b"boundary"], callbacks)  # type: ignore[arg-type]
-        parser.write(body)
-        parser.finalize()
-    except Exception as exc:
-        raise ApiError(400, f"malformed multipart body ({type(exc).__name__}: {exc})") from None
-    uploads, fields = [], {}
-    for headers, data in parts:
-        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
-        name = disposition.get(b"name", b"").decode("utf-8", "replace")
-        if b"filename" in disposition:
-            filename = disposition[b"filename"].decode("utf-8", "surrogateescape").replace("\\", "/")
-            if filename or data:  # a browser sends an empty part for a file input left empty
-                base = PurePosixPath(filename).name or f"upload-{len(uploads) + 1}"
-                uploads.append(Upload(printable(base), data))
-        else:
-            fields[name] = data.decode("utf-8", "replace").strip()
-    return uploads, fields
-
-
-def check_metadata(fields: dict[str, str]) -> dict[str, Any]:
-    """The metadata fields given (age, sex, site), checked; an unknown field is a 400 naming the known ones."""
-    unknown = sorted(set(fields) - set(METADATA_FIELDS))
-    if unknown:
-        raise ApiError(400, f"unknown form field(s) {unknown}: images go in file fields, metadata in "
-                            f"{', '.join(METADATA_FIELDS)}")
-    out: dict[str, Any] = {}
-    for name, value in fields.items():
-        if not value:
-            continue
-        if len(value) > 64:
-            raise ApiError(400, f"form field {name}: at most 64 characters")
-        if name == C.COL_AGE:
-            try:
-                age = float(value)
-            except ValueError:
-                age = -1.0
-            if not 0 <= age <= 130:
-                raise ApiError(400, f"form field {C.COL_AGE}: {value!r} is not an age in years")
-            out[name] = age
-        else:
-            out[name] = value
-    return out
-
-
-def image_pixels(data: bytes) -> float | None:
-    """Width × height from an image's header (nothing decoded); None when the bytes are no image Pillow knows
-    (the decode then reports why, as that file's error entry).
-
-    Pillow refuses to open an image over twice its process-wide ``MAX_IMAGE_PIXELS`` (which decoding threads
-    change while they decode): its error states the image's size, which is read from it, so the answer does not
-    depend on what another thread set."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                return float(img.width * img.height)
-    except Image.DecompressionBombError as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        return float(found[1]) if found else math.inf
-    except Exception:
-        return None
-
-
-def png_data_url(rgb: np.ndarray) -> str:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb, np.uint8), cv2.COLOR_RGB2BGR))
-    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
-
-
-# === The models: one thread, one queue, requests batched together ===
-
-
-@dataclass
-class _Job:
-    uploads: list[Upload]
-    explain: bool
-    crops: bool
-    future: Future = field(default_factory=Future)
-
-
-class ModelService:
-    """The Predictor behind one queue and one thread: the images of the requests waiting are decoded and
-    classified together, a batch at a time, so the models never run twice at once and memory stays flat."""
-
-    def __init__(self, predictor: Any):
-        self.predictor = predictor
-        self.batch_size = predictor.config.predict.batch_size
-        records = predictor.config.records
-        self.decode_side = max(records.image_size, records.seg_size)
-        self.columns = output_columns(predictor.head.class_columns)
-        self.gradcam = None
-        loaded = predictor.models.classifier_savedmodel
-        if loaded is not None and "gradcam" in loaded.signatures:
-            from kmel.serving.explain import make_gradcam_fn
-
-            self.gradcam = make_gradcam_fn(predictor.models_dir, loaded)
-        self._queue: Queue = Queue()
-        self._decoder = ThreadPoolExecutor(predictor.crops.workers, thread_name_prefix="kmel-serve-decode")
-        self._thread = threading.Thread(target=self._loop, name="kmel-serve-models", daemon=True)
-        self._thread.start()
-
-    def submit(self, uploads: list[Upload], explain: bool = False, crops: bool = False) -> Future:
-        """Queue ``uploads``; the future's result is one entry per upload, in order."""
-        job = _Job(uploads, explain, crops)
-        self._queue.put(job)
-        return job.future
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def close(self) -> None:
-        """Stop after the batch in progress; requests still queued are answered 500 (shutting down)."""
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except Empty:
-                break
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
-        self._decoder.shutdown()
-        self.predictor.close()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            jobs, n = [job], len(job.uploads)
-            while n < self.batch_size:  # whatever else is waiting rides along, up to one batch
-                try:
-                    more = self._queue.get_nowait()
-                except Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                jobs.append(more)
-                n += len(more.uploads)
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # the client may have gone
-            try:
-                entries = self._run(jobs)
-                for j in jobs:
-                    j.future.set_result(entries[id(j)])
-            except BaseException as exc:  # one failed batch fails its requests (500), not the server
-                log.exception("predict batch failed")
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-
-    def _decode(self, upload: Upload) -> Any:
-        """The upload decoded as ``predict`` decodes a file, reduced to the segmenter's input; or why not."""
-        try:
-            # the pixel bound was checked on the header (413); the decode keeps predict's own bound, so the
-            # process-wide Pillow limit it sets while decoding is the one predict uses
-            image, size = load_image_reduced(upload.data, self.decode_side, name=upload.name)
-        except ImageReadError as exc:
-            return str(exc)
-        except Exception as exc:
-            return f"{upload.name}: {type(exc).__name__}: {exc}"
-        finally:
-            upload.data = b""  # the bytes are not needed again
-        try:
-            return self.predictor.crops.pre(image, original_size=size)
-        except Exception as exc:
-            return f"{upload.name}: cannot be prepared: {type(exc).__name__}: {exc}"
-
-    def _run(self, jobs: list[_Job]) -> dict[int, list[dict[str, Any]]]:
-        entries: dict[int, list[dict[str, Any]]] = {id(j): [None] * len(j.uploads) for j in jobs}  # type: ignore[misc]
-        items = [(j, k, u) for j in jobs for k, u in enumerate(j.uploads)]
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            staged = list(self._decoder.map(self._decode, [u for _, _, u in chunk]))
-            good = [i for i, s in enumerate(staged) if not isinstance(s, str)]
-            prepared = self.predictor.crops.finish([staged[i] for i in good])
-            predictions = dict(zip(good, self.predictor.classify(prepared)))
-            explain = [i for i in good if chunk[i][0].explain and math.isfinite(predictions[i].probability)]
-            heat = {}
-            if explain and self.gradcam is not None:
-                maps = self.gradcam(np.stack([predictions[i].crop for i in explain]).astype(np.float32))
-                heat = dict(zip(explain, maps))
-            for i, (job, k, upload) in enumerate(chunk):
-                entries[id(job)][k] = self._entry(upload, predictions.get(i), staged[i], job, heat.get(i))
-        return entries
-
-    def _entry(self, upload: Upload, prediction: Any, staged: Any, job: _Job, heat: Any) -> dict[str, Any]:
-        """``predict``'s row for one upload (``relpath`` and ``path``: its file name), plus the images asked for."""
-        row: dict[str, Any] = dict.fromkeys(self.columns)  # every column, null where it has no value (as JSONL)
-        row.update(image=PurePosixPath(upload.name).stem, relpath=upload.name, path=upload.name, tta=self.predictor.tta)
-        if prediction is None:
-            row.update(status="error", error=printable(staged))
-        elif not math.isfinite(prediction.probability):
-            row.update(status="error", error=f"{upload.name}: the classifier returned {prediction.probability} (not "
-                                             "a number): its files may be damaged; `kmel serve` checks them unless "
-                                             "--no-verify")
-        else:
-            row.update(prediction.columns(), status="ok", error="")
-            if job.crops:
-                row["crop"] = png_data_url(prediction.crop)
-            if heat is not None:
-                row["gradcam"] = png_data_url(overlay(prediction.crop, heat))
-        return row
 
 
 # === The model card ===
@@ -442,15 +173,52 @@ def model_card(predictor: Any, explain: bool) -> dict[str, Any]:
     }
 
 
+# === The fusion model: the image score and the patient's data ===
+
+
+def fusion_fields(fusion: FusionModel) -> tuple[str, ...]:
+    """The form fields a request may carry with this fusion model: age, sex and site, every column it reads, and
+    its patient id when it compares a patient's lesions."""
+    names = [*METADATA_FIELDS, *fusion.spec.columns]
+    if fusion.spec.relative:
+        names.append(fusion.spec.patient_column)
+    return tuple(dict.fromkeys(names))
+
+
+def load_fusion(predictor: Any) -> tuple[FusionModel | None, dict[str, Any]]:
+    """The models folder's fusion model and its model-card section; (None, why) where it has none, or where it
+    cannot be used — another file than pipeline.json records, or fitted on another classifier's scores: one
+    warning, and the server answers with the image model alone."""
+    entry = predictor.pipeline.get("fusion") or {}
+    try:
+        fusion = load_models_fusion(predictor.models_dir, predictor.pipeline, verify=True)
+    except FusionError as exc:
+        log.warning("the fusion model is not used, the image model alone is served: %s", exc)
+        return None, {"active": False, "present": True, "reason": str(exc)}
+    if fusion is None:
+        return None, {"active": False, "present": False,
+                      "reason": "no fusion model in this models folder (`kmel train fusion` fits one)"}
+    fields = fusion_fields(fusion)
+    patients = (f"; the files of one request are one patient's lesions when {fusion.spec.patient_column} is given"
+                if fusion.spec.relative else "")
+    return fusion, {
+        "active": True, "present": True, "fields": list(fields),
+        "aliases": {a: n for a, n in ALIASES.items() if n in fields},
+        "patient_field": fusion.spec.patient_column if fusion.spec.relative else None,
+        "features": list(fusion.spec.features), "threshold": fusion.threshold, "temperature": fusion.temperature,
+        "n_trees": fusion.n_trees, "image_fingerprint": fusion.image_fingerprint,
+        "test": {"split": entry.get("report_split"), "metrics": entry.get("metrics")},
+        "use": "a request with any of the columns the fusion reads gets, in each entry, the fused probability "
+               "(image score and patient data) as probability, its decision at the fusion's threshold, the image "
+               "model's own as image_probability, and fused=true" + patients,
+    }
+
+
 # === The app ===
 
 
 def _page() -> str:
     return resources.files("kmel.serving").joinpath("static", "index.html").read_text(encoding="utf-8")
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[-100:] or "upload"
 
 
 def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tflite_precision: str = "float32",
@@ -469,8 +237,12 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
         check_writable_folder(keep_uploads, "--keep-uploads")
     predictor = Predictor(models_dir, tta=tta, workers=workers, runtime=runtime, tflite_precision=tflite_precision,
                           checks=checks)
-    service = ModelService(predictor)
+    fusion, card_fusion = load_fusion(predictor)
+    fields = fusion_fields(fusion) if fusion is not None else METADATA_FIELDS
+    aliases = ALIASES if fusion is not None else {}
+    service = ModelService(predictor, fusion)
     card = model_card(predictor, explain=service.gradcam is not None)
+    card["fusion"] = card_fusion
     card["limits"] = {"max_request_mb": max_request_mb, "max_megapixels": max_megapixels, "max_files": max_files,
                       "max_concurrent": max_concurrent}
     page = _page()
@@ -522,14 +294,14 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
     def model() -> dict[str, Any]:
         return card
 
+    read = "read by the fusion model and echoed in each entry" if fusion is not None else "echoed in each entry"
+    properties: dict[str, Any] = {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                            "description": "one or more images (JPEG, PNG, WebP, BMP, TIFF, GIF)"}}
+    for name in fields:
+        kind = "number" if name == C.COL_AGE else "string"
+        properties[name] = {"type": kind, "description": f"optional{' (years)' if kind == 'number' else ''}; {read}"}
     predict_body = {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["files"],
-        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                 "description": "one or more images (JPEG, PNG, WebP, BMP, TIFF, GIF)"},
-                       C.COL_AGE: {"type": "number", "description": "optional; echoed in each entry"},
-                       C.COL_SEX: {"type": "string", "description": "optional; echoed in each entry"},
-                       C.COL_SITE: {"type": "string",
-                                    "description": "optional anatomic site; echoed in each entry"}}}}}}
+        "type": "object", "required": ["files"], "properties": properties}}}}
 
     @app.post("/api/predict", dependencies=api, openapi_extra={"requestBody": predict_body},
               summary="Classify images: one entry per file, with predict's row keys")
@@ -547,9 +319,9 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
         start = time.perf_counter()
         try:
             body = await read_body(request, int(max_request_mb * MIB))
-            uploads, fields = await asyncio.to_thread(parse_multipart, body, request.headers.get("content-type", ""))
+            uploads, form = await asyncio.to_thread(parse_multipart, body, request.headers.get("content-type", ""))
             del body
-            metadata = check_metadata(fields)
+            metadata = check_metadata(form, fields, aliases)
             if not uploads:
                 raise ApiError(400, "no image: send one or more files, e.g. curl -F files=@a.jpg URL")
             if len(uploads) > max_files:
@@ -557,12 +329,15 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
             sizes = await asyncio.to_thread(lambda found: [image_pixels(u.data) for u in found], uploads)
             for upload, pixels in zip(uploads, sizes):
                 if pixels is not None and pixels > max_megapixels * 1e6:
-                    raise ApiError(413, f"{upload.name}: {pixels / 1e6:.3g} megapixels, over the {max_megapixels:g} "
-                                        "megapixel limit (kmel serve --max-megapixels): send a smaller image")
+                    size = (f"{pixels / 1e6:.3g} megapixels" if math.isfinite(pixels) else
+                            f"over {2 * DEFAULT_MAX_PIXELS / 1e6:g} megapixels")
+                    raise ApiError(413, f"{upload.name}: {size}, over the {max_megapixels:g} megapixel limit (kmel "
+                                        "serve --max-megapixels): send a smaller image")
             if keep_uploads is not None:
-                await asyncio.to_thread(_keep, Path(keep_uploads), uploads)
+                await asyncio.to_thread(save_uploads, Path(keep_uploads), uploads)
             queued = time.perf_counter()
-            future = service.submit(uploads, explain=explain, crops=crop)  # it drops each file's bytes once decoded
+            # the service drops each file's bytes once decoded, and echoes the fields (fused with a fusion model)
+            future = service.submit(uploads, explain=explain, crops=crop, metadata=metadata)
             try:
                 results = await asyncio.wrap_future(future)
             except Exception as exc:
@@ -570,8 +345,6 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
                                     "on") from None
         finally:
             stats["in_flight"] -= 1
-        for entry in results:
-            entry.update(metadata)
         n_error = sum(e["status"] != "ok" for e in results)
         seconds = time.perf_counter() - start
         stats["requests"] += 1
@@ -584,9 +357,3 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
 
     return app
 
-
-def _keep(folder: Path, uploads: list[Upload]) -> None:
-    """Save the uploads in ``folder`` (``--keep-uploads``), each under a new name: time, random id, its own name."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for upload in uploads:
-        (folder / f"{stamp}-{uuid.uuid4().hex[:8]}-{_safe_name(upload.name)}").write_bytes(upload.data)
