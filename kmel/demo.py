@@ -17,6 +17,8 @@ def demo_config(quick: bool = False) -> Config:
         "records.image_size": 96, "records.seg_size": 64, "records.shard_size": 64,
         "segmenter.image_size": 64, "segmenter.epochs": 1, "segmenter.steps_per_epoch": 3,
         "segmenter.batch_size": 8,
+        # EfficientNet-Lite0 (no squeeze-excite: it traces in half B0's time); the tests train B0 elsewhere
+        "classifier.backbone": "efficientnet_lite0",
         "classifier.image_size": 64, "classifier.epochs": 1, "classifier.steps_per_epoch": 3,
         "classifier.batch_size": 8, "classifier.bootstrap": 50,
     })

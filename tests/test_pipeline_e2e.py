@@ -278,7 +278,7 @@ def test_exported_classifier_matches_the_keras_model(pipeline):
 def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_path):
     """`train cls` over two logical CPUs (MirroredStrategy), SIGKILLed after the first of two epochs; the
     same command again resumes from its backup, runs the second and ends with every epoch exactly once. An EfficientNet-Lite0 from scratch (no squeeze-excite: its replicated train step traces
-    faster than B0's); the demo trains B0 through the same code."""
+    faster than B0's); tests/tiny.py's classifier, B0, trains through the same code elsewhere."""
     import os
     import shutil
     import sys

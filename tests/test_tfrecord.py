@@ -55,6 +55,6 @@ def test_serialisation_is_byte_identical_across_processes():
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
-        for seed in (1, 2, 3)
+        for seed in (1, 2)  # two processes, two hash seeds: each one more costs a TensorFlow start (~20 s)
     }
     assert len(outs) == 1

@@ -5,6 +5,7 @@ that loads exported models (crops, predict, evaluate, serve) reads them through 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,17 @@ from kmel.models.integrity import (
     check_pipeline,
 )
 from kmel.models.scores import logit
+
+
+class _NoCustomGradientNote(logging.Filter):
+    """TensorFlow warns, for each function of a SavedModel saved without its ops' custom gradients, that asking for
+    a gradient would fail. kmel saves its exports so on purpose (kmel/serving/export.py) and never asks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "with ops with unsaved custom gradients" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoCustomGradientNote())
 
 
 def load_serving(path: str | Path, checks: ModelChecks = DEFAULT_CHECKS, fingerprint: str | None = None) -> Any:

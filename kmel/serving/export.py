@@ -46,7 +46,10 @@ def export_serving(
         if model.outputs[0].shape[-1] != 1:
             archive.add_endpoint(name="gradcam_class", fn=make_gradcam_graph_fn(model, gradcam_layer, by_class=True),
                                  input_signature=[*spec, tf.TensorSpec([], tf.int32, name="class_index")])
-    archive.write_out(str(tmp), verbose=False)
+    # Gradients of the endpoints are never asked of a loaded export (Grad-CAM's are inside its own graph), so the
+    # custom gradients of the ops are not traced and saved: 5-10 s less per EfficientNet-B0 export.
+    archive.write_out(str(tmp), options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+                      verbose=False)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
