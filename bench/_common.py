@@ -128,7 +128,8 @@ def per_source(table, threshold: float) -> dict[str, dict]:
     """AUC, partial AUC above 80 % TPR, and sensitivity / specificity at ``threshold``, per ``source`` of a scored table (``target``,
     ``probability``: a report's predictions.csv or :func:`kmel.evaluation.evaluate.predict_records`). A
     diagnosis model's table (``true_class`` and ``p_<CLASS>`` columns) adds the balanced multiclass accuracy
-    and each class's recall."""
+    and each class's recall, of its ``diagnosis`` column (the models' decision, in a report's predictions.csv)
+    where it has one, else of the arg-max class, and the plain arg-max's balanced accuracy beside it."""
     from sklearn.metrics import roc_auc_score
 
     from kmel.evaluation.diagnosis import diagnosis_metrics
@@ -148,8 +149,10 @@ def per_source(table, threshold: float) -> dict[str, dict]:
             "specificity": round(float((p[neg] < threshold).mean()), 4) if neg.any() else None,
         }
         if classes and "true_class" in part:
-            m = diagnosis_metrics(part["true_class"], part[[f"p_{c}" for c in classes]].to_numpy(), classes)
+            decided = part["diagnosis"].map(classes.index).to_numpy() if "diagnosis" in part else None
+            m = diagnosis_metrics(part["true_class"], part[[f"p_{c}" for c in classes]].to_numpy(), classes, decided)
             out[source]["balanced_multiclass_accuracy"] = round(m["balanced_accuracy"], 4)
+            out[source]["argmax_balanced_multiclass_accuracy"] = round(m["argmax_balanced_accuracy"], 4)
             out[source]["recall_by_class"] = {c: (None if v["sensitivity"] is None else round(v["sensitivity"], 4))
                                               for c, v in m["per_class"].items()}
     return out

@@ -122,7 +122,7 @@ def main() -> None:
     baseline = colour_baseline(crops, config)
     report = json.loads((models / "report" / "report.json").read_text())
     diagnosis = {k: v for k, v in report.get("diagnosis", {}).items()
-                 if k in ("balanced_accuracy", "accuracy", "top2_accuracy", "n")}
+                 if k in ("balanced_accuracy", "argmax_balanced_accuracy", "accuracy", "top2_accuracy", "n")}
     summary = report["summary"]
     manifest = json.loads((crops / C.MANIFEST).read_text())
     result = {

@@ -97,7 +97,8 @@ def seg_summary(rows) -> dict:
 
 
 def score_split(models: Path, crops: Path, split: str, config, tta: bool):
-    """One row per crop of ``split``: source, target, skin tone and the calibrated probability."""
+    """One row per crop of ``split``: source, target, skin tone and the calibrated probability (a diagnosis model's
+    calibrated classes and the class it names too)."""
 
     from kmel import constants as C
     from kmel.evaluation.evaluate import predict_records
@@ -119,6 +120,7 @@ def score_split(models: Path, crops: Path, split: str, config, tta: bool):
     classes, table["probability"] = calibrate_outputs(head, outputs, float(entry.get("temperature", 1.0)))
     if classes is not None:
         table[head.class_columns] = classes
+        table["diagnosis"] = [head.classes[i] for i in head.decide(classes)]
     return table
 
 

@@ -6,6 +6,7 @@ tests/test_pipeline_e2e.py."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -98,3 +99,45 @@ def write_untrained_segmenter(models: Path, config) -> None:
     update_pipeline(models, "segmenter", {
         "image_size": config.segmenter.image_size, "fingerprint": saved_model_fingerprint(models / C.SEGMENTER_DIR),
         "config": to_plain(config.segmenter), "records": to_plain(config.records), "crops": to_plain(config.crops)})
+
+
+HANDMADE_CLASSES = ("MEL", "NV", "BCC")
+
+
+def write_handmade_diagnosis_models(out: Path, class_draw_share: dict[str, float] | None = None) -> Path:
+    """:func:`write_handmade_models` with a diagnosis classifier over :data:`HANDMADE_CLASSES` instead: for darkness
+    s in [0, 1], p = (0.4 + 0.2 s, 0.35 − 0.1 s, 0.25 − 0.1 s), so MEL is always the most probable class, but with
+    draw shares (0.7, 0.2, 0.1) p / q always names BCC. Its Grad-CAM maps are flat at (class index + 1) / 10:
+    ``gradcam`` of the most probable class (0.1), ``gradcam_class`` of the class asked for."""
+    import tensorflow as tf
+
+    from kmel.models.integrity import saved_model_fingerprint
+
+    write_handmade_models(out)
+
+    class Classifier(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, CLS, CLS, 3], tf.float32)])
+        def serve(self, images):
+            s = 1.0 - tf.reduce_mean(images, axis=[1, 2, 3])[:, None] / 255.0
+            return {"probabilities": tf.concat([0.4 + 0.2 * s, 0.35 - 0.1 * s, 0.25 - 0.1 * s], axis=1)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, CLS, CLS, 3], tf.float32)])
+        def gradcam(self, images):
+            return {"heat": tf.ones_like(images[..., 0]) * 0.1}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, CLS, CLS, 3], tf.float32, name="images"),
+                                      tf.TensorSpec([], tf.int32, name="class_index")])
+        def gradcam_class(self, images, class_index):
+            return {"heat": tf.ones_like(images[..., 0]) * tf.cast(class_index + 1, tf.float32) / 10.0}
+
+    cls = Classifier()
+    shutil.rmtree(out / "classifier")
+    tf.saved_model.save(cls, str(out / "classifier"),
+                        signatures={"serve": cls.serve, "gradcam": cls.gradcam, "gradcam_class": cls.gradcam_class})
+    pipeline = json.loads((out / "pipeline.json").read_text())
+    pipeline["classifier"].update(task="diagnosis", class_names=list(HANDMADE_CLASSES), malignant_classes=["MEL", "BCC"],
+                                  fingerprint=saved_model_fingerprint(out / "classifier"))
+    if class_draw_share is not None:
+        pipeline["classifier"]["class_draw_share"] = class_draw_share
+    (out / "pipeline.json").write_text(json.dumps(pipeline))
+    return out

@@ -264,8 +264,9 @@ def _invoke(*args: str):
 def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     """build-records --task diagnosis → train cls (an untrained exported segmenter makes the crops) → predict,
     CSV and JSONL with flips → evaluate --predictions with a diagnosis truth column → TFLite float32: per-class columns
-    summing to 1, the arg-max diagnosis, a malignant probability that is the calibrated malignant classes' sum,
-    a report with the multiclass section, Grad-CAM of the predicted class and of any class asked for."""
+    summing to 1, the training draw shares recorded and the diagnosis decided by them (arg-max of p / q), a
+    malignant probability that is the calibrated malignant classes' sum, a report with the multiclass section,
+    Grad-CAM of the predicted class and of any class asked for."""
     import tensorflow as tf
 
     from kmel.data.synthetic import make_synthetic_dataset
@@ -294,8 +295,20 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
     assert (entry["task"], entry["class_names"], entry["malignant_classes"]) == (
         "diagnosis", ["MEL", "NV", "BCC", "BKL"], ["MEL", "BCC"])
+    # The class shares the sampler drew the training crops with (kmel/data/datasets.py, same counts and settings).
+    from kmel.data.datasets import balance_weights, group_counts
+
+    counts = group_counts(json.loads((rec / entry["crops_dir"] / C.MANIFEST).read_text()), "train")
+    cc = entry["config"]
+    drawn = balance_weights(counts, cc["target_malignant_fraction"], cc["skin_tone_balance"], cc["class_balance"])
+    assert entry["class_draw_share"] == pytest.approx(
+        {name: sum(w for (t, _), w in drawn.items() if t == i) for i, name in enumerate(entry["class_names"])})
+    n = np.array([sum(v for (t, _), v in counts.items() if t == i) for i in range(4)], float)
+    np.testing.assert_allclose(list(entry["class_draw_share"].values()),
+                               n ** (1 - cc["class_balance"]) / (n ** (1 - cc["class_balance"])).sum())
     report = json.loads((models / "report" / "report.json").read_text())
     assert report["diagnosis"]["classes"] == entry["class_names"] and report["summary"]["n"] == report["diagnosis"]["n"]
+    assert "q_c" in report["diagnosis"]["decision"] and "argmax_balanced_accuracy" in report["diagnosis"]
     assert (models / "report" / "confusion.png").is_file()
     assert "Balanced multiclass accuracy" in (models / "report" / "report.md").read_text()
 
@@ -310,7 +323,9 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     cols = ["p_MEL", "p_NV", "p_BCC", "p_BKL"]
     assert list(rows.columns[3:8]) == [*cols, "diagnosis"] and (rows["status"] == "ok").all()
     np.testing.assert_allclose(rows[cols].sum(axis=1), 1.0, atol=1e-4)
-    assert list(rows["diagnosis"]) == [cols[i][2:] for i in rows[cols].to_numpy().argmax(axis=1)]
+    shares = np.array([entry["class_draw_share"][c[2:]] for c in cols])  # a class never drawn is never named
+    ratio = np.where(shares > 0, rows[cols].to_numpy() / np.where(shares > 0, shares, 1.0), -np.inf)
+    assert list(rows["diagnosis"]) == [cols[i][2:] for i in ratio.argmax(axis=1)]
     np.testing.assert_allclose(rows["probability"], rows["p_MEL"] + rows["p_BCC"], atol=2e-6)
     assert list(rows["prediction"]) == [int(p >= entry["threshold"]) for p in rows["probability"]]
     flips = pd.DataFrame([json.loads(line) for line in (tmp_path / "tta.jsonl").read_text().splitlines()])
@@ -351,6 +366,8 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     _invoke("evaluate", "--predictions", tmp_path / "pred.csv", "--truth", truth, "--out", tmp_path / "eval")
     evaluated = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert evaluated["diagnosis"]["n"] == evaluated["summary"]["n"] == 5
+    assert {c: v["predicted"] for c, v in evaluated["diagnosis"]["per_class"].items()} == {
+        c: int((rows["diagnosis"] == c).sum()) for c in entry["class_names"]}  # predict's diagnosis, as written
 
     _invoke("export", "--format", "tflite", "--precision", "float32", "--models", models, "--records", rec,
             "--parity-images", 4, "--quiet")

@@ -23,6 +23,7 @@ _EXPORTS = {
     "make_dataset": "kmel.data.datasets",
     "make_record_dataset": "kmel.data.datasets",
     "balance_weights": "kmel.data.datasets",
+    "class_draw_shares": "kmel.data.datasets",
     "count_records": "kmel.data.datasets",
     "steps_per_epoch": "kmel.data.datasets",
     "ImageReadError": "kmel.data.images",

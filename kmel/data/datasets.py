@@ -148,6 +148,16 @@ def classifier_balance_weights(manifest: Mapping[str, Any], split: str, config: 
                            cc.class_balance if diagnosis else None)
 
 
+def class_draw_shares(manifest: Mapping[str, Any], split: str, config: Config) -> dict[int, float]:
+    """Each target's share of the classifier's training draws: :func:`classifier_balance_weights` summed over skin
+    tones (the source split, :func:`split_by_source`, keeps each group's total). For the diagnosis task these are
+    the class prior q the softmax learns under (:meth:`kmel.models.heads.ClassifierHead.decide`)."""
+    shares: dict[int, float] = {}
+    for (target, _), weight in classifier_balance_weights(manifest, split, config).items():
+        shares[target] = shares.get(target, 0.0) + weight
+    return shares
+
+
 def split_by_source(
     weights: Mapping[tuple[int, int], float], counts: Mapping[tuple[str, int, int], int], source_balance: float
 ) -> dict[tuple[str, int, int], float]:

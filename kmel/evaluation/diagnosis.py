@@ -1,6 +1,8 @@
 """The diagnosis task's part of the report: balanced multiclass accuracy (mean per-class recall, the ISIC 2018 /
 2019 metric), accuracy and top-2 accuracy, per-class AUC (one class against the rest), sensitivity, specificity
-and precision of the arg-max class, and the confusion matrix as counts and row-normalised (Markdown and PNG).
+and precision of the decided class (:meth:`kmel.models.heads.ClassifierHead.decide`, predict's ``diagnosis``),
+and the confusion matrix as counts and row-normalised (Markdown and PNG); beside them the balanced accuracy of
+the plain arg-max of the probabilities, so the decision rule's effect shows.
 
 The malignant summary, per-group tables and calibration of the same report are the yes/no ones, on the malignant
 probability (:mod:`kmel.evaluation.report`); this section is added beside them.
@@ -22,24 +24,32 @@ from sklearn import metrics as skm  # noqa: E402
 from kmel.evaluation.fairness import _clean  # noqa: E402
 
 
-def diagnosis_metrics(true_class: Any, probabilities: Any, classes: Sequence[str]) -> dict[str, Any]:
-    """Multiclass metrics of [N, K] ``probabilities`` against class indices ``true_class``.
+def balanced_accuracy(true_class: Any, guess: Any) -> float | None:
+    """Mean over the classes present in ``true_class`` of the share of their images ``guess`` names right."""
+    y, guess = np.asarray(true_class).reshape(-1).astype(int), np.asarray(guess).reshape(-1).astype(int)
+    recalls = [float((guess[y == c] == c).mean()) for c in np.unique(y)]
+    return float(np.mean(recalls)) if recalls else None
 
-    Classes absent from the truths have no recall or AUC (None) and do not count in the balanced accuracy."""
+
+def diagnosis_metrics(true_class: Any, probabilities: Any, classes: Sequence[str], decided: Any = None,
+                      decision: str = "arg-max of p_c") -> dict[str, Any]:
+    """Multiclass metrics of [N, K] ``probabilities`` and the classes ``decided`` (class indices; default: the
+    arg-max of the probabilities) against class indices ``true_class``. ``decision`` says how they were decided.
+
+    Recall, precision, the confusion matrix and the balanced accuracy are of the decided class; the AUCs and the
+    top-2 accuracy rank the probabilities; ``argmax_balanced_accuracy`` is the plain arg-max's. Classes absent
+    from the truths have no recall or AUC (None) and do not count in the balanced accuracy."""
     y = np.asarray(true_class).reshape(-1).astype(int)
     p = np.asarray(probabilities, dtype=np.float64).reshape(len(y), len(classes))
-    guess = p.argmax(axis=1)
+    guess = p.argmax(axis=1) if decided is None else np.asarray(decided).reshape(-1).astype(int)
     k = len(classes)
     confusion = np.zeros((k, k), dtype=int)
     np.add.at(confusion, (y, guess), 1)
     per_class: dict[str, dict[str, Any]] = {}
-    recalls = []
     for i, name in enumerate(classes):
         pos, called = y == i, guess == i
         n = int(pos.sum())
         recall = float(called[pos].mean()) if n else None
-        if recall is not None:
-            recalls.append(recall)
         per_class[name] = {
             "n": n, "predicted": int(called.sum()), "sensitivity": recall,
             "specificity": float((~called[~pos]).mean()) if (~pos).any() else None,
@@ -48,11 +58,12 @@ def diagnosis_metrics(true_class: Any, probabilities: Any, classes: Sequence[str
         }
     top2 = np.argsort(-p, axis=1)[:, :2]
     return {
-        "n": int(len(y)), "classes": list(classes),
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+        "n": int(len(y)), "classes": list(classes), "decision": decision,
+        "balanced_accuracy": balanced_accuracy(y, guess),
+        "argmax_balanced_accuracy": balanced_accuracy(y, p.argmax(axis=1)),
         "accuracy": float((guess == y).mean()) if len(y) else None,
         "top2_accuracy": float((top2 == y[:, None]).any(axis=1).mean()) if len(y) else None,
-        "classes_present": len(recalls),
+        "classes_present": int(len(np.unique(y))),
         "per_class": per_class,
         "confusion": confusion.tolist(),
     }
@@ -66,10 +77,13 @@ def diagnosis_markdown(metrics: dict[str, Any]) -> str:
     """The report.md section: summary line, per-class table, confusion matrix (counts, then row-normalised)."""
     classes = metrics["classes"]
     confusion = np.asarray(metrics["confusion"], dtype=float)
-    lines = ["", "## Diagnosis (arg-max class)", "",
-             f"Balanced multiclass accuracy (mean per-class recall over the {metrics['classes_present']} classes "
-             f"present): **{_fmt(metrics['balanced_accuracy'])}**; accuracy {_fmt(metrics['accuracy'])}; top-2 "
-             f"accuracy {_fmt(metrics['top2_accuracy'])}; n = {metrics['n']}.", "",
+    decision = metrics.get("decision", "arg-max of p_c")
+    lines = ["", "## Diagnosis (decided class)", "",
+             f"Decision: {decision}. Balanced multiclass accuracy (mean per-class recall over the "
+             f"{metrics['classes_present']} classes present): **{_fmt(metrics['balanced_accuracy'])}** (plain "
+             f"arg-max of p_c: {_fmt(metrics.get('argmax_balanced_accuracy'))}); accuracy "
+             f"{_fmt(metrics['accuracy'])}; top-2 accuracy of the probabilities {_fmt(metrics['top2_accuracy'])}; "
+             f"n = {metrics['n']}.", "",
              "| class | n | predicted | sensitivity | specificity | precision | AUC (one vs rest) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in classes:
@@ -112,10 +126,12 @@ def plot_confusion(path: Path, metrics: dict[str, Any]) -> Path:
 
 
 def add_diagnosis_report(out_dir: str | Path, report: dict[str, Any], true_class: Any, probabilities: Any,
-                         classes: Sequence[str]) -> dict[str, Any]:
-    """Add the diagnosis section to a written report (report.json's ``diagnosis``, report.md, confusion.png)."""
+                         classes: Sequence[str], decided: Any = None,
+                         decision: str = "arg-max of p_c") -> dict[str, Any]:
+    """Add the diagnosis section to a written report (report.json's ``diagnosis``, report.md, confusion.png);
+    ``decided`` and ``decision`` as for :func:`diagnosis_metrics`."""
     out_dir = Path(out_dir)
-    metrics = _clean(diagnosis_metrics(true_class, probabilities, classes))
+    metrics = _clean(diagnosis_metrics(true_class, probabilities, classes, decided, decision))
     plot_confusion(out_dir / "confusion.png", metrics)
     report = {**report, "diagnosis": metrics}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))

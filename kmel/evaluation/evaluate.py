@@ -136,14 +136,16 @@ def with_record_metadata(table: pd.DataFrame, records_dir: str | Path) -> pd.Dat
 
 def report_from_table(
     table: pd.DataFrame, threshold: float, out_dir: str | Path, config: Config, meta: Mapping[str, Any],
-    temperature: float = 1.0, head: ClassifierHead | None = None,
+    temperature: float = 1.0, head: ClassifierHead | None = None, decided: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write predictions.csv and the report for a scored, labelled table.
 
     With a ``temperature`` other than 1 the table's ``probability`` is the model's own: it is kept as
     ``probability_uncalibrated`` and replaced by the calibrated one, the scale ``threshold`` is on. A diagnosis
-    ``head`` calibrates the table's ``p_<CLASS>`` columns instead (the probability is their malignant sum) and,
-    where the table has ``true_class``, adds the multiclass section (:mod:`kmel.evaluation.diagnosis`).
+    ``head`` calibrates the table's ``p_<CLASS>`` columns instead (the probability is their malignant sum), names
+    each row's ``diagnosis`` (:meth:`ClassifierHead.decide` of the calibrated classes, or ``decided``: class
+    indices decided already, predict's) and, where the table has ``true_class``, adds the multiclass section
+    (:mod:`kmel.evaluation.diagnosis`) on that decision.
     """
     from kmel.evaluation.report import write_report
     from kmel.models.pipeline import calibrate_outputs
@@ -156,7 +158,9 @@ def report_from_table(
     if head.multiclass:
         classes, calibrated = calibrate_outputs(head, table[head.class_columns].to_numpy(np.float64), temperature)
         table[head.class_columns] = classes
-        table["diagnosis"] = np.asarray(head.classes)[classes.argmax(axis=1)]
+        decision = head.decision_rule if decided is None else "predict's diagnosis column"
+        decided = head.decide(classes) if decided is None else np.asarray(decided, dtype=int)
+        table["diagnosis"] = np.asarray(head.classes)[decided]
     else:
         _, calibrated = calibrate_outputs(head, raw, temperature)
     if temperature != 1.0:
@@ -173,7 +177,7 @@ def report_from_table(
         from kmel.evaluation.diagnosis import add_diagnosis_report
 
         report = add_diagnosis_report(out_dir, report, table["true_class"].to_numpy(int),
-                                      table[head.class_columns].to_numpy(np.float64), head.classes)
+                                      table[head.class_columns].to_numpy(np.float64), head.classes, decided, decision)
     return report
 
 
@@ -336,7 +340,7 @@ def evaluate_predictions(
     # Subgroup columns the user's truth table carries (sex, age, site, fitzpatrick_group) join the report.
     extra = [c for c in SUBGROUP_COLUMNS.values() if c in truth.columns and c not in pred.columns]
     extra += ["true_class"] if "true_class" in truth.columns and head.multiclass else []
-    table = pred.drop(columns=["diagnosis"], errors="ignore").merge(truth[[key, "target", *extra]], on=key, how="inner")
+    table = pred.merge(truth[[key, "target", *extra]], on=key, how="inner")
     if table.empty:
         raise ConfigError(f"no {key} in {truth_csv} matches an ok row of {predictions_csv}")
     table = table.rename(columns={"image": C.COL_IMAGE_ID, "skin_tone_group": C.COL_SKIN_TONE_NAME,
@@ -349,8 +353,22 @@ def evaluate_predictions(
             "threshold_split": "models' validation",
             "predictions": str(predictions_csv), "truth": str(truth_csv), "n": len(table), "matched_on": key,
             "unmatched_truth_rows": int(len(truth) - len(table)), "prediction_rows_not_ok": n_not_ok}
-    # The predictions are calibrated already (temperature 1 here); a diagnosis head's p_<CLASS> columns are kept.
-    return report_from_table(table, threshold, out_dir, config, meta, head=head)
+    # The predictions are calibrated already (temperature 1 here); a diagnosis head's p_<CLASS> columns are kept,
+    # and so is its diagnosis: the models' decision (their training draw shares are not in the CSV to redo it).
+    return report_from_table(table, threshold, out_dir, config, meta, head=head, decided=_predicted_classes(table, head))
+
+
+def _predicted_classes(table: pd.DataFrame, head: ClassifierHead) -> np.ndarray | None:
+    """Class indices of a diagnosis model's predictions from their ``diagnosis`` column; None when there is none
+    (the report then decides by the plain arg-max, all it can without the models' shares)."""
+    if not head.multiclass or "diagnosis" not in table:
+        return None
+    index = table["diagnosis"].map({c: i for i, c in enumerate(head.classes)})
+    if index.isna().any():
+        bad = sorted(set(table["diagnosis"][index.isna()].astype(str)))
+        raise ConfigError(f"the predictions' diagnosis column names {bad[:5]}, not among their classes "
+                          f"{list(head.classes)}")
+    return index.to_numpy(int)
 
 
 def _predictions_head(pred: pd.DataFrame) -> ClassifierHead:

@@ -3,12 +3,13 @@ classes, from which the malignant probability is the sum over the malignant clas
 
 One :class:`ClassifierHead` is read from the records' manifest when training and from ``pipeline.json`` when
 serving, and passed down: everything after the model (threshold, calibration, fairness report, predict's
-``probability``) works on :meth:`ClassifierHead.malignant_probability`, for either kind of head.
+``probability``) works on :meth:`ClassifierHead.malignant_probability`, for either kind of head. Which class a
+diagnosis head names is :meth:`ClassifierHead.decide`, everywhere a ``diagnosis`` is chosen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,18 +19,27 @@ from kmel.config import ConfigError
 
 @dataclass(frozen=True)
 class ClassifierHead:
-    """``task``; for ``diagnosis`` the ``classes`` in output order and the ``malignant_classes`` among them."""
+    """``task``; for ``diagnosis`` the ``classes`` in output order, the ``malignant_classes`` among them and
+    ``class_draw_share``: each class's share of the training draws (in output order; None when not recorded).
+
+    The shares say how a decision is made, not what the outputs mean: two heads differing only in them are equal
+    (records labelled for a head suit it whatever its training drew)."""
 
     task: str = "malignant"
     classes: tuple[str, ...] = ()
     malignant_classes: tuple[str, ...] = ()
+    class_draw_share: tuple[float, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.task == "diagnosis":
             if len(self.classes) < 2 or not set(self.malignant_classes) <= set(self.classes) or not self.malignant_classes:
                 raise ValueError(f"a diagnosis head needs >= 2 classes and malignant classes among them, got "
                                  f"{list(self.classes)} / {list(self.malignant_classes)}")
-        elif self.classes:
+            share = self.class_draw_share
+            if share is not None and (len(share) != len(self.classes) or min(share) < 0 or not max(share) > 0):
+                raise ValueError(f"class_draw_share needs one share >= 0 per class {list(self.classes)}, got "
+                                 f"{list(share)}")
+        elif self.classes or self.class_draw_share is not None:
             raise ValueError(f"task {self.task!r} has one output; classes are for the diagnosis task")
 
     @property
@@ -65,6 +75,34 @@ class ClassifierHead:
             raise ConfigError(f"--explain-class {name}: not one of the model's classes {list(self.classes)}")
         return self.classes.index(str(name).upper())
 
+    @property
+    def decision_rule(self) -> str:
+        """How :meth:`decide` names a class, in words (the report and the model card say it)."""
+        if not self.multiclass:
+            return "probability >= threshold"
+        if self.class_draw_share is None:
+            return "arg-max of p_c (no training draw shares recorded)"
+        return "arg-max of p_c / q_c (q_c: the class's share of the training draws)"
+
+    def decide(self, probabilities: Any) -> np.ndarray:
+        """[N] class indices a diagnosis head names for [N, K] class probabilities.
+
+        The softmax learned its posteriors under the training draws' class prior q (class-balanced sampling), so
+        p_c / q_c is proportional to the class likelihood, whose arg-max maximises the mean per-class recall
+        (balanced multiclass accuracy, the ISIC 2018 / 2019 metric); the arg-max of p favours the classes drawn
+        most. A class never drawn (q_c = 0) is never named. Without shares (models from before they were
+        recorded): the arg-max of p."""
+        if not self.multiclass:
+            raise ValueError(f"task {self.task!r} has one output: its decision is the threshold, not a class")
+        p = np.asarray(probabilities, dtype=np.float64).reshape(-1, self.n_outputs)
+        if self.class_draw_share is None:
+            return p.argmax(axis=1)
+        q = np.asarray(self.class_draw_share, dtype=np.float64)
+        drawn = q > 0
+        score = np.full_like(p, -np.inf)
+        score[:, drawn] = p[:, drawn] / q[drawn]
+        return score.argmax(axis=1)
+
     def malignant_probability(self, outputs: Any) -> np.ndarray:
         """[N] probabilities of the malignant side from the model's [N, 1] / [N] or [N, K] outputs."""
         out = np.asarray(outputs, dtype=np.float64)
@@ -82,6 +120,8 @@ class ClassifierHead:
         entry: dict[str, Any] = {"task": self.task, "class_names": self.class_names}
         if self.multiclass:
             entry["malignant_classes"] = list(self.malignant_classes)
+            if self.class_draw_share is not None:
+                entry["class_draw_share"] = dict(zip(self.classes, self.class_draw_share))
         return entry
 
 
@@ -94,8 +134,16 @@ def head_from_manifest(manifest: Mapping[str, Any]) -> ClassifierHead:
 
 
 def head_from_entry(entry: Mapping[str, Any]) -> ClassifierHead:
-    """The head of an exported classifier (``pipeline.json``; entries from before the diagnosis task are binary)."""
+    """The head of an exported classifier (``pipeline.json``; entries from before the diagnosis task are binary,
+    diagnosis entries from before ``class_draw_share`` was recorded decide by the plain arg-max)."""
     task = str(entry.get("task", "malignant"))
     if task == "diagnosis":
-        return ClassifierHead(task, tuple(entry["class_names"]), tuple(entry["malignant_classes"]))
+        classes = tuple(entry["class_names"])
+        shares = entry.get("class_draw_share")
+        if shares is not None:
+            missing = [c for c in classes if c not in shares]
+            if missing:
+                raise ConfigError(f"pipeline.json: the classifier's class_draw_share has no share for {missing}")
+            shares = tuple(float(shares[c]) for c in classes)
+        return ClassifierHead(task, classes, tuple(entry["malignant_classes"]), shares)
     return ClassifierHead(task)

@@ -148,6 +148,8 @@ def model_card(predictor: Any, explain: bool) -> dict[str, Any]:
         "kmel_version": kmel.__version__, "trained_with_kmel": pipeline.get("kmel_version"),
         "task": head.task, "classes": head.class_names, "decision": list(predictor.decision_names),
         "malignant_classes": list(head.malignant_classes) or None,
+        "diagnosis_decision": {"rule": head.decision_rule, "class_draw_share": cls.get("class_draw_share")}
+        if head.multiclass else None,
         "threshold": predictor.threshold, "threshold_from": cls.get("threshold_from"),
         "threshold_choice": cls.get("threshold_choice"),
         "calibration": cls.get("calibration") or {"temperature": predictor.temperature},

@@ -39,11 +39,9 @@ class Prediction:
     heatmap: np.ndarray | None = field(default=None, repr=False)  # Grad-CAM in [0, 1] when explaining
     # A diagnosis model's calibrated class probabilities (summing to 1; ``probability`` is the malignant ones' sum)
     classes: dict[str, float] | None = None
-
-    @property
-    def diagnosis(self) -> str | None:
-        """The most probable class of a diagnosis model (None for a yes/no model)."""
-        return None if self.classes is None else max(self.classes, key=self.classes.__getitem__)
+    # ... and the class it names (ClassifierHead.decide: the arg-max of p_c / q_c when the training draw shares
+    # q are known, not necessarily the most probable class); None for a yes/no model
+    diagnosis: str | None = None
 
     def columns(self) -> dict[str, Any]:
         """The model's columns of an output row: a diagnosis model's ``p_<CLASS>`` and ``diagnosis`` first."""
@@ -107,11 +105,12 @@ class Predictor:
                                           checks=checks)
         self._classify = flip_averaged(self.models.classify) if tta else self.models.classify
         self._explain = None
-        if explain:
-            from kmel.serving.explain import make_gradcam_fn
+        if explain:  # the maps of the class each image is named (or of ``explain_class`` for every image)
+            from kmel.serving.explain import make_decision_gradcam_fn
 
-            self._explain = make_gradcam_fn(self.models_dir, self.models.classifier_savedmodel,
-                                            None if explain_class is None else self.head.class_index(explain_class))
+            self._explain = make_decision_gradcam_fn(
+                self.models_dir, self.head, self.models.classifier_savedmodel,
+                None if explain_class is None else self.head.class_index(explain_class))
         workers = self.config.predict.workers if workers is None else workers
         self.crops = CropPipeline(self.models.segment, self.models.seg_size, self.config, workers)
 
@@ -134,7 +133,8 @@ class Predictor:
             return []
         batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
         classes, probs = self.calibrated(batch)
-        heat = self._explain(batch) if self._explain is not None else [None] * len(prepared)
+        decided = None if classes is None else self.head.decide(classes)
+        heat = self._explain(batch, decided) if self._explain is not None else [None] * len(prepared)
         out = []
         for i, (prep, prob, cam) in enumerate(zip(prepared, probs, heat)):
             pred = int(prob >= self.threshold)
@@ -142,6 +142,7 @@ class Predictor:
             out.append(Prediction(
                 probability=float(prob), prediction=pred, label=self.decision_names[pred], threshold=self.threshold,
                 classes=None if classes is None else dict(zip(self.head.classes, map(float, classes[i]))),
+                diagnosis=None if decided is None else self.head.classes[decided[i]],
                 skin_tone_group=tone.group_name, ita=float(tone.ita), ita_category=tone.ita_category_name,
                 crop_mode=prep.result.crop_mode, box=tuple(int(v) for v in prep.box), tta=self.tta,
                 crop=prep.result.crop, heatmap=cam,

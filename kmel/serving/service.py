@@ -75,9 +75,10 @@ class ModelService:
         self.gradcam = None
         loaded = predictor.models.classifier_savedmodel
         if loaded is not None and "gradcam" in loaded.signatures:
-            from kmel.serving.explain import make_gradcam_fn
+            from kmel.serving.explain import make_decision_gradcam_fn
 
-            self.gradcam = make_gradcam_fn(predictor.models_dir, loaded)
+            # the maps of the class each entry's diagnosis names (the malignant side's for a yes/no model)
+            self.gradcam = make_decision_gradcam_fn(predictor.models_dir, predictor.head, loaded)
         self._queue: Queue = Queue()
         self._decoder = ThreadPoolExecutor(predictor.crops.workers, thread_name_prefix="kmel-serve-decode")
         self._thread = threading.Thread(target=self._loop, name="kmel-serve-models", daemon=True)
@@ -164,7 +165,9 @@ class ModelService:
             explain = [i for i in good if chunk[i][0].explain and math.isfinite(predictions[i].probability)]
             heat = {}
             if explain and self.gradcam is not None:
-                maps = self.gradcam(np.stack([predictions[i].crop for i in explain]).astype(np.float32))
+                head = self.predictor.head
+                decided = [head.classes.index(predictions[i].diagnosis) for i in explain] if head.multiclass else None
+                maps = self.gradcam(np.stack([predictions[i].crop for i in explain]).astype(np.float32), decided)
                 heat = dict(zip(explain, maps))
             for i, (job, k, upload) in enumerate(chunk):
                 entries[id(job)][k] = self._entry(upload, predictions.get(i), staged[i], job, heat.get(i))

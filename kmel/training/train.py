@@ -12,6 +12,7 @@ import functools
 import hashlib
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,12 @@ import tensorflow as tf
 
 from kmel import constants as C
 from kmel.config import ClassifierConfig, Config, ConfigError, save_config, to_plain
-from kmel.data.datasets import count_records, make_dataset, steps_per_epoch
+from kmel.data.datasets import (
+    class_draw_shares,
+    count_records,
+    make_dataset,
+    steps_per_epoch,
+)
 from kmel.data.records import load_manifest, shard_paths
 from kmel.models.integrity import saved_model_fingerprint
 from kmel.serving.export import export_serving, update_pipeline
@@ -343,6 +349,9 @@ def fit_classifier(
     # One sigmoid output, or a softmax over the diagnosis classes: the labels' meaning is the image records'
     # (build-records wrote it; crop records made before the diagnosis task do not say it).
     head = head_from_manifest(load_manifest(records_dir))
+    if head.multiclass:  # the class prior the sampler draws under: the diagnosis divides by it (ClassifierHead.decide)
+        shares = class_draw_shares(manifest, "train", config)
+        head = replace(head, class_draw_share=tuple(shares.get(i, 0.0) for i in range(head.n_outputs)))
     work = start_run(models_dir, "classifier", _run_settings("classifier", cc, manifest, policy), restart)
     print(balance_table(manifest, config))
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
@@ -414,7 +423,7 @@ def fit_classifier(
     entry = {
         "image_size": cc.image_size,
         "backbone": cc.backbone,
-        **head.to_entry(),  # task, class names (and a diagnosis head's malignant classes)
+        **head.to_entry(),  # task, class names (a diagnosis head's malignant classes and training draw shares)
         "threshold": float(choice["threshold"]),
         "threshold_choice": choice,
         "threshold_from": threshold_split,
