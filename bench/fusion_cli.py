@@ -4,8 +4,9 @@ usage: python bench/fusion_cli.py [--n-images 6000] [--out bench/out/fusion-cli]
 
 The whole walk a user of ISIC 2024 data runs, each step a `kmel` command in a subprocess: make-synthetic
 --style isic2024 (train-metadata.csv + train-image.hdf5: patients with many lesions, ~1 % malignant, ``tbp_lv_*``
-measurements shifted a little for malignant lesions) → build-records → train seg → train cls (both small, a few
-minutes on 2 cores: the image model is deliberately weak, as a first model on new data is) → train fusion →
+measurements shifted a little for malignant lesions) → build-records → train seg (on a synthetic ISIC-style folder
+with masks: ISIC 2024 has none) → train cls (both small, a few minutes on 2 cores: the image model is weak, as a
+first model on new data is) → train fusion →
 evaluate (image-only and fused side by side). Prints the test split's image-only and fused AUC and partial AUC
 above 80 % TPR with their paired 95 % intervals (from the fusion report) and each step's seconds; writes
 OUT/result.json. Sized for ~10 minutes on 2 cores: 6,000 crops of 64 px, 2 epochs of 20 steps per model.
@@ -52,11 +53,11 @@ fusion:
 
 
 def kmel(*args: object) -> float:
-    """Run one kmel command; its seconds."""
+    """Run one kmel command; its seconds. Only build-records may exit 1 (a file it could not read, reported)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], cwd=REPO, capture_output=True,
                           text=True)
-    if proc.returncode not in (0, 1):
+    if proc.returncode not in ((0, 1) if args[0] == "build-records" else (0,)):
         sys.exit(f"kmel {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
 
@@ -78,9 +79,16 @@ def main() -> None:
                                          "--size", 64)
     seconds["build-records"] = kmel("build-records", "--data-dir", data, "--out", records, "--profile", profile,
                                     "--quiet")
-    common = ("--records", records, "--out", models, "--profile", profile, "--logdir", out / "runs", "--quiet")
-    seconds["train seg"] = kmel("train", "seg", *common)
-    seconds["train cls"] = kmel("train", "cls", *common)
+    # ISIC 2024 publishes no lesion masks: the segmenter learns from a synthetic ISIC-style folder with masks, as a
+    # user's would from ISIC 2018's, and then crops the 2024 tiles.
+    seg_data, seg_records = out / "seg-data", out / "seg-records"
+    if not (seg_data / "masks").exists():
+        seconds["make-synthetic (masks)"] = kmel("make-synthetic", seg_data, "--n-images", 400, "--size", 96)
+    seconds["build-records (masks)"] = kmel("build-records", "--data-dir", seg_data, "--out", seg_records,
+                                            "--profile", profile, "--quiet")
+    common = ("--out", models, "--profile", profile, "--logdir", out / "runs", "--quiet")
+    seconds["train seg"] = kmel("train", "seg", "--records", seg_records, *common)
+    seconds["train cls"] = kmel("train", "cls", "--records", records, *common)
     seconds["train fusion"] = kmel("train", "fusion", "--records", records, "--out", models, "--profile", profile,
                                    "--quiet")
     seconds["evaluate"] = kmel("evaluate", "--records", records, "--models", models, "--out", out / "report",

@@ -107,9 +107,10 @@ class CropsConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """EfficientNet classifier, balancing, training and threshold choice."""
+    """EfficientNet or ResNet classifier, balancing, training and threshold choice."""
 
-    backbone: str = "efficientnet_b4"  # efficientnet_b0 ... efficientnet_b7, efficientnet_lite0 ... lite4
+    # efficientnet_b0 ... efficientnet_b7, efficientnet_lite0 ... lite4, resnet18, resnet34, resnet50, resnet101, resnet152
+    backbone: str = "efficientnet_b4"
     image_size: int = 512
     dropout: float = 0.4
     # BatchNorm moving-average momentum; 0: Keras' 0.99 with pretrained weights, 0.9 from scratch

@@ -25,7 +25,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     import keras
 
     from kmel.data.synthetic import make_synthetic_dataset
-    from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier
+    from kmel.models.classifier import build_classifier, classifier_last_conv
     from kmel.models.segmenter import build_segmenter
     from kmel.serving.export import (
         export_serving,
@@ -45,7 +45,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
         "image_size": config.segmenter.image_size, "fingerprint": saved_model_fingerprint(models / C.SEGMENTER_DIR),
         "config": to_plain(config.segmenter), "records": to_plain(config.records), "crops": to_plain(config.crops)})
     cls = build_classifier(config.classifier)
-    export_serving(cls, models / C.CLASSIFIER_DIR, config.classifier.image_size, CLASSIFIER_LAST_CONV)
+    export_serving(cls, models / C.CLASSIFIER_DIR, config.classifier.image_size,
+                   classifier_last_conv(config.classifier.backbone))
     update_pipeline(models, "classifier", {"image_size": config.classifier.image_size, "threshold": 0.5,
                                            "class_names": ["benign", "malignant"], "config": to_plain(config.classifier)})
     return {"tmp": tmp, "records": tmp / "rec", "models": models, "config": config}

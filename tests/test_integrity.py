@@ -131,7 +131,7 @@ def test_kmels_own_exports_pass_the_allow_list(tmp_path):
 
     import keras
 
-    from kmel.models.classifier import CLASSIFIER_LAST_CONV, build_classifier
+    from kmel.models.classifier import build_classifier, classifier_last_conv
     from kmel.models.integrity import ALLOWED_OPS, check_graph, graph_ops
     from kmel.models.segmenter import build_segmenter
     from kmel.serving.export import export_serving
@@ -139,7 +139,7 @@ def test_kmels_own_exports_pass_the_allow_list(tmp_path):
 
     config = tiny_config()
     cc = dataclasses.replace(config.classifier, backbone="efficientnet_lite0", weights="none")
-    exported = [export_serving(build_classifier(cc), tmp_path / "cls", cc.image_size, CLASSIFIER_LAST_CONV)]
+    exported = [export_serving(build_classifier(cc), tmp_path / "cls", cc.image_size, classifier_last_conv(cc.backbone))]
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         sc = dataclasses.replace(config.segmenter, weights="none")

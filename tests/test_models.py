@@ -8,8 +8,8 @@ import pytest
 
 from kmel.config import ConfigError
 from kmel.models.classifier import (
-    CLASSIFIER_LAST_CONV,
     build_classifier,
+    classifier_last_conv,
     set_trainable_blocks,
 )
 from kmel.models.segmenter import (
@@ -111,7 +111,7 @@ def test_classifier_shapes_flat_graph_and_staged_blocks():
     out = model(np.zeros((2, 64, 64, 3), "float32"), training=False)
     assert tuple(out.shape) == (2, 1) and out.dtype == "float32"
     # One flat graph: the last conv is a layer of the model itself (Grad-CAM reaches it).
-    assert model.get_layer(CLASSIFIER_LAST_CONV) is not None
+    assert model.get_layer(classifier_last_conv("efficientnet_b0")) is not None
     assert not any(isinstance(layer, keras.Model) for layer in model.layers)
     set_trainable_blocks(model, "head")
     assert model.get_layer("head_dense").trainable and not model.get_layer("top_conv").trainable

@@ -277,8 +277,9 @@ def test_exported_classifier_matches_the_keras_model(pipeline):
 
 def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_path):
     """`train cls` over two logical CPUs (MirroredStrategy), SIGKILLed after the first of two epochs; the
-    same command again resumes from its backup, runs the second and ends with every epoch exactly once. An EfficientNet-Lite0 from scratch (no squeeze-excite: its replicated train step traces
-    faster than B0's); tests/tiny.py's classifier, B0, trains through the same code elsewhere."""
+    same command again resumes from its backup, runs the second and ends with every epoch exactly once. A ResNet18
+    classifier from scratch (its replicated train step traces in two thirds of EfficientNet-Lite0's time: a
+    whole two-epoch run 70 s against 95 s); the demo's Lite0 and tests/tiny.py's B0 train through the same code."""
     import os
     import shutil
     import sys
@@ -290,7 +291,7 @@ def test_classifier_under_mirrored_strategy_killed_and_resumed(pipeline, tmp_pat
     shutil.copytree(pipeline["models"], models)  # the segmenter and its crop records are reused
     # The demo's crop settings, so its crop records are reused, not rebuilt.
     crops = {f"crops.{k}": v for k, v in to_plain(pipeline["config"].crops).items()}
-    overrides = json.dumps({"classifier.backbone": "efficientnet_lite0", "classifier.steps_per_epoch": 1, **crops})
+    overrides = json.dumps({"classifier.backbone": "resnet18", "classifier.steps_per_epoch": 1, **crops})
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, str(REPO / "tests/scripts/train_tiny.py"), "cls", str(pipeline["records"]), str(models),
            str(tmp_path / "runs"), "mirrored", "2", "2", "float32", overrides]

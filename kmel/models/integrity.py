@@ -41,9 +41,10 @@ DEFAULT_CHECKS = ModelChecks()
 
 # Every operation type in the graphs (functions included) of kmel's exports, outside the checkpoint
 # save / restore functions: EfficientNet and EfficientNet-Lite classifiers (one output, or a softmax over the
-# diagnosis classes with its gradcam_class endpoint: OneHot, Softmax) with the gradcam endpoint,
-# ResNet18/34 and Lite U-Nets, each in float32, mixed_float16 and mixed_bfloat16 (tests/test_integrity.py
-# exports them again and fails on an operation missing here).
+# diagnosis classes with its gradcam_class endpoint: OneHot, Softmax) with the gradcam endpoint, ResNet18–152
+# classifiers (no operation of their own; tests/test_resnet_classifier.py checks), ResNet18/34 and Lite
+# U-Nets, each in float32, mixed_float16 and mixed_bfloat16 (tests/test_integrity.py exports them again and
+# fails on an operation missing here).
 ALLOWED_OPS = frozenset({
     "AddN", "AddV2", "AssignVariableOp", "BiasAdd", "BiasAddGrad", "BroadcastGradientArgs", "BroadcastTo", "Cast",
     "ConcatV2", "Const", "Conv2D", "Conv2DBackpropFilter", "Conv2DBackpropInput", "DepthwiseConv2dNative",

