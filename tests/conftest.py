@@ -64,36 +64,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = _worker_group(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
-    items[:] = _heaviest_first(items)
-
-
-# Seconds each of the slowest work units took in `.ci/run` (2026-11-29, two workers): a worker group, or one test.
-# Run first, so the two workers finish together rather than one running a long unit alone at the end (xdist
-# hands out units in this order: setup.cfg's addopts say --no-loadscope-reorder). Any other unit counts 1 s.
-UNIT_SECONDS = {
-    "quick_demo": 450, "tests.test_train_seg": 330, "tests.test_train_cls": 260,
-    "tests/test_diagnosis.py::test_diagnosis_task_from_records_to_predict_evaluate_and_tflite": 137,
-    "tests/test_multiworker.py::test_two_workers_train_together_and_agree": 121,
-    "tests/test_models.py::test_mixed_precision_outputs_float32_and_trains": 57,
-    "tests/test_lite_unet.py::test_fit_segmenter_with_imagenet_lite0": 55,
-    "tests/test_lite_unet.py::test_stage_4_trains_the_decoder_and_blocks_6_7_only": 48,
-    "tests/test_crash_safety.py::test_build_records_killed_and_rerun_gives_identical_manifest": 46,
-    "tests/test_tfrecord.py::test_serialisation_is_byte_identical_across_processes": 40,
-    "tests/test_lite_unet.py::test_other_weight_files": 30,
-}
-
-
-def _heaviest_first(items: list[pytest.Item]) -> list[pytest.Item]:
-    """The items with each work unit's tests together, the units in descending order of UNIT_SECONDS (ties: as
-    collected): the longest-first rule, which keeps the workers' finishing times close."""
-    def unit(item: pytest.Item) -> str:
-        marker = item.get_closest_marker("xdist_group")
-        return marker.args[0] if marker and marker.args else item.nodeid
-
-    first: dict[str, int] = {}
-    for index, item in enumerate(items):
-        first.setdefault(unit(item), index)
-    return sorted(items, key=lambda item: (-UNIT_SECONDS.get(unit(item), 1), first[unit(item)]))
 
 
 @pytest.fixture
