@@ -276,7 +276,7 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     from tests.tiny import tiny_config, write_tiny_profile
 
     classes = {"records.classes": ["MEL", "NV", "BCC", "BKL"], "records.malignant_classes": ["MEL", "BCC"],
-               "classifier.backbone": "efficientnet_lite0"}
+               "classifier.backbone": "resnet18"}
     data, rec, models = tmp_path / "data", tmp_path / "rec", tmp_path / "models"
     make_synthetic_dataset(data, n_images=48, seed=5, size=96)
     profile = write_tiny_profile(tmp_path, epochs=1, steps=2, **classes)
