@@ -20,34 +20,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from _common import OUT
-
-
-def compare(y: np.ndarray, image: np.ndarray, fused: np.ndarray, n_boot: int, seed: int = 0) -> dict:
-    """AUC and pAUC of both scores with percentile intervals, and of their paired difference."""
-    from sklearn.metrics import roc_auc_score
-
-    from kmel.evaluation.fairness import partial_auc
-
-    metrics = {"auc": roc_auc_score, "pauc80": partial_auc}
-    out: dict = {"n": int(len(y)), "malignant": int(y.sum())}
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(y), len(y)) for _ in range(n_boot)]
-    draws = [d for d in draws if 0 < y[d].sum() < len(d)]
-    for name, fn in metrics.items():
-        point = {"image": float(fn(y, image)), "fused": float(fn(y, fused))}
-        samples = np.array([[fn(y[d], image[d]), fn(y[d], fused[d])] for d in draws])
-        diff = samples[:, 1] - samples[:, 0]
-        out[name] = {
-            **{k: round(v, 4) for k, v in point.items()},
-            "image_ci95": [round(float(q), 4) for q in np.percentile(samples[:, 0], [2.5, 97.5])],
-            "fused_ci95": [round(float(q), 4) for q in np.percentile(samples[:, 1], [2.5, 97.5])],
-            "difference": round(point["fused"] - point["image"], 4),
-            "difference_ci95": [round(float(q), 4) for q in np.percentile(diff, [2.5, 97.5])],
-        }
-    return out
 
 
 def main() -> None:
@@ -60,6 +34,7 @@ def main() -> None:
     from union_eval import score_split
 
     from kmel import constants as C
+    from kmel.evaluation.fusion import compare_scores as compare
     from kmel.lesion.crops import ensure_crop_records
     from kmel.models.fusion import fusion_importance
     from kmel.models.pipeline import read_pipeline
@@ -87,7 +62,7 @@ def main() -> None:
     plain = fit_fusion(rows["val"], scored["val"]["probability"].to_numpy(), seed=0, image_offset=False)
     model.save(out)
     test, image = rows["test"], scored["test"]["probability"].to_numpy()
-    fused = model.predict(test, image)
+    fused, plain_fused = model.predict(test, image), plain.predict(test, image)
     y = test[C.COL_TARGET].to_numpy().astype(int)
     sources = [(s, (test[C.COL_SOURCE] == s).to_numpy()) for s in sorted(test[C.COL_SOURCE].unique())]
     result = {
@@ -99,8 +74,8 @@ def main() -> None:
         "scoring_seconds": round(scoring, 1), "fit_seconds": round(fitting, 1),
         # the trees started from the base rate, the image logit only a feature (kmel's scheme before 2026-11-29)
         "no_image_offset": {"n_trees": plain.n_trees, "val_out_of_fold": plain.metrics,
-                            "test": compare(y, image, plain.predict(test, image), args.bootstrap),
-                            "test_by_source": {s: compare(y[m], image[m], plain.predict(test, image)[m], args.bootstrap)
+                            "test": compare(y, image, plain_fused, args.bootstrap),
+                            "test_by_source": {s: compare(y[m], image[m], plain_fused[m], args.bootstrap)
                                                for s, m in sources if m.any()}},
     }
     print(json.dumps(result, indent=2))
