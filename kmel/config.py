@@ -154,6 +154,9 @@ class ClassifierConfig:
     weights: str = "none"
     weights_mirror: str = ""  # as SegmenterConfig.weights_mirror
     seed: int = 42
+    # K > 1: train K members (seeds seed, seed + 1, ...; the same data and recipe) and export one model that
+    # averages their probabilities; calibration, threshold, report, Grad-CAM and TFLite work on the average.
+    ensemble: int = 1
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
 _RANGES: dict[str, tuple[float, float, bool]] = {
     **dict.fromkeys(("image_size", "seg_size", "shard_size", "batch_size", "epochs", "max_file_mb", "queue_batches",
                      "max_batch_pixels", "bootstrap", "clahe_tiles", "morph_kernel", "hair_kernel", "inpaint_radius",
-                     "skin_min_pixels", "min_data_in_leaf"), (1, float("inf"), True)),
+                     "skin_min_pixels", "min_data_in_leaf", "ensemble"), (1, float("inf"), True)),
     **dict.fromkeys(("seed", "workers", "steps_per_epoch", "reduce_lr_patience", "early_stopping_patience",
                      "hair_threshold", "weight_decay", "focal_gamma", "margin", "colour_constancy_p"),
                     (0, float("inf"), True)),

@@ -269,9 +269,10 @@ def test_every_train_flag_reaches_the_run(tiny_records, tmp_path, monkeypatch, m
                      "--batch-size", "5", "--steps-per-epoch", "7", "--image-size", "96", "--backbone", backbone,
                      "--strategy", "mirrored", "--precision", "mixed_bfloat16", "--seed", "11", "--weights", "none",
                      "--weights-mirror", "http://127.0.0.1:9/weights", "--logdir", str(tmp_path / "logs"),
-                     "--restart", "--quiet")
+                     "--restart", "--quiet", *(["--ensemble", "3"] if model == "cls" else []))
     assert result.exit_code == 0, result.output
     section = seen["config"].segmenter if model == "seg" else seen["config"].classifier
+    assert model == "seg" or section.ensemble == 3
     assert (section.epochs, section.batch_size, section.steps_per_epoch, section.image_size) == (3, 5, 7, 96)
     assert (section.backbone, section.seed, section.weights) == (backbone, 11, "none")
     assert section.weights_mirror == "http://127.0.0.1:9/weights"

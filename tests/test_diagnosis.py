@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -261,8 +262,9 @@ def _invoke(*args: str):
 
 
 @pytest.mark.slow
-def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
-    """build-records --task diagnosis → train cls (an untrained exported segmenter makes the crops) → predict,
+def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path, monkeypatch):
+    """build-records --task diagnosis → train cls --ensemble 2 (an untrained exported segmenter makes the crops; the
+    first call fails in member 2 and the same command resumes there without refitting member 1) → predict,
     CSV and JSONL with flips → evaluate --predictions with a diagnosis truth column → TFLite float32: per-class columns
     summing to 1, the training draw shares recorded and the diagnosis decided by them (arg-max of p / q), a
     malignant probability that is the calibrated malignant classes' sum, a report with the multiclass section,
@@ -290,9 +292,32 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path):
     assert sum(manifest["class_counts"]["train"].values()) == manifest["n_records"]["img"]["train"]
 
     write_untrained_segmenter(models, tiny_config(**classes))
-    _invoke("train", "cls", "--records", rec, "--out", models, "--profile", profile, "--logdir", tmp_path / "runs",
-            "--quiet")
+    # Two members averaged in one model (tests/test_ensemble.py checks the averaging and its Grad-CAM on its own).
+    import kmel.training.train as train
+
+    fitted, fit_member = [], train._fit_classifier_member
+
+    def failing_in_member_2(member_config, name, *args, **kwargs):
+        fitted.append((name, member_config.classifier.seed))
+        if name == "classifier_m1" and len(fitted) == 2:
+            raise RuntimeError("killed in member 2")
+        return fit_member(member_config, name, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_fit_classifier_member", failing_in_member_2)
+    command = ["train", "cls", "--records", rec, "--out", models, "--profile", profile, "--logdir", tmp_path / "runs",
+               "--ensemble", 2, "--quiet"]
+    with pytest.raises(RuntimeError, match="member 2"):
+        _invoke(*command)
+    assert not (models / C.CLASSIFIER_DIR).exists() and (models / ".run-classifier" / "member-0.keras").is_file()
+    _invoke(*command)
+    assert fitted == [("classifier", 42), ("classifier_m1", 43), ("classifier_m1", 43)]  # member 1 fitted once
     entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
+    assert entry["ensemble"] == 2 and [(m["seed"], m["epochs_run"]) for m in entry["members"]] == [(42, 1), (43, 1)]
+    assert (models / "classifier_history.csv").is_file() and (models / "classifier_m1_history.csv").is_file()
+    assert not (models / ".run-classifier").exists()
+    kernels = [np.array(w) for w in (keras.saving.load_model(models / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
+                                     .get_layer(f"m{k}_head_dense").kernel for k in range(2))]
+    assert kernels[0].shape == (512, 4) and not np.allclose(kernels[0], kernels[1])  # two members, not one twice
     assert (entry["task"], entry["class_names"], entry["malignant_classes"]) == (
         "diagnosis", ["MEL", "NV", "BCC", "BKL"], ["MEL", "BCC"])
     # The class shares the sampler drew the training crops with (kmel/data/datasets.py, same counts and settings).

@@ -46,6 +46,9 @@ def train_options(fn: Callable) -> Callable:
         click.option("--logdir", default="runs", show_default=True, type=click.Path(file_okay=False),
                      help="TensorBoard log folder."),
         click.option("--seed", type=NON_NEGATIVE, default=None, help="Random seed [profile]."),
+        click.option("--ensemble", type=POSITIVE, default=None, metavar="K",
+                     help="cls: train K classifiers (seeds SEED, SEED+1, ...) and export one model that averages "
+                          "them; K times the training time and the model's size and inference time [profile: 1]."),
         click.option("--restart", is_flag=True, help="Drop an interrupted run of this model in OUT and start afresh "
                      "(by default the same command resumes it; with other settings it is refused)."),
         click.option("--quiet", is_flag=True, help="One line per epoch, no progress bars."),
@@ -61,7 +64,7 @@ def train_options(fn: Callable) -> Callable:
 def train(model: str, records: str, out: str, profile: str, epochs: int | None, batch_size: int | None,
           steps_per_epoch: int | None, image_size: int | None, backbone: str | None, strategy: str,
           precision: str, weights: str | None, weights_mirror: str | None, logdir: str, seed: int | None,
-          restart: bool, quiet: bool) -> None:
+          ensemble: int | None, restart: bool, quiet: bool) -> None:
     """Train the segmenter (seg), the classifier (cls), or the image + metadata fusion (fusion).
 
     cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision threshold on
@@ -78,6 +81,8 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
     """
 
     def body() -> int:
+        if ensemble is not None and model != "cls":
+            raise click.UsageError("--ensemble is a classifier option: kmel train cls --ensemble K")
         if model == "fusion":
             return _train_fusion(records, out, profile, seed, quiet, dict(
                 epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,
@@ -88,6 +93,8 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
         overrides = {f"{section}.{k}": v for k, v in dict(
             epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,
             backbone=backbone, weights=weights, seed=seed).items()}
+        if model == "cls":
+            overrides["classifier.ensemble"] = ensemble
         overrides.update({"segmenter.weights_mirror": weights_mirror, "classifier.weights_mirror": weights_mirror})
         config = config_for(profile, overrides, records=records)
         verbose = 2 if quiet else "auto"

@@ -12,6 +12,7 @@ and ResNet18/34 the segmenter's encoder (:mod:`kmel.models.resnet_backbones`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import keras
 from keras import layers
@@ -45,6 +46,16 @@ def classifier_last_conv(backbone: str) -> str:
     if backbone not in LAST_CONV:
         raise ConfigError(f"classifier backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
     return LAST_CONV[backbone]
+
+
+def member_prefix(k: int) -> str:
+    """Prefix of member ``k``'s layers in an ensemble (:func:`build_ensemble`)."""
+    return f"m{k}_"
+
+
+def ensemble_last_convs(backbone: str, k: int) -> list[str]:
+    """Grad-CAM's layers of a ``k``-member ensemble: every member's last convolutional stage."""
+    return [member_prefix(i) + classifier_last_conv(backbone) for i in range(k)]
 
 
 def batchnorm_momentum(config: ClassifierConfig) -> float:
@@ -98,3 +109,33 @@ def set_trainable_blocks(model: keras.Model, stage: str, freeze_batchnorm: bool 
         if freeze_batchnorm and isinstance(layer, layers.BatchNormalization):
             trainable = False
         layer.trainable = trainable
+
+
+def build_ensemble(members: Sequence[keras.Model]) -> keras.Model:
+    """One flat functional graph averaging the members' probabilities (``train cls --ensemble K``).
+
+    Each member's layers are copied under the prefix ``m<k>_`` (:func:`member_prefix`) with their weights and
+    called on one shared input, so the ensemble is one ``.keras`` file, one SavedModel and one TFLite graph, and
+    Grad-CAM reaches every member's last conv (:func:`ensemble_last_convs`). The members must share input size
+    and outputs (the same task); the mean of softmax outputs still sums to 1.
+    """
+    if len(members) < 2:
+        raise ConfigError(f"an ensemble needs at least two members, got {len(members)}")
+    shapes = {(tuple(m.inputs[0].shape[1:]), tuple(m.outputs[0].shape[1:])) for m in members}
+    if len(shapes) != 1:
+        raise ConfigError(f"ensemble members differ in input or output shape: {sorted(shapes)}")
+    inputs = keras.Input(members[0].inputs[0].shape[1:], name="images")
+    outputs = []
+    for k, member in enumerate(members):
+        prefix = member_prefix(k)
+
+        def renamed(layer: layers.Layer, prefix: str = prefix) -> layers.Layer:
+            return layer.__class__.from_config({**layer.get_config(), "name": prefix + layer.name})
+
+        copy = keras.models.clone_model(member, input_tensors=inputs, clone_function=renamed)
+        for layer in member.layers:
+            if layer.weights:
+                copy.get_layer(prefix + layer.name).set_weights(layer.get_weights())
+        outputs.append(copy.outputs[0])
+    mean = layers.Average(dtype="float32", name="probability")(outputs)
+    return keras.Model(inputs, mean, name="classifier")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,13 @@ from kmel.models.pipeline import read_pipeline
 
 
 def export_serving(
-    model: keras.Model, path: str | Path, image_size: int, gradcam_layer: str | None = None
+    model: keras.Model, path: str | Path, image_size: int, gradcam_layer: str | Sequence[str] | None = None
 ) -> Path:
     """Write ``model`` as a SavedModel with a ``serve`` endpoint (float32 [N, S, S, 3], 0–255).
 
     With ``gradcam_layer``, a second ``gradcam`` endpoint returns Grad-CAM maps of that layer (of a diagnosis
-    model's most probable class), and for a model with several outputs ``gradcam_class`` takes a class index too.
+    model's most probable class; an ensemble names each member's layer and gets the mean of their maps), and for a
+    model with several outputs ``gradcam_class`` takes a class index too.
     The folder is written under a temporary name and swapped in when complete.
     """
     path = Path(path)

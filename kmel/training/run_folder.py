@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 from kmel.config import ConfigError
 
 RUN_SETTINGS = "run.json"
+# An ensemble's finished members wait in the run folder as <ENSEMBLE_MEMBER><k>.keras (kmel/training/train.py).
+ENSEMBLE_MEMBER = "member-"
 
 
 def run_folder(models_dir: str | Path, name: str) -> Path:
@@ -40,7 +42,9 @@ def start_run(models_dir: str | Path, name: str, settings: Mapping[str, Any], re
     settings = json.loads(json.dumps(dict(settings), default=str))  # as stored: tuples are lists
     if restart:
         shutil.rmtree(work, ignore_errors=True)
-    if backup_folder(work, name).exists():
+    # Interrupted: a Keras backup (of the model, or of an ensemble's member) or a finished ensemble member is there.
+    if work.is_dir() and (any(work.glob(f"{backup_folder(work, name).name}*"))
+                          or any(work.glob(f"{ENSEMBLE_MEMBER}*.keras"))):
         try:
             before = json.loads((work / RUN_SETTINGS).read_text())
         except (OSError, json.JSONDecodeError):

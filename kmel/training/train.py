@@ -9,6 +9,7 @@ TensorBoard → best weights → ``.keras`` + SavedModel → metrics → ``pipel
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import shutil
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from kmel.training.distribute import (
     worker_index,
 )
 from kmel.training.run_folder import (
+    ENSEMBLE_MEMBER,
     backup_folder,
     commit_run,
     read_history,
@@ -298,62 +300,19 @@ def _chosen_threshold(cc: ClassifierConfig, targets: np.ndarray, scores: np.ndar
     return float(_threshold_choice(cc, targets, scores, groups)["threshold"])
 
 
-def fit_classifier(
-    records_dir: str | Path,
-    models_dir: str | Path,
-    config: Config,
-    logdir: str | Path = "runs",
-    strategy: str = "auto",
-    precision: str = "auto",
-    verbose: int | str = "auto",
-    progress: bool = True,
-    restart: bool = False,
-) -> dict[str, Any]:
-    """Train the classifier on crop records (built first if missing or stale); threshold on val,
-    report on test; export ``models_dir/classifier``. Returns its pipeline entry.
-
-    The run works in ``models_dir/.run-classifier`` and replaces the previous classifier, its history
-    and report only when it is complete (:mod:`kmel.training.run_folder`); ``restart`` drops an
-    interrupted run instead of resuming it."""
-    from kmel.evaluation.calibration import (
-        expected_calibration_error,
-        fit_class_temperature,
-        fit_temperature,
-    )
-    from kmel.evaluation.evaluate import predict_records, write_split_report
-    from kmel.lesion.crops import ensure_crop_records
-    from kmel.models.classifier import (
-        build_classifier,
-        classifier_last_conv,
-        set_trainable_blocks,
-    )
-    from kmel.models.heads import head_from_manifest
-    from kmel.models.pipeline import calibrate_outputs
+def _fit_classifier_member(
+    config: Config, name: str, crops_dir: Path, work: Path, logdir: Path, strat: tf.distribute.Strategy,
+    head: Any, verbose: int | str,
+) -> tuple[keras.Model, Path]:
+    """Fit one classifier (an ensemble's member ``name``: its own backup, history, best weights and TensorBoard
+    folder in the run folder ``work``). Returns the model after its last epoch and its best epoch's weights file."""
+    from kmel.models.classifier import build_classifier, set_trainable_blocks
     from kmel.training.losses import make_classifier_loss
     from kmel.training.metrics import make_classifier_metrics
     from kmel.training.optimizers import make_classifier_optimizer
 
-    records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
     cc = config.classifier
-    check_threshold_groups(cc)
-    # Several workers must not build the same crop records at once: multi-worker runs need them built first.
-    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress,
-                                    build=not multiworker_requested(strategy))
-    keras.utils.set_random_seed(cc.seed)
-    policy = set_precision(precision)
-    strat = make_strategy(strategy)
-    models_dir, logdir, scratch = _worker_dirs(strat, models_dir, logdir)
-    replicas = strat.num_replicas_in_sync
-    batch = cc.batch_size * replicas
-    manifest = load_manifest(crops_dir)
-    # One sigmoid output, or a softmax over the diagnosis classes: the labels' meaning is the image records'
-    # (build-records wrote it; crop records made before the diagnosis task do not say it).
-    head = head_from_manifest(load_manifest(records_dir))
-    if head.multiclass:  # the class prior the sampler draws under: the diagnosis divides by it (ClassifierHead.decide)
-        shares = class_draw_shares(manifest, "train", config)
-        head = replace(head, class_draw_share=tuple(shares.get(i, 0.0) for i in range(head.n_outputs)))
-    work = start_run(models_dir, "classifier", _run_settings("classifier", cc, manifest, policy), restart)
-    print(balance_table(manifest, config))
+    batch = cc.batch_size * strat.num_replicas_in_sync
     train_ds = make_dataset(crops_dir, "train", "crop", True, config, batch_size=batch)
     train_ds = shard_for_workers(train_ds, strat, len(shard_paths(crops_dir, "crop", "train")))
     val_ds, val_steps = _val_data(crops_dir, "crop", config, batch, strat)
@@ -381,9 +340,9 @@ def fit_classifier(
         bn_source = make_dataset(crops_dir, "train", "crop", True, config, batch_size=cc.batch_size)
         extra.append(PreciseBatchNorm([images for images, _ in bn_source.take(n_bn).as_numpy_iterator()]))
     callbacks, best = _callbacks(
-        "classifier", work, logdir, cc.early_stopping_patience,
+        name, work, logdir, cc.early_stopping_patience,
         [StagedUnfreezing(cc.unfreeze, functools.partial(set_trainable_blocks, freeze_batchnorm=freeze_bn)),
-         *extra, GroupRecallLogger(str(logdir / "classifier" / "groups"), v_images, head.malignant_target(v_targets),
+         *extra, GroupRecallLogger(str(logdir / name / "groups"), v_images, head.malignant_target(v_targets),
                                    v_groups, choose=functools.partial(_chosen_threshold, cc),
                                    score=head.malignant_probability, classes=head.classes, true_class=v_targets)],
         # Ranking, not loss: training is resampled (more malignant than in val), so the val loss
@@ -393,8 +352,98 @@ def fit_classifier(
     model.fit(train_ds, epochs=cc.epochs, steps_per_epoch=steps, validation_data=val_ds,
               validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
               shuffle=False)  # the tf.data pipeline shuffles
-    fingerprint = _finish_model(model, best, work, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
-                                classifier_last_conv(cc.backbone))
+    return model, best
+
+
+def _fit_ensemble_members(
+    config: Config, crops_dir: Path, work: Path, logdir: Path, strat: tf.distribute.Strategy, head: Any,
+    verbose: int | str,
+) -> list[keras.Model]:
+    """Fit (or, in a resumed run, reuse) the K members of ``train cls --ensemble K``: member k has seed
+    ``seed + k`` (its weights' start, the order of the draws and the augmentation), its own history
+    (``classifier_history.csv`` for the first, ``classifier_m<k>_history.csv`` after) and is kept in the run folder
+    as ``member-<k>.keras`` once finished, so a killed run resumes at the member and epoch it had reached."""
+    cc = config.classifier
+    members = []
+    for k in range(cc.ensemble):
+        path = work / f"{ENSEMBLE_MEMBER}{k}.keras"
+        if not path.exists():
+            name = "classifier" if k == 0 else f"classifier_m{k}"
+            print(f"ensemble member {k + 1} of {cc.ensemble} (seed {cc.seed + k})")
+            keras.utils.set_random_seed(cc.seed + k)
+            member_config = replace(config, classifier=replace(cc, seed=cc.seed + k))
+            model, best = _fit_classifier_member(member_config, name, crops_dir, work, logdir, strat, head, verbose)
+            if best.exists():
+                model.load_weights(str(best))
+            model.save(str(work / f".{path.name}.tmp.keras"))
+            (work / f".{path.name}.tmp.keras").replace(path)
+            del model
+            gc.collect()
+        members.append(keras.saving.load_model(path, safe_mode=True, compile=False))
+    return members
+
+
+def fit_classifier(
+    records_dir: str | Path,
+    models_dir: str | Path,
+    config: Config,
+    logdir: str | Path = "runs",
+    strategy: str = "auto",
+    precision: str = "auto",
+    verbose: int | str = "auto",
+    progress: bool = True,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """Train the classifier on crop records (built first if missing or stale); threshold on val,
+    report on test; export ``models_dir/classifier``. Returns its pipeline entry.
+
+    The run works in ``models_dir/.run-classifier`` and replaces the previous classifier, its history
+    and report only when it is complete (:mod:`kmel.training.run_folder`); ``restart`` drops an
+    interrupted run instead of resuming it."""
+    from kmel.evaluation.calibration import (
+        expected_calibration_error,
+        fit_class_temperature,
+        fit_temperature,
+    )
+    from kmel.evaluation.evaluate import predict_records, write_split_report
+    from kmel.lesion.crops import ensure_crop_records
+    from kmel.models.classifier import (
+        build_ensemble,
+        classifier_last_conv,
+        ensemble_last_convs,
+    )
+    from kmel.models.heads import head_from_manifest
+    from kmel.models.pipeline import calibrate_outputs
+
+    records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
+    cc = config.classifier
+    check_threshold_groups(cc)
+    # Several workers must not build the same crop records at once: multi-worker runs need them built first.
+    crops_dir = ensure_crop_records(records_dir, models_dir, config, progress=progress,
+                                    build=not multiworker_requested(strategy))
+    keras.utils.set_random_seed(cc.seed)
+    policy = set_precision(precision)
+    strat = make_strategy(strategy)
+    models_dir, logdir, scratch = _worker_dirs(strat, models_dir, logdir)
+    replicas = strat.num_replicas_in_sync
+    manifest = load_manifest(crops_dir)
+    # One sigmoid output, or a softmax over the diagnosis classes: the labels' meaning is the image records'
+    # (build-records wrote it; crop records made before the diagnosis task do not say it).
+    head = head_from_manifest(load_manifest(records_dir))
+    if head.multiclass:  # the class prior the sampler draws under: the diagnosis divides by it (ClassifierHead.decide)
+        shares = class_draw_shares(manifest, "train", config)
+        head = replace(head, class_draw_share=tuple(shares.get(i, 0.0) for i in range(head.n_outputs)))
+    work = start_run(models_dir, "classifier", _run_settings("classifier", cc, manifest, policy), restart)
+    print(balance_table(manifest, config))
+    if cc.ensemble == 1:
+        model, best = _fit_classifier_member(config, "classifier", crops_dir, work, logdir, strat, head, verbose)
+        fingerprint = _finish_model(model, best, work, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, cc.image_size,
+                                    classifier_last_conv(cc.backbone))
+    else:
+        members = _fit_ensemble_members(config, crops_dir, work, logdir, strat, head, verbose)
+        fingerprint = _finish_model(build_ensemble(members), work / "no-best-weights", work, C.CLASSIFIER_KERAS,
+                                    C.CLASSIFIER_DIR, cc.image_size, ensemble_last_convs(cc.backbone, cc.ensemble))
+        del members
 
     # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
     final = keras.saving.load_model(work / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
@@ -439,18 +488,28 @@ def fit_classifier(
         "report_split": report_split,
         "metrics": report.get("summary", {}),
         "epochs_run": len(read_history(work, "classifier")),
+        # train cls --ensemble K: K members averaged in one model; each member's seed, epochs and best val AUC
+        "ensemble": cc.ensemble,
+        "members": [_member_summary(work, k, cc.seed + k) for k in range(cc.ensemble)] if cc.ensemble > 1 else [],
         "config": to_plain(cc),
         "skin_tone": {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
                       "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)},
     }
     entry["weights_digest"] = weights_digest(final)
     commit_run(work, models_dir, [C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, "classifier_history.csv",
+                                  *(f"classifier_m{k}_history.csv" for k in range(1, cc.ensemble)),
                                   "classifier_config.yaml", "report"])
     update_pipeline(models_dir, "classifier", entry)
     shutil.rmtree(work, ignore_errors=True)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry
+
+
+def _member_summary(work: Path, k: int, seed: int) -> dict[str, Any]:
+    history = read_history(work, "classifier" if k == 0 else f"classifier_m{k}")
+    aucs = [row.get("val_auc") for row in history if row.get("val_auc") is not None]
+    return {"member": k, "seed": seed, "epochs_run": len(history), "best_val_auc": max(aucs) if aucs else None}
 
 
 def balance_table(manifest: dict[str, Any], config: Config) -> str:
