@@ -113,6 +113,9 @@ class ClassifierConfig:
     backbone: str = "efficientnet_b4"
     image_size: int = 512
     dropout: float = 0.4
+    # pool: global average pool -> dropout -> Dense (kmel's own); conv4: the smartphone-photo system's head, four
+    # 3x3 conv + BatchNorm + ReLU (32, 64, 128, 128) -> pool -> dropout -> Dense 512 tanh -> Dense (models/classifier.py)
+    head: str = "pool"
     # BatchNorm moving-average momentum; 0: Keras' 0.99 with pretrained weights, 0.9 from scratch
     # (from scratch the weights move fast and 0.99 lags behind them for hundreds of steps).
     batchnorm_momentum: float = 0.0
@@ -300,6 +303,8 @@ def _make_section(cls: type, values: Mapping[str, Any], where: str) -> Any:
     section = cls(**kwargs)
     if cls is RecordsConfig:
         _check_task(section, where)
+    if cls is ClassifierConfig and section.head not in C.CLASSIFIER_HEADS:
+        raise ConfigError(f"{where}: head must be one of {list(C.CLASSIFIER_HEADS)}, got {section.head!r}")
     return section
 
 

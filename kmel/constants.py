@@ -36,6 +36,9 @@ TASKS = (*BINARY_TASKS, "diagnosis")
 DIAGNOSIS_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 # Classes whose probabilities add up to the diagnosis model's malignant probability (the binary task's MEL/BCC/AK/SCC).
 MALIGNANT_CLASSES = ("MEL", "BCC", "AK", "SCC")
+# Classifier heads on the backbone's last stage (classifier.head; kmel/models/classifier.py): kmel's pooled Dense, or
+# the smartphone-photo system's four conv + BatchNorm layers before it (profile smartphone-resnet50).
+CLASSIFIER_HEADS = ("pool", "conv4")
 
 # === Skin tone ===
 # The reference pipeline's five groups from mean brightness (0-255) of the skin around the lesion.
