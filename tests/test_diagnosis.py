@@ -313,6 +313,7 @@ def test_diagnosis_task_from_records_to_predict_evaluate_and_tflite(tmp_path, mo
     assert fitted == [("classifier", 42), ("classifier_m1", 43), ("classifier_m1", 43)]  # member 1 fitted once
     entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
     assert entry["ensemble"] == 2 and [(m["seed"], m["epochs_run"]) for m in entry["members"]] == [(42, 1), (43, 1)]
+    assert isinstance(entry["threshold_by_source"], dict)  # per-source thresholds (none: too few images per source)
     assert (models / "classifier_history.csv").is_file() and (models / "classifier_m1_history.csv").is_file()
     assert not (models / ".run-classifier").exists()
     kernels = [np.array(w) for w in (keras.saving.load_model(models / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)

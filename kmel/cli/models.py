@@ -39,6 +39,10 @@ from kmel.models.integrity import ModelChecks
               help="CSV of the patients' data (an id column: relpath, image, image_id, isic_id… and age, sex, site, "
                    "patient_id, measurements): the images it lists get the fusion model's probability (`kmel train "
                    "fusion`), with image_probability and fused columns; the others keep the image model's.")
+@click.option("--source", default=None, metavar="NAME",
+              help="Every input comes from this archive or clinic (a source of the training records, e.g. "
+                   "ham10000): decide with the threshold `train cls` chose on that source's validation images "
+                   "(pipeline.json threshold_by_source) instead of the one chosen on all of them.")
 @click.option("--max-file-mb", type=POSITIVE, default=None,
               help="Larger input files get an error row, unread [predict.max_file_mb: 256].")
 @click.option("--runtime", type=click.Choice(["tf", "tflite"]), default="tf", show_default=True,
@@ -52,7 +56,7 @@ from kmel.models.integrity import ModelChecks
 @click.option("--strict", is_flag=True, help=STRICT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: str, batch_size: int | None,
-            explain_dir: str | None, explain_class: str | None, tta: bool, metadata: str | None,
+            explain_dir: str | None, explain_class: str | None, tta: bool, metadata: str | None, source: str | None,
             max_file_mb: int | None, runtime: str, tflite_precision: str,
             overwrite: bool, no_verify: bool, trust_model: bool, strict: bool, quiet: bool) -> None:
     """Classify image files into a CSV or JSONL file, one row per input file.
@@ -75,7 +79,7 @@ def predict(paths: tuple[str, ...], out: str | None, fmt: str | None, models: st
         s = predict_files(inputs, target, models, batch_size, tta, explain_dir, fmt, stdin, max_file_mb,
                           progress=not quiet, runtime=runtime, tflite_precision=tflite_precision,
                           checks=ModelChecks(not no_verify, trust_model), overwrite=overwrite,
-                          explain_class=explain_class, metadata=metadata)
+                          explain_class=explain_class, metadata=metadata, source=source)
         click.echo(f"{s.n_ok} ok, {s.n_error} errors, {s.n_skipped} skipped, {s.n_malignant} predicted positive "
                    f"({s.images_per_second:.2f} images/s; {s.n_resumed} rows kept from an earlier run) -> {target}")
         if s.n_fused is not None:

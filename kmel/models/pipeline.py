@@ -85,6 +85,23 @@ def read_pipeline(models_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def source_threshold(classifier: dict[str, Any], source: str | None = None) -> float:
+    """The decision threshold of images from ``source`` (``predict --source``): the one ``train cls`` chose on that
+    source's validation images alone (``threshold_by_source``; names match without regard to case), or with no
+    source the one chosen on every validation image. An unknown source is refused, naming those it knows."""
+    if source is None:
+        return float(classifier["threshold"])
+    table = {name.lower(): entry for name, entry in (classifier.get("threshold_by_source") or {}).items()}
+    if source.lower() not in table:
+        from kmel.config import ConfigError
+
+        known = ", ".join(sorted(table)) or ("none (trained before kmel chose them, or no source had "
+                                             "enough validation images)")
+        raise ConfigError(f"--source {source!r}: this model has no threshold of its own for that source; sources "
+                          f"with one: {known}. Omit --source to use the threshold chosen on all validation images")
+    return float(table[source.lower()]["threshold"])
+
+
 def apply_temperature(probabilities: Any, temperature: float) -> np.ndarray:
     """sigmoid(logit(p) / T): T > 1 softens over-confident scores; monotone, so rankings and AUC are unchanged."""
     z = logit(probabilities) / float(temperature)

@@ -42,7 +42,7 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 META_SUFFIX = ".meta.json"
 # What must match for rows to be appended to an output: the models and the options that change scores.
 IDENTITY_KEYS = ("segmenter_fingerprint", "classifier_fingerprint", "threshold", "temperature", "tta", "runtime",
-                 "precision", "fusion")
+                 "precision", "fusion", "source")
 
 
 def _is_number(text: str) -> bool:
@@ -83,11 +83,13 @@ def meta_path(out: str | Path) -> Path:
 
 
 def output_identity(pipeline: dict[str, Any], models_dir: str | Path, tta: bool, runtime: str,
-                    tflite_precision: str, fused: bool = False) -> dict[str, Any]:
+                    tflite_precision: str, fused: bool = False, source: str | None = None) -> dict[str, Any]:
     """What wrote an output's rows: the models (fingerprints from pipeline.json, which the load verifies)
-    and the options that change the scores (``fused``: ``--metadata``, naming the fusion model's SHA-256)."""
+    and the options that change the scores or decisions (``fused``: ``--metadata``, naming the fusion model's
+    SHA-256; ``source``: ``--source``, whose threshold decides)."""
     classifier = pipeline.get("classifier", {})
     return {
+        **({"source": source.lower()} if source is not None else {}),
         "kmel_version": kmel.__version__, "models": os.path.abspath(models_dir),
         "segmenter_fingerprint": pipeline.get("segmenter", {}).get("fingerprint"),
         "classifier_fingerprint": classifier.get("fingerprint"),

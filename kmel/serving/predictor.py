@@ -17,7 +17,7 @@ from kmel.config import ConfigError
 from kmel.lesion.crops import CropPipeline
 from kmel.models.heads import head_from_entry
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
-from kmel.models.pipeline import calibrate_outputs, read_pipeline
+from kmel.models.pipeline import calibrate_outputs, read_pipeline, source_threshold
 from kmel.serving.runtime import config_from_pipeline, load_runtime_models
 
 
@@ -86,13 +86,16 @@ class Predictor:
     def __init__(self, models_dir: str | Path = "saved_models", tta: bool = False, explain: bool = False,
                  workers: int | None = None, runtime: str = "tf", tflite_precision: str = "float32",
                  max_batch_pixels: int | None = None, checks: ModelChecks = DEFAULT_CHECKS,
-                 pipeline: dict[str, Any] | None = None, explain_class: str | None = None):
+                 pipeline: dict[str, Any] | None = None, explain_class: str | None = None,
+                 source: str | None = None):
         self.models_dir = Path(models_dir)
         # the one read of pipeline.json (``pipeline``: its contents, when the caller has read it)
         self.pipeline = read_pipeline(self.models_dir) if pipeline is None else pipeline
         self.config = config_from_pipeline(self.pipeline, self.models_dir)
         classifier = self.pipeline["classifier"]
-        self.threshold = float(classifier["threshold"])
+        # ``source``: the images come from this archive or clinic; its own validation threshold decides
+        self.threshold = source_threshold(classifier, source)
+        self.source = source
         self.temperature = float(classifier.get("temperature", 1.0))  # the threshold is on the calibrated scale
         self.head = head_from_entry(classifier)
         # the label of each side of the threshold (a diagnosis model's decision is malignant or not)

@@ -40,7 +40,7 @@ from kmel.data.images import (
 )
 from kmel.models.heads import head_from_entry
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
-from kmel.models.pipeline import read_pipeline
+from kmel.models.pipeline import read_pipeline, source_threshold
 from kmel.serving.explain import save_overlay
 from kmel.serving.outputs import (  # noqa: F401 (re-exported)
     COLUMNS,
@@ -333,6 +333,7 @@ def predict_files(
     overwrite: bool = False,
     explain_class: str | None = None,
     metadata: str | Path | None = None,
+    source: str | None = None,
 ) -> PredictSummary:
     """Predict every input file (files, folders, ``-`` for paths on ``stdin``) into ``out``
     (CSV or JSONL by ``fmt`` or the file's suffix), resuming a partial output. ``runtime``: ``tf``
@@ -341,7 +342,8 @@ def predict_files(
     other models or options wrote is refused, unless ``overwrite`` (start it afresh). ``explain_class``: with
     ``explain_dir`` and a diagnosis model, the Grad-CAM maps of that class instead of the predicted one.
     ``metadata``: a CSV of the patients' data; its images get the fusion model's probability
-    (:mod:`kmel.serving.fusion`)."""
+    (:mod:`kmel.serving.fusion`). ``source``: every input comes from this archive or clinic, decided by the threshold
+    ``train cls`` chose on its validation images (an unknown one is refused before anything runs)."""
     RowsFile(out, fmt)  # a known format
     # Wrong inputs, models, output file or explain folder are usage errors before anything is written
     # (an --overwrite output is only replaced once all of them are right) and before the models load.
@@ -349,6 +351,7 @@ def predict_files(
     pipeline = read_pipeline(models_dir)
     config_from_pipeline(pipeline, models_dir)  # both models trained, or the fix named
     head = head_from_entry(pipeline["classifier"])
+    source_threshold(pipeline["classifier"], source)  # a source the model has a threshold for
     fusion = table = None
     if metadata is not None:
         from kmel.models.fusion import load_models_fusion
@@ -369,10 +372,10 @@ def predict_files(
     if explain_dir is not None:
         check_writable_folder(explain_dir, "--explain")
     rows_file.check_identity(output_identity(pipeline, models_dir, tta, runtime, tflite_precision,
-                                             fused=fusion is not None), overwrite)
+                                             fused=fusion is not None, source=source), overwrite)
     done = rows_file.done()
     with Predictor(models_dir, tta, explain=explain_dir is not None, runtime=runtime, explain_class=explain_class,
-                   tflite_precision=tflite_precision, checks=checks, pipeline=pipeline) as predictor:
+                   tflite_precision=tflite_precision, checks=checks, pipeline=pipeline, source=source) as predictor:
         summary = run_predictions(predictor, items, rows_file, batch_size, explain_dir, max_file_mb, progress, done)
     if fusion is not None:
         from kmel.serving.fusion import fuse_rows

@@ -295,6 +295,29 @@ def choose_classifier_threshold(cc: ClassifierConfig, table: Any) -> dict[str, A
                              threshold_group_labels(table, cc.threshold_groups))
 
 
+# A source needs this many malignant and as many benign validation images for a threshold of its own.
+MIN_SOURCE_CASES = 10
+
+
+def choose_source_thresholds(cc: ClassifierConfig, table: Any) -> dict[str, dict[str, Any]]:
+    """One threshold per source (archive or clinic) of a scored validation table, each chosen on that source's
+    rows alone by the profile's rule (its threshold groups other than the source itself): what ``predict --source``
+    uses, so that a clinic whose images score lower than the others' still gets the sensitivity the rule aims at.
+    Sources with fewer than :data:`MIN_SOURCE_CASES` malignant or benign rows get none (the global one applies)."""
+    groups = tuple(g for g in cc.threshold_groups if g != "source") or ("skin_tone",)
+    rule = replace(cc, threshold_groups=groups)
+    out: dict[str, dict[str, Any]] = {}
+    for source, part in table.groupby(C.COL_SOURCE, sort=True):
+        positives = int((part["target"] == 1).sum())
+        if positives < MIN_SOURCE_CASES or len(part) - positives < MIN_SOURCE_CASES:
+            continue
+        choice = choose_classifier_threshold(rule, part)
+        out[str(source)] = {"threshold": float(choice["threshold"]), "n": int(len(part)), "n_malignant": positives,
+                            "val_sensitivity": choice["recall"], "val_specificity": choice["specificity"],
+                            "floor_met": choice["floor_met"]}
+    return out
+
+
 def _chosen_threshold(cc: ClassifierConfig, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     """The profile's rule over the given groups (the per-epoch skin-tone recall log of GroupRecallLogger)."""
     return float(_threshold_choice(cc, targets, scores, groups)["threshold"])
@@ -463,6 +486,7 @@ def fit_classifier(
         val["target"].to_numpy(), val["probability"].to_numpy()),
         "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
     choice = choose_classifier_threshold(cc, val.assign(probability=calibrated))
+    by_source = choose_source_thresholds(cc, val.assign(probability=calibrated))
     report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
     report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
                                 work / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
@@ -476,6 +500,8 @@ def fit_classifier(
         "threshold": float(choice["threshold"]),
         "threshold_choice": choice,
         "threshold_from": threshold_split,
+        # predict --source NAME: the same rule on that source's validation images alone
+        "threshold_by_source": by_source,
         "temperature": temperature,
         "calibration": calibration,
         "fingerprint": fingerprint,
