@@ -46,6 +46,9 @@ def _report(records: Path) -> dict:
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("serve")
     models = write_handmade_models(root / "models")
+    pipeline = json.loads((models / "pipeline.json").read_text())  # one source with a threshold of its own
+    pipeline["classifier"]["threshold_by_source"] = {"clinic_a": {"threshold": 0.01, "n": 80, "n_malignant": 20}}
+    (models / "pipeline.json").write_text(json.dumps(pipeline))
     crops = root / "records" / "crops-x"
     crops.mkdir(parents=True)
     (crops / "manifest.json").write_text(json.dumps({
@@ -394,6 +397,19 @@ def test_the_commands_defaults_are_the_apps():
 
 
 # === /api/model, /api/health, the page, the schema ===
+
+
+def test_a_requests_source_decides_at_that_sources_threshold(setup, client):
+    names = ["img0.jpg", "img1.jpg", "img2.jpg"]
+    plain = _post(client, _files(setup, *names)).json()["results"]
+    clinic = _post(client, _files(setup, *names), "?source=CLINIC_A").json()["results"]
+    assert [e["probability"] for e in clinic] == [e["probability"] for e in plain]
+    assert all(e["threshold"] == 0.01 and e["prediction"] == int(e["probability"] >= 0.01) for e in clinic)
+    assert [e["label"] for e in clinic] == [("benign", "malignant")[e["prediction"]] for e in clinic]
+    assert any(a["prediction"] != b["prediction"] for a, b in zip(plain, clinic))  # the same scores, other decisions
+    unknown = _post(client, _files(setup, "img0.jpg"), "?source=clinic_b")
+    assert unknown.status_code == 400 and "sources with one: clinic_a" in unknown.json()["error"]
+    assert client.get("/api/model").json()["threshold_by_source"]["clinic_a"]["threshold"] == 0.01
 
 
 def test_model_card_says_what_the_model_is(setup, client):

@@ -42,6 +42,7 @@ from kmel.data.images import DEFAULT_MAX_PIXELS, MIB
 from kmel.models.fusion import FusionError, FusionModel, load_models_fusion
 from kmel.models.heads import head_from_entry
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
+from kmel.models.pipeline import source_threshold
 from kmel.serving.fusion import ALIASES
 from kmel.serving.service import ModelService
 from kmel.serving.uploads import (
@@ -152,6 +153,8 @@ def model_card(predictor: Any, explain: bool) -> dict[str, Any]:
         if head.multiclass else None,
         "threshold": predictor.threshold, "threshold_from": cls.get("threshold_from"),
         "threshold_choice": cls.get("threshold_choice"),
+        # /api/predict?source=NAME decides with NAME's (chosen on that source's validation images alone)
+        "threshold_by_source": cls.get("threshold_by_source") or {},
         "calibration": cls.get("calibration") or {"temperature": predictor.temperature},
         "models": {"segmenter": {k: seg.get(k) for k in ("backbone", "image_size", "metrics")},
                    "classifier": {k: cls.get(k) for k in ("backbone", "image_size", "precision", "epochs_run")}},
@@ -310,7 +313,17 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
     async def predict(request: Request,
                       explain: bool = Query(False, description="add a Grad-CAM overlay (PNG data URL) per ok entry"),
                       crop: bool = Query(False, description="add the lesion crop the classifier saw (PNG data URL)"),
+                      source: str | None = Query(None, description="the images come from this source of the training "
+                                                 "records (an archive or clinic): decide with the threshold chosen on "
+                                                 "its validation images (the model card's threshold_by_source)"),
                       ) -> JSONResponse:
+        if source is not None:
+            try:
+                threshold = source_threshold(predictor.pipeline.get("classifier", {}), source)
+            except ConfigError as exc:
+                raise ApiError(400, str(exc).replace("--source", "source")) from None
+        else:
+            threshold = None
         if explain and service.gradcam is None:
             raise ApiError(400, "Grad-CAM needs the SavedModel runtime with its gradcam endpoint: start kmel serve "
                                 "with --runtime tf, or leave explain off")
@@ -339,7 +352,7 @@ def make_app(models_dir: str | Path = "saved_models", *, runtime: str = "tf", tf
                 await asyncio.to_thread(save_uploads, Path(keep_uploads), uploads)
             queued = time.perf_counter()
             # the service drops each file's bytes once decoded, and echoes the fields (fused with a fusion model)
-            future = service.submit(uploads, explain=explain, crops=crop, metadata=metadata)
+            future = service.submit(uploads, explain=explain, crops=crop, metadata=metadata, threshold=threshold)
             try:
                 results = await asyncio.wrap_future(future)
             except Exception as exc:

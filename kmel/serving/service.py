@@ -57,6 +57,7 @@ class _Job:
     explain: bool
     crops: bool
     metadata: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None  # a source's own threshold (None: the model's)
     future: Future = field(default_factory=Future)
 
 
@@ -85,10 +86,11 @@ class ModelService:
         self._thread.start()
 
     def submit(self, uploads: list[Upload], explain: bool = False, crops: bool = False,
-               metadata: Mapping[str, Any] | None = None) -> Future:
+               metadata: Mapping[str, Any] | None = None, threshold: float | None = None) -> Future:
         """Queue ``uploads``; the future's result is one entry per upload, in order, with ``metadata`` (the
-        request's checked fields) echoed into each and, with a fusion model, the fused probability."""
-        job = _Job(uploads, explain, crops, dict(metadata or {}))
+        request's checked fields) echoed into each and, with a fusion model, the fused probability. ``threshold``:
+        the image model's decisions at this threshold instead of its own (a source's, ``?source=``)."""
+        job = _Job(uploads, explain, crops, dict(metadata or {}), threshold)
         self._queue.put(job)
         return job.future
 
@@ -185,6 +187,9 @@ class ModelService:
                                              "--no-verify")
         else:
             row.update(prediction.columns(), status="ok", error="")
+            if job.threshold is not None:  # the request's source decides at its own threshold
+                decided = int(prediction.probability >= job.threshold)
+                row.update(threshold=job.threshold, prediction=decided, label=self.predictor.decision_names[decided])
             if job.crops:
                 row["crop"] = png_data_url(prediction.crop)
             if heat is not None:
@@ -194,7 +199,8 @@ class ModelService:
     def _finish(self, entries: list[dict[str, Any]], job: _Job) -> list[dict[str, Any]]:
         """A job's entries with the fusion applied (when served) and its fields echoed (never over a row's key)."""
         if self.fusion is not None:
-            entries = fuse_entries(entries, job.metadata, self.fusion, self.predictor.threshold,
+            entries = fuse_entries(entries, job.metadata, self.fusion,
+                                   self.predictor.threshold if job.threshold is None else job.threshold,
                                    self.predictor.decision_names)
         for entry in entries:
             entry.update({name: value for name, value in job.metadata.items() if name not in entry})
