@@ -156,3 +156,15 @@ def per_source(table, threshold: float) -> dict[str, dict]:
             out[source]["recall_by_class"] = {c: (None if v["sensitivity"] is None else round(v["sensitivity"], 4))
                                               for c, v in m["per_class"].items()}
     return out
+
+
+def crops_trained_on(records: Path, fingerprint: str) -> Path:
+    """The crop-record folder under ``records`` whose manifest has ``fingerprint`` (a classifier's
+    ``records_fingerprint``): the crops a trained classifier learned from, whatever their folder is called."""
+    import json
+
+    for manifest in sorted(Path(records).glob("crops-*/manifest.json")):
+        if json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+            return manifest.parent
+    raise SystemExit(f"no crop records with fingerprint {fingerprint} under {records}: the crops the model trained "
+                     "on were rebuilt since; run bench/cls_quality.py again")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _common import OUT
+from _common import OUT, crops_trained_on
 
 
 def score(cls_dir: Path, seg_dir: Path, out: Path) -> pd.DataFrame:
@@ -43,7 +43,7 @@ def score(cls_dir: Path, seg_dir: Path, out: Path) -> pd.DataFrame:
     models = cls_dir / "models"
     entry = read_pipeline(models)["classifier"]
     config = load_config(str(models / "classifier_config.yaml"))
-    crops = _crops_for(seg_dir / "records", entry["records_fingerprint"])
+    crops = crops_trained_on(seg_dir / "records", entry["records_fingerprint"])
     model = keras.saving.load_model(models / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
     head = head_from_entry(entry)
     parts = []
@@ -55,14 +55,6 @@ def score(cls_dir: Path, seg_dir: Path, out: Path) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     scores.to_csv(cache, index=False)
     return scores
-
-
-def _crops_for(records: Path, fingerprint: str) -> Path:
-    for manifest in sorted(records.glob("crops-*/manifest.json")):
-        if json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
-            return manifest.parent
-    raise SystemExit(f"no crop records with fingerprint {fingerprint} under {records}: the crops the model trained "
-                     "on were rebuilt; run bench/cls_quality.py again")
 
 
 def rates(table: pd.DataFrame, threshold: float) -> tuple[float, float]:
