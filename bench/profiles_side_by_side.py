@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--download-weights", action="store_true",
+                        help="keep each profile's ImageNet weights (downloaded and checked once; needs the internet) "
+                             "instead of starting the ResNets from scratch")
     args = parser.parse_args()
     records = linked_records(args.seg / "records", args.out / "records")
     manifest = json.loads((records / C.MANIFEST).read_text())
@@ -69,7 +72,7 @@ def main() -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": {}}
     for profile in args.profiles.split(","):
         base = load_config(profile)
-        offline = base.classifier.backbone in OFFLINE_IMAGENET
+        offline = base.classifier.backbone in OFFLINE_IMAGENET or args.download_weights
         overrides = {"classifier.image_size": args.image_size, "classifier.steps_per_epoch": args.steps,
                      "classifier.epochs": args.epochs, "classifier.batch_size": args.batch_size,
                      "classifier.bootstrap": 200, "classifier.early_stopping_patience": args.epochs}
