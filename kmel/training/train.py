@@ -144,10 +144,12 @@ def weights_digest(model: keras.Model) -> str:
 
 
 def _finish_model(
-    model: keras.Model, best: Path, models_dir: Path, keras_name: str, export_dir: str, size: int,
-    gradcam_layer: str | None = None,
+    model: keras.Model, best: Path | None, models_dir: Path, keras_name: str, export_dir: str, size: int,
+    gradcam_layer: str | Sequence[str] | None = None,
 ) -> str:
-    if best.exists():
+    """Load the best epoch's weights (``best``: None for a model already final, an ensemble), save the ``.keras``
+    file, export the SavedModel; returns its fingerprint."""
+    if best is not None and best.exists():
         model.load_weights(str(best))
     model.save(str(models_dir / keras_name))
     export_serving(model, models_dir / export_dir, size, gradcam_layer)
@@ -464,8 +466,8 @@ def fit_classifier(
                                     classifier_last_conv(cc.backbone))
     else:
         members = _fit_ensemble_members(config, crops_dir, work, logdir, strat, head, verbose)
-        fingerprint = _finish_model(build_ensemble(members), work / "no-best-weights", work, C.CLASSIFIER_KERAS,
-                                    C.CLASSIFIER_DIR, cc.image_size, ensemble_last_convs(cc.backbone, cc.ensemble))
+        fingerprint = _finish_model(build_ensemble(members), None, work, C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR,
+                                    cc.image_size, ensemble_last_convs(cc.backbone, cc.ensemble))
         del members
 
     # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
@@ -485,8 +487,9 @@ def fit_classifier(
     calibration = {"temperature": temperature, "fitted_on": threshold_split, "val_ece_before": expected_calibration_error(
         val["target"].to_numpy(), val["probability"].to_numpy()),
         "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
-    choice = choose_classifier_threshold(cc, val.assign(probability=calibrated))
-    by_source = choose_source_thresholds(cc, val.assign(probability=calibrated))
+    scored = val.assign(probability=calibrated)
+    choice = choose_classifier_threshold(cc, scored)
+    by_source = choose_source_thresholds(cc, scored)
     report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
     report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
                                 work / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
