@@ -71,6 +71,10 @@ class SegmenterConfig:
     # ("4" = deepest ResNet stage, "all" = every layer).
     unfreeze: tuple[tuple[int, str], ...] = ((0, "4"), (3, "3"), (6, "all"))
     augment: bool = True
+    # How far the sources (archives, clinics) of the training masks are raised towards equal shares of each epoch
+    # (0: their natural shares, 1: equal): on the union the ISIC masks, 19 % of them, are otherwise outnumbered
+    # by HAM10000's coarser ones (kmel.data.datasets.make_source_balanced_records).
+    source_balance: float = 0.0
     weights: str = "none"  # imagenet | none | PATH
     # Base URL (or folder) serving the ImageNet files flat, as MIRROR/NAME; "" = $KMEL_WEIGHTS_MIRROR, else the
     # public URLs. See kmel/models/download.py.

@@ -173,3 +173,38 @@ def test_balanced_sampler_reads_the_split_once_per_group(unequal_records):
     drawn = list(make_balanced_records(records, manifest, "train", config, 0).take(600).as_numpy_iterator())
     assert len(drawn) == 600 and groups >= 6
     assert len(reads) <= (groups + 1) * n_train, (len(reads), groups, n_train)
+
+
+def test_segmenter_source_balance_draws_every_source_equally(unequal_records, monkeypatch):
+    """segmenter.source_balance: the mask stream shares each epoch between the sources ∝ n_s^(1 − b), counted on
+    the seg records themselves; make_dataset uses it for seg training data only when b > 0."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from kmel.data import datasets
+    from kmel.data.records import load_manifest, shard_paths
+    from tests.tiny import tiny_config
+
+    manifest = load_manifest(unequal_records)
+    records = datasets.make_record_dataset(shard_paths(unequal_records, "seg", "train", manifest), True, 0)
+    counts = datasets.record_source_counts(records)
+    assert len(counts) == 2 and max(counts.values()) > 1.3 * min(counts.values()), counts
+
+    for b in (0.0, 1.0):
+        raw = {s: n ** (1.0 - b) for s, n in counts.items()}
+        drawn = Counter(r["source"].decode() for r in
+                        datasets.make_source_balanced_records(records, b, 0).take(2000).as_numpy_iterator())
+        for source, r in raw.items():  # about 4.5 standard errors of a share near 0.5 over 2,000 draws
+            assert drawn[source] / 2000 == pytest.approx(r / sum(raw.values()), abs=0.05), (b, drawn, counts)
+    with pytest.raises(ValueError):
+        datasets.make_source_balanced_records(records, 1.5, 0)
+
+    calls = []
+    real = datasets.make_source_balanced_records
+    monkeypatch.setattr(datasets, "make_source_balanced_records", lambda *a: calls.append(a[1:]) or real(*a))
+    config = tiny_config(**{"segmenter.image_size": 32, "segmenter.augment": False})
+    images, masks = next(iter(datasets.make_dataset(unequal_records, "train", "seg", True, config, batch_size=8)))
+    assert calls == [] and images.shape[0] == 8
+    config = replace(config, segmenter=replace(config.segmenter, source_balance=0.5))
+    images, masks = next(iter(datasets.make_dataset(unequal_records, "train", "seg", True, config, batch_size=8)))
+    assert calls == [(0.5, config.segmenter.seed)] and tuple(masks.shape) == (8, 32, 32, 1)

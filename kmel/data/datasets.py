@@ -208,6 +208,33 @@ def make_balanced_records(
                                                 stop_on_empty_dataset=False)
 
 
+def record_source_counts(records: tf.data.Dataset) -> dict[str, int]:
+    """Source name → number of parsed records (one pass over the strings; no image is decoded)."""
+    counts: dict[str, int] = {}
+    for source in records.map(lambda r: r[C.F_SOURCE], num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
+        name = source.decode()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def make_source_balanced_records(records: tf.data.Dataset, source_balance: float, seed: int) -> tf.data.Dataset:
+    """Parsed records drawn (forever) with source s at a share ∝ n_s^(1 − source_balance) (0: natural, 1: equal),
+    n_s counted from the records themselves (segmentation records exist only for images with a mask, so the
+    manifest's per-image counts do not give them). One stream per source, filtered once and cached in memory
+    (the encoded training records once), as :func:`make_balanced_records` does."""
+    if not 0.0 <= source_balance <= 1.0:
+        raise ValueError("source_balance must be in [0, 1]")
+    counts = record_source_counts(records)
+    if len(counts) < 2:
+        return records.cache().shuffle(2048, seed=seed, reshuffle_each_iteration=True).repeat()
+    names = sorted(counts)
+    raw = [counts[s] ** (1.0 - source_balance) for s in names]
+    parts = [records.filter(lambda r, s=s: tf.equal(r[C.F_SOURCE], s)).cache().repeat()
+             .shuffle(max(1, min(2048, counts[s])), seed=seed + i) for i, s in enumerate(names)]
+    return tf.data.Dataset.sample_from_datasets(parts, weights=[r / sum(raw) for r in raw], seed=seed,
+                                                stop_on_empty_dataset=False)
+
+
 def make_dataset(
     records_dir: str | Path,
     split: str,
@@ -243,6 +270,8 @@ def make_dataset(
     records = make_record_dataset(files, training, seed)
     if balance:
         records = make_balanced_records(records, manifest, split, config, seed)
+    elif training and kind == "seg" and config.segmenter.source_balance > 0:
+        records = make_source_balanced_records(records, config.segmenter.source_balance, seed)
     elif training:
         records = records.shuffle(2048, seed=seed, reshuffle_each_iteration=True).repeat()
 
