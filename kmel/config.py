@@ -167,6 +167,22 @@ class ClassifierConfig:
 
 
 @dataclass(frozen=True)
+class JointConfig:
+    """The segmenter and classifier trained end to end (``kmel train joint``, kmel/models/joint.py): the classifier
+    sees ``image × (alpha + (1 − alpha) · mask)``. The classifier section gives the classifier, its input size,
+    schedule, balancing and threshold rule; the trained segmenter of the models folder is the mask's start."""
+
+    # Brightness kept outside the mask: 0 shows the classifier only what the segmenter marks, 1 ignores the mask.
+    alpha: float = 0.25
+    # Weight of the segmentation loss (Tversky, the segmenter's) on images that have an expert mask, beside the
+    # classifier's loss of weight 1: it keeps the mask a lesion mask. 0: pure attention, the mask free to change.
+    mask_loss_weight: float = 0.1
+    # Epochs with the segmenter frozen while the new classifier head learns; then both parts train (the segmenter's
+    # layers at classifier.backbone_lr_scale of the peak rate, as the classifier's pretrained layers).
+    segmenter_warmup_epochs: int = 1
+
+
+@dataclass(frozen=True)
 class PredictConfig:
     """How predict reads its inputs and batches them."""
 
@@ -208,6 +224,7 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -220,6 +237,7 @@ _SECTIONS = {
     "classifier": ClassifierConfig,
     "predict": PredictConfig,
     "fusion": FusionConfig,
+    "joint": JointConfig,
 }
 
 
@@ -270,13 +288,15 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
                      "max_batch_pixels", "bootstrap", "clahe_tiles", "morph_kernel", "hair_kernel", "inpaint_radius",
                      "skin_min_pixels", "min_data_in_leaf", "ensemble"), (1, float("inf"), True)),
     **dict.fromkeys(("seed", "workers", "steps_per_epoch", "reduce_lr_patience", "early_stopping_patience",
-                     "hair_threshold", "weight_decay", "focal_gamma", "margin", "colour_constancy_p"),
+                     "hair_threshold", "weight_decay", "focal_gamma", "margin", "colour_constancy_p",
+                     "mask_loss_weight", "segmenter_warmup_epochs"),
                     (0, float("inf"), True)),
     "jpeg_quality": (1, 100, True),
     **dict.fromkeys(("val_fraction", "test_fraction", "dropout", "mask_threshold", "min_area_fraction",
                      "max_area_fraction", "dilate_fraction", "skin_border", "warmup_fraction", "focal_alpha",
                      "label_smoothing", "target_malignant_fraction", "skin_tone_balance", "source_balance", "class_balance",
-                     "min_group_recall", "target_sensitivity", "batchnorm_momentum", "tversky_alpha", "tversky_beta"),
+                     "min_group_recall", "target_sensitivity", "batchnorm_momentum", "tversky_alpha", "tversky_beta",
+                     "alpha"),
                     (0, 1, True)),
     **dict.fromkeys(("learning_rate", "max_learning_rate", "gamma", "clahe_clip", "reduce_lr_factor"),
                     (0, float("inf"), False)),

@@ -78,6 +78,10 @@ SEGMENTER_DIR = "segmenter"
 CLASSIFIER_DIR = "classifier"
 SEGMENTER_KERAS = "segmenter.keras"
 CLASSIFIER_KERAS = "classifier.keras"
+# train joint: the segment-then-classify model's outputs (its serve endpoint's keys) and the crop mode predict writes
+JOINT_PROBABILITY = "probability"
+JOINT_MASK = "mask"
+JOINT_CROP_MODE = "joint_no_crop"
 
 # Decoded (Pillow; GIF and WebP: first frame), in order of preference when one id has several files.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")

@@ -59,13 +59,14 @@ def train_options(fn: Callable) -> Callable:
 
 
 @click.command("train")
-@click.argument("model", type=click.Choice(["seg", "cls", "fusion"]))
+@click.argument("model", type=click.Choice(["seg", "cls", "joint", "fusion"]))
 @train_options
 def train(model: str, records: str, out: str, profile: str, epochs: int | None, batch_size: int | None,
           steps_per_epoch: int | None, image_size: int | None, backbone: str | None, strategy: str,
           precision: str, weights: str | None, weights_mirror: str | None, logdir: str, seed: int | None,
           ensemble: int | None, restart: bool, quiet: bool) -> None:
-    """Train the segmenter (seg), the classifier (cls), or the image + metadata fusion (fusion).
+    """Train the segmenter (seg), the classifier (cls), segmenter + classifier end to end (joint), or the
+    image + metadata fusion (fusion).
 
     cls first builds (or reuses) the lesion crops from the exported segmenter, picks the decision threshold on
     the validation split and writes the fairness report for the test split to OUT/report/; records built with
@@ -74,6 +75,14 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
     works in OUT/.run-segmenter (or .run-classifier) and replaces the previous model, history and report only
     when it is complete: a failed or killed run leaves OUT as it was.
 
+    joint (after seg) trains one model: the segmenter of OUT (its weights as the start) gives a soft lesion mask,
+    and a new classifier (the profile's classifier section; --backbone, --image-size ... apply to it) sees the whole
+    image x (alpha + (1 - alpha) x mask). The segmenter is frozen for joint.segmenter_warmup_epochs, then both
+    train; joint.mask_loss_weight keeps a segmentation loss on images with expert masks (the profile's joint
+    section). It takes the classifier's place in OUT (pipeline.json says kind: joint): predict, serve and evaluate
+    skip the crop stage for it (crop_mode joint_no_crop). Its input is the seg records' padded square, so
+    --image-size must not exceed the records' seg_size.
+
     fusion (after cls) fits gradient-boosted trees (LightGBM) over the classifier's calibrated score and the
     records' metadata (age, sex, site, ISIC 2024's measurements; each also relative to the same patient's other
     lesions) on the validation split, cross-fitted by patient, and reports image-only vs fused on the test split
@@ -81,7 +90,7 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
     """
 
     def body() -> int:
-        if ensemble is not None and model != "cls":
+        if ensemble is not None and model not in ("cls", "joint"):
             raise click.UsageError("--ensemble is a classifier option: kmel train cls --ensemble K")
         if model == "fusion":
             return _train_fusion(records, out, profile, seed, quiet, dict(
@@ -89,6 +98,8 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
                 backbone=backbone, weights=weights, weights_mirror=weights_mirror,
                 strategy=None if strategy == "auto" else strategy, precision=None if precision == "auto" else precision,
                 restart=restart or None))
+        if ensemble is not None and model == "joint":
+            raise click.UsageError("--ensemble is for train cls; train joint trains one model")
         section = "segmenter" if model == "seg" else "classifier"
         overrides = {f"{section}.{k}": v for k, v in dict(
             epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,
@@ -106,9 +117,16 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
                 entry = fit_segmenter(records, out, config, logdir, strategy, precision, verbose, restart)
                 click.echo(f"segmenter exported to {Path(out) / 'segmenter'}; metrics: {entry['metrics']}")
                 return 0
-            from kmel.training.train import fit_classifier
+            if model == "joint":
+                from kmel.training.joint import fit_joint
 
-            entry = fit_classifier(records, out, config, logdir, strategy, precision, verbose, not quiet, restart)
+                entry = fit_joint(records, out, config, logdir, strategy, precision, verbose, restart)
+                click.echo(f"joint model exported to {Path(out) / 'classifier'} (probability and mask); mask on test: "
+                           f"{entry['mask_metrics'].get('test', entry['mask_metrics'].get('val'))}")
+            else:
+                from kmel.training.train import fit_classifier
+
+                entry = fit_classifier(records, out, config, logdir, strategy, precision, verbose, not quiet, restart)
         click.echo(f"classifier exported to {Path(out) / 'classifier'}; threshold {entry['threshold']:.4f} "
                    f"(chosen on {entry['threshold_from']}); {entry['report_split']} metrics: {entry['metrics']}")
         click.echo(f"report: {Path(out) / 'report' / 'report.md'}")

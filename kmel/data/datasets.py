@@ -291,6 +291,100 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _masked_ids(seg_records: tf.data.Dataset) -> list[str]:
+    return [b.decode() for b in seg_records.map(lambda r: r[C.F_IMAGE_ID]).as_numpy_iterator()]
+
+
+def _pad_to_square(image: tf.Tensor) -> tf.Tensor:
+    """Zero padding of the short side, centred as :func:`kmel.data.images.pad_to_square` pads (what the seg records
+    and predict's joint inputs are)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    side = tf.maximum(h, w)
+    return tf.image.pad_to_bounding_box(image, (side - h) // 2, (side - w) // 2, side, side)
+
+
+def make_joint_records(records_dir: str | Path, split: str, config: Config, training: bool) -> tf.data.Dataset:
+    """Parsed records of every labelled image of ``split`` for ``train joint``: the seg records (the images with an
+    expert mask, square at ``records.seg_size``) and the img records of the images without one. The joint model's
+    input is the whole image padded to a square, as the segmenter sees it, so its size (``classifier.image_size``)
+    must not exceed the seg records' (an upsampled input would not be the image predict gives it)."""
+    from kmel.config import ConfigError
+
+    records_dir = Path(records_dir)
+    manifest = load_manifest(records_dir)
+    seg_size = int(manifest["config"]["records"]["seg_size"])
+    if config.classifier.image_size > seg_size:
+        raise ConfigError(f"train joint at {config.classifier.image_size} px needs seg records of at least that size; "
+                          f"{records_dir} has {seg_size} px ones: build-records again with records.seg_size >= "
+                          f"{config.classifier.image_size} (a profile's records section), or a smaller --image-size")
+    seed = config.classifier.seed
+    seg_files = shard_paths(records_dir, "seg", split, manifest)
+    img_files = shard_paths(records_dir, "img", split, manifest)
+    parts = []
+    if seg_files:
+        parts.append(make_record_dataset(seg_files, training, seed))
+    if img_files:
+        img = make_record_dataset(img_files, training, seed)
+        masked = _masked_ids(parts[0]) if parts else []
+        if masked:
+            table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant(masked), tf.ones(len(masked), tf.int64)), default_value=0)
+            img = img.filter(lambda r: tf.equal(table.lookup(r[C.F_IMAGE_ID]), 0))
+        parts.append(img)
+    if not parts:
+        raise DataError(f"{records_dir} has no seg- or img-{split} records (see {C.MANIFEST})")
+    records = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
+    return records.filter(lambda r: r[C.F_TARGET] >= 0)
+
+
+def parse_joint_record(record: Mapping[str, tf.Tensor], size: int) -> tuple[tf.Tensor, ...]:
+    """(image padded square at ``size``, mask [size, size, 1] (zeros when absent), has_mask, target [1], skin tone)."""
+    has_mask = tf.greater(tf.strings.length(record[C.F_MASK]), 0)
+    image = tf.io.decode_jpeg(record[C.F_IMAGE], channels=3)
+    image = tf.clip_by_value(tf.image.resize(_pad_to_square(image), [size, size], method="bilinear",
+                                             antialias=True), 0.0, 255.0)
+    image = tf.ensure_shape(image, [size, size, 3])
+    mask = tf.cond(has_mask, lambda: _decode_mask(record, size), lambda: tf.zeros([size, size, 1], tf.float32))
+    target = tf.cast(record[C.F_TARGET], tf.float32)[None]
+    return image, mask, has_mask, target, record[C.F_SKIN_TONE]
+
+
+def make_joint_dataset(
+    records_dir: str | Path, split: str, training: bool, config: Config, batch_size: int | None = None,
+    with_groups: bool = False,
+) -> tf.data.Dataset:
+    """Batches of ``(images, {"probability": targets [N, 1], "mask": masks [N, S, S, 1]})`` for ``train joint``
+    (:func:`make_joint_records`; S = ``classifier.image_size``): a mask of −1 everywhere marks an image without an
+    expert mask (:class:`kmel.training.losses.MaskedTverskyLoss` leaves it out). Training data repeat, are drawn
+    with the classifier's balancing (class, skin tone, source) and augmented as segmentation batches (image and
+    mask moved together). ``with_groups``: ``(images, targets, skin-tone indices)`` instead (scoring)."""
+    cc = config.classifier
+    size, batch_size = cc.image_size, batch_size or cc.batch_size
+    records = make_joint_records(records_dir, split, config, training)
+    if training:
+        records = make_balanced_records(records, load_manifest(records_dir), split, config, cc.seed)
+    ds = records.map(lambda r: parse_joint_record(r, size), num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=not training or None)
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
+    if with_groups:
+        return ds.map(lambda i, m, h, t, g: (i, t, g)).prefetch(tf.data.AUTOTUNE)
+    if training and cc.augment:
+        augment = make_seg_augmenter(cc.seed)
+        ds = ds.enumerate().map(lambda k, b: (*augment(b[0], b[1], k), *b[2:]), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def to_outputs(images, masks, has_mask, targets, groups):
+        masks = tf.where(has_mask[:, None, None, None], masks, -tf.ones_like(masks))
+        return images, {C.JOINT_PROBABILITY: targets, C.JOINT_MASK: masks}
+
+    return ds.map(to_outputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def count_joint_records(records_dir: str | Path, split: str, config: Config) -> int:
+    """Labelled images of ``split`` that :func:`make_joint_records` yields (one pass over the ids)."""
+    return int(make_joint_records(records_dir, split, config, False).reduce(0, lambda n, _: n + 1))
+
+
 def count_records(records_dir: str | Path, kind: str, split: str) -> int:
     manifest = load_manifest(records_dir)
     return sum(e["records"] for e in manifest["shards"].get(kind, {}).get(split, []))

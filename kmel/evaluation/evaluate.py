@@ -33,30 +33,43 @@ def as_score_fn(model: Any) -> ScoreFn:
 
 def predict_records(
     model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int = 32, progress: bool = False,
-    head: ClassifierHead | None = None,
+    head: ClassifierHead | None = None, kind: str = "crop",
 ) -> pd.DataFrame:
     """One row per crop record: id, source, target, probability, skin tone, ITA category, crop mode.
 
     ``head`` (default: the one the records' task calls for) reads the outputs: ``probability`` is the malignant
     side's and ``target`` its 0/1 truth; a diagnosis head adds ``true_class`` (the class index) and one raw
-    ``p_<CLASS>`` column per class."""
+    ``p_<CLASS>`` column per class. ``kind="joint"``: a joint model's input instead, every labelled whole image of
+    ``records_dir``'s image records padded square (:func:`kmel.data.datasets.make_joint_records`; ``model`` its
+    probability alone), crop mode ``joint_no_crop``."""
     import tensorflow as tf
     from tqdm.auto import tqdm
 
-    from kmel.data.datasets import _decode_image, make_record_dataset
+    from kmel.data.datasets import (
+        _decode_image,
+        make_joint_records,
+        make_record_dataset,
+        parse_joint_record,
+    )
     from kmel.data.records import load_manifest, shard_paths
 
     score = as_score_fn(model)
     manifest = load_manifest(records_dir)
     head = head_from_manifest(manifest) if head is None else head
-    files = shard_paths(records_dir, "crop", split, manifest)
-    total = manifest.get("n_records", {}).get("crop", {}).get(split)
     size = config.classifier.image_size
-    ds = make_record_dataset(files, training=False, seed=0).map(
-        lambda r: (_decode_image(r, size), {k: r[k] for k in (C.F_IMAGE_ID, C.F_SOURCE, C.F_TARGET, C.F_SKIN_TONE,
-                                                             C.F_ITA, C.F_ITA_CATEGORY, C.F_CROP_MODE)}),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    ).batch(batch_size).prefetch(2)
+    fields = (C.F_IMAGE_ID, C.F_SOURCE, C.F_TARGET, C.F_SKIN_TONE, C.F_ITA, C.F_ITA_CATEGORY, C.F_CROP_MODE)
+    if kind == "joint":
+        total = None
+        ds = make_joint_records(records_dir, split, config, training=False).map(
+            lambda r: (parse_joint_record(r, size)[0], {k: r[k] for k in fields}), num_parallel_calls=tf.data.AUTOTUNE)
+    elif kind == "crop":
+        files = shard_paths(records_dir, "crop", split, manifest)
+        total = manifest.get("n_records", {}).get("crop", {}).get(split)
+        ds = make_record_dataset(files, training=False, seed=0).map(
+            lambda r: (_decode_image(r, size), {k: r[k] for k in fields}), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        raise ValueError(f"kind must be crop or joint, got {kind!r}")
+    ds = ds.batch(batch_size).prefetch(2)
     frames = []
     bar = tqdm(total=total, desc=f"score {split}", unit="img", disable=not progress, dynamic_ncols=True)
     for images, meta in ds:
@@ -72,7 +85,8 @@ def predict_records(
             C.COL_SKIN_TONE_NAME: [C.SKIN_TONE_GROUPS[g] for g in meta[C.F_SKIN_TONE]],
             C.COL_ITA: meta[C.F_ITA],
             "ita_category_name": [C.ITA_CATEGORIES[g] for g in meta[C.F_ITA_CATEGORY]],
-            "crop_mode": [C.CROP_MODES[m] for m in meta[C.F_CROP_MODE]],
+            "crop_mode": ([C.JOINT_CROP_MODE] * len(outputs) if kind == "joint"
+                          else [C.CROP_MODES[m] for m in meta[C.F_CROP_MODE]]),
         }))
         bar.update(len(frames[-1]))
     bar.close()
@@ -184,13 +198,14 @@ def report_from_table(
 def write_split_report(
     model: Any, records_dir: str | Path, split: str, config: Config, batch_size: int, threshold: float,
     out_dir: str | Path, meta: Mapping[str, Any] | None = None, progress: bool = False, temperature: float = 1.0,
-    head: ClassifierHead | None = None,
+    head: ClassifierHead | None = None, kind: str = "crop",
 ) -> dict[str, Any]:
-    """Score ``split`` and write its report; ``threshold`` applies to probabilities after ``temperature``."""
+    """Score ``split`` and write its report; ``threshold`` applies to probabilities after ``temperature``.
+    ``kind``: :func:`predict_records`'."""
     from kmel.data.records import load_manifest
 
     head = head_from_manifest(load_manifest(records_dir)) if head is None else head
-    table = with_record_metadata(predict_records(model, records_dir, split, config, batch_size, progress, head),
+    table = with_record_metadata(predict_records(model, records_dir, split, config, batch_size, progress, head, kind),
                                  records_dir)
     meta = {"split": split, "records": str(records_dir), "n": len(table), **(meta or {})}
     return report_from_table(table, threshold, out_dir, config, meta, temperature=temperature, head=head)
@@ -222,6 +237,8 @@ def evaluate_exported(
         raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
     checks = DEFAULT_CHECKS if checks is None else checks
     check_pipeline(models_dir, pipeline, checks)
+    if pipeline["classifier"].get("kind") == "joint":
+        return _evaluate_joint(records_dir, models_dir, split, out_dir, config, progress, pipeline, runtime, tta, checks)
     if runtime == "tflite":
         from kmel.serving.runtime import load_tflite
 
@@ -256,6 +273,35 @@ def evaluate_exported(
 
         (Path(out_dir) / "report.json").write_text(json.dumps(_clean(report), indent=2, allow_nan=False))
     return report
+
+
+def _evaluate_joint(
+    records_dir: str | Path, models_dir: str | Path, split: str, out_dir: str | Path, config: Config, progress: bool,
+    pipeline: Mapping[str, Any], runtime: str, tta: bool, checks: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate_exported` of a joint model (``train joint``): the split's whole images (no crops) through its
+    SavedModel's probability."""
+    from kmel.serving.runtime import load_runtime_models
+
+    if pipeline.get("fusion"):
+        raise ConfigError("a fusion model on a joint model is not built: evaluate without it")
+    models = load_runtime_models(models_dir, dict(pipeline), runtime, checks=checks)
+    score: ScoreFn = models.classify
+    if tta:
+        from kmel.serving.predictor import flip_averaged
+
+        score = flip_averaged(score)
+    entry = pipeline["classifier"]
+    head = head_from_entry(entry)
+    check_same_labels(head, records_dir)
+    chosen_on = entry.get("threshold_from", "val")
+    return write_split_report(score, records_dir, split, config, config.predict.batch_size, float(entry["threshold"]),
+                              out_dir, meta={"threshold_from": f"pipeline.json (chosen on {chosen_on})",
+                                             "threshold_split": chosen_on, "models": str(models_dir), "runtime": runtime,
+                                             "model": "joint (no crops)",
+                                             "tta": "flips (4 views averaged)" if tta else "none"},
+                              progress=progress, temperature=float(entry.get("temperature", 1.0)), head=head,
+                              kind="joint")
 
 
 def evaluate_fusion(

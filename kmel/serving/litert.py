@@ -155,6 +155,9 @@ def export_tflite(
     for precision in precisions:
         _check_precision(precision)
     pipeline = read_pipeline(models_dir) if pipeline is None else pipeline
+    if pipeline.get("classifier", {}).get("kind") == "joint":
+        raise ConfigError(f"{models_dir} holds a joint model (kmel train joint): its TFLite export is not built; it is "
+                          "served by its SavedModel (predict / serve with --runtime tf)")
     for model in MODELS:
         if model not in pipeline or not (models_dir / model / "saved_model.pb").is_file():
             raise FileNotFoundError(f"{models_dir} has no exported {model}: train it first (`kmel train "

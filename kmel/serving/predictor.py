@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from kmel import constants as C
 from kmel.config import ConfigError
 from kmel.lesion.crops import CropPipeline
 from kmel.models.heads import head_from_entry
@@ -72,6 +73,59 @@ def flip_averaged(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.
     return averaged
 
 
+@dataclass(frozen=True)
+class JointInput:
+    """One image ready for a joint model (``train joint``): no crop, the whole image padded square."""
+
+    small: np.ndarray  # RGB uint8, long side = records.image_size (the skin tone is estimated on it)
+    image: np.ndarray  # ``small`` padded square and resized to the model's input side: what the model sees
+    pad: tuple[int, int, int, int]  # top, bottom, left, right, in ``small``'s pixels
+    original_size: tuple[int, int]  # (height, width) of the image as given
+
+
+class JointInputs:
+    """The crop stage's stand-in for a joint model: :meth:`pre` / :meth:`finish` / :meth:`run` as
+    :class:`kmel.lesion.crops.CropPipeline` has them, giving :class:`JointInput` (the image as the joint training
+    records hold it: reduced to the records' size, padded square, resized with area averaging)."""
+
+    def __init__(self, size: int, config: Any, workers: int = 0):
+        import os
+
+        self.size, self.config = size, config
+        self.workers = workers if workers > 0 else (os.cpu_count() or 1)
+
+    def pre(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> JointInput:
+        import cv2
+
+        from kmel.data.images import pad_to_square, resize_long_side
+
+        small = resize_long_side(image, self.config.records.image_size)
+        square, pad = pad_to_square(small)
+        size = original_size if original_size is not None else image.shape[:2]
+        return JointInput(small, cv2.resize(square, (self.size, self.size), interpolation=cv2.INTER_AREA), pad,
+                          (int(size[0]), int(size[1])))
+
+    def finish(self, pres: Sequence[JointInput]) -> list[JointInput]:
+        return list(pres)
+
+    def run(self, images: Sequence[np.ndarray]) -> list[JointInput]:
+        return [self.pre(image) for image in images]
+
+    def close(self) -> None:
+        pass
+
+
+def unpad_mask(mask: np.ndarray, item: JointInput) -> np.ndarray:
+    """A joint model's [S, S] mask back on ``item.small``'s pixels (the padding cut off), as probabilities."""
+    import cv2
+
+    h, w = item.small.shape[:2]
+    top, bottom, left, right = item.pad
+    side = h + top + bottom
+    square = cv2.resize(mask.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    return square[top : top + h, left : left + w]
+
+
 class Predictor:
     """The exported segmenter and classifier with their pipeline settings, loaded once.
 
@@ -102,6 +156,11 @@ class Predictor:
         self.decision_names = (["benign", "malignant"] if self.head.multiclass
                                else list(classifier.get("class_names", self.head.class_names)))
         self.tta = tta
+        # train joint's model: segmenter and classifier in one graph, the whole image in, no crop stage
+        self.joint = classifier.get("kind") == "joint"
+        if explain and self.joint:
+            raise ConfigError("--explain (Grad-CAM) is not built for joint models (kmel train joint): its mask, in the "
+                              "mask column's place, shows where it looked; drop --explain")
         if explain and runtime != "tf":
             raise ConfigError("--explain (Grad-CAM) needs the SavedModel runtime: drop --runtime tflite")
         self.models = load_runtime_models(self.models_dir, self.pipeline, runtime, tflite_precision, max_batch_pixels,
@@ -115,7 +174,8 @@ class Predictor:
                 self.models_dir, self.head, self.models.classifier_savedmodel,
                 None if explain_class is None else self.head.class_index(explain_class))
         workers = self.config.predict.workers if workers is None else workers
-        self.crops = CropPipeline(self.models.segment, self.models.seg_size, self.config, workers)
+        self.crops: Any = (JointInputs(self.models.cls_size, self.config, workers) if self.joint else
+                           CropPipeline(self.models.segment, self.models.seg_size, self.config, workers))
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """Calibrated malignant probabilities of float32 crops (flip-averaged with ``tta``)."""
@@ -134,6 +194,8 @@ class Predictor:
         """One prediction per prepared crop, in order."""
         if not len(prepared):
             return []
+        if self.joint:
+            return self._classify_joint(prepared)
         batch = np.stack([p.result.crop for p in prepared]).astype(np.float32)
         classes, probs = self.calibrated(batch)
         decided = None if classes is None else self.head.decide(classes)
@@ -149,6 +211,28 @@ class Predictor:
                 skin_tone_group=tone.group_name, ita=float(tone.ita), ita_category=tone.ita_category_name,
                 crop_mode=prep.result.crop_mode, box=tuple(int(v) for v in prep.box), tta=self.tta,
                 crop=prep.result.crop, heatmap=cam,
+            ))
+        return out
+
+    def _classify_joint(self, prepared: Sequence[JointInput]) -> list[Prediction]:
+        """A joint model's predictions: probability and mask in one call; the skin tone from the skin outside its
+        mask (as build-records estimates it outside the expert mask); the box is the whole image."""
+        from kmel.lesion.lesion import estimate_skin_tone
+
+        batch = np.stack([p.image for p in prepared]).astype(np.float32)
+        raw, masks = self.models.joint(batch)
+        if self.tta:
+            raw = self._classify(batch)
+        _, probs = calibrate_outputs(self.head, raw, self.temperature)
+        out = []
+        for item, prob, mask in zip(prepared, probs, masks):
+            pred = int(prob >= self.threshold)
+            tone = estimate_skin_tone(item.small, unpad_mask(mask, item) >= 0.5, self.config.crops)
+            height, width = item.original_size
+            out.append(Prediction(
+                probability=float(prob), prediction=pred, label=self.decision_names[pred], threshold=self.threshold,
+                skin_tone_group=tone.group_name, ita=float(tone.ita), ita_category=tone.ita_category_name,
+                crop_mode=C.JOINT_CROP_MODE, box=(0, 0, width, height), tta=self.tta, crop=item.image,
             ))
         return out
 

@@ -85,6 +85,9 @@ class RuntimeModels:
     segment: Callable[[np.ndarray], np.ndarray]
     classify: Callable[[np.ndarray], np.ndarray]
     classifier_savedmodel: Any = None  # the loaded SavedModel (tf runtime): its gradcam endpoint explains
+    # A joint model's (``train joint``) whole call: float32 [N, C, C, 3] 0–255 → ([N, K] uncalibrated
+    # probabilities, [N, C, C] lesion mask); None for the crop pipeline (then ``segment`` is the segmenter's).
+    joint: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def load_runtime_models(
@@ -105,6 +108,11 @@ def load_runtime_models(
     seg_size = int(pipeline["segmenter"]["image_size"])
     cls_size = config.classifier.image_size
     pixels = config.predict.max_batch_pixels if max_batch_pixels is None else max_batch_pixels
+    if pipeline["classifier"].get("kind") == "joint":
+        if runtime != "tf":
+            raise ConfigError("a joint model (kmel train joint) is served by its SavedModel only: use --runtime tf "
+                              "(it has no TFLite export)")
+        return _load_joint(models_dir, pipeline, cls_size, pixels, checks)
     if runtime == "tflite":
         from kmel.serving.runtime import load_tflite
 
@@ -122,6 +130,29 @@ def load_runtime_models(
     cls_serve = signature_fn(loaded)
     return RuntimeModels("tf", "float32", seg_size, cls_size, _chunked(segment, model_chunk(seg_size, pixels)),
                          _chunked(lambda x: cls_serve(x).reshape(len(x), -1), model_chunk(cls_size, pixels)), loaded)
+
+
+def _load_joint(models_dir: Path, pipeline: dict[str, Any], size: int, pixels: int,
+                checks: ModelChecks) -> RuntimeModels:
+    """A joint model's SavedModel: ``classify`` its probability, ``joint`` probability and mask; no segmenter."""
+    import tensorflow as tf
+
+    loaded = load_serving(models_dir / C.CLASSIFIER_DIR, checks, pipeline["classifier"].get("fingerprint"))
+    serve = loaded.signatures["serve"]
+
+    def call(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = serve(tf.constant(batch, tf.float32))
+        return out[C.JOINT_PROBABILITY].numpy().reshape(len(batch), -1), out[C.JOINT_MASK].numpy()[..., 0]
+
+    def joint(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        chunk = model_chunk(size, pixels)
+        parts = [call(batch[i : i + chunk]) for i in range(0, len(batch), chunk)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts])
+
+    def unavailable(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("a joint model has no separate segmenter: the crop pipeline does not run")
+
+    return RuntimeModels("tf", "float32", size, size, unavailable, lambda x: joint(x)[0], loaded, joint)
 
 
 PRECISIONS = ("float32", "float16", "int8")

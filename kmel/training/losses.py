@@ -75,6 +75,18 @@ class TverskyLoss(keras.losses.Loss):
         return {**super().get_config(), "alpha": self.alpha, "beta": self.beta, "smooth": self.smooth}
 
 
+@keras.saving.register_keras_serializable(package="kmel")
+class MaskedTverskyLoss(TverskyLoss):
+    """:class:`TverskyLoss` of the images that have a mask; an image whose ``y_true`` is negative (−1 everywhere:
+    no expert mask, ``kmel.data.datasets.make_joint_dataset``) adds 0. The mean is over the whole batch, so the term's
+    weight grows with the share of images that have masks."""
+
+    def call(self, y_true, y_pred):
+        t = ops.reshape(ops.cast(y_true, "float32"), (ops.shape(y_true)[0], -1))
+        known = ops.cast(ops.min(t, axis=1) >= 0.0, "float32")
+        return super().call(ops.maximum(y_true, 0.0), y_pred) * known
+
+
 class _PerImageMean(keras.metrics.Metric):
     """Mean over images of a per-image score on thresholded masks."""
 

@@ -425,12 +425,6 @@ def fit_classifier(
     The run works in ``models_dir/.run-classifier`` and replaces the previous classifier, its history
     and report only when it is complete (:mod:`kmel.training.run_folder`); ``restart`` drops an
     interrupted run instead of resuming it."""
-    from kmel.evaluation.calibration import (
-        expected_calibration_error,
-        fit_class_temperature,
-        fit_temperature,
-    )
-    from kmel.evaluation.evaluate import predict_records, write_split_report
     from kmel.lesion.crops import ensure_crop_records
     from kmel.models.classifier import (
         build_ensemble,
@@ -438,7 +432,6 @@ def fit_classifier(
         ensemble_last_convs,
     )
     from kmel.models.heads import head_from_manifest
-    from kmel.models.pipeline import calibrate_outputs
 
     records_dir, models_dir, logdir = Path(records_dir), Path(models_dir), Path(logdir)
     cc = config.classifier
@@ -472,41 +465,15 @@ def fit_classifier(
 
     # Inference only: no optimizer state (staged unfreezing changes its variable count; Keras warns).
     final = keras.saving.load_model(work / C.CLASSIFIER_KERAS, safe_mode=True, compile=False)
-    # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
-    threshold_split = "val"
-    val = predict_records(final, crops_dir, threshold_split, config, cc.batch_size, head=head)
-    # One temperature fitted on val (a diagnosis head's: of its classes); the threshold is chosen on the
-    # calibrated scale that predict reports.
-    if head.multiclass:
-        outputs = val[head.class_columns].to_numpy()
-        temperature = fit_class_temperature(val["true_class"].to_numpy(), outputs)
-    else:
-        outputs = val["probability"].to_numpy()
-        temperature = fit_temperature(val["target"].to_numpy(), outputs)
-    _, calibrated = calibrate_outputs(head, outputs, temperature)
-    calibration = {"temperature": temperature, "fitted_on": threshold_split, "val_ece_before": expected_calibration_error(
-        val["target"].to_numpy(), val["probability"].to_numpy()),
-        "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
-    scored = val.assign(probability=calibrated)
-    choice = choose_classifier_threshold(cc, scored)
-    by_source = choose_source_thresholds(cc, scored)
-    report_split = "test" if manifest["n_records"]["crop"].get("test") else "val"
-    report = write_split_report(final, crops_dir, report_split, config, cc.batch_size, choice["threshold"],
-                                work / "report", meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
-                                                              "threshold_choice": choice},
-                                temperature=temperature, head=head)
+    has_test = bool(manifest["n_records"]["crop"].get("test"))
+    decision = calibrate_and_report(final, crops_dir, "crop", config, head, work / "report", has_test)
     save_config(config, work / "classifier_config.yaml")
     entry = {
         "image_size": cc.image_size,
         "backbone": cc.backbone,
         **head.to_entry(),  # task, class names (a diagnosis head's malignant classes and training draw shares)
-        "threshold": float(choice["threshold"]),
-        "threshold_choice": choice,
-        "threshold_from": threshold_split,
-        # predict --source NAME: the same rule on that source's validation images alone
-        "threshold_by_source": by_source,
-        "temperature": temperature,
-        "calibration": calibration,
+        # threshold, its choice and split, threshold_by_source, temperature, calibration, report_split, metrics
+        **decision,
         "fingerprint": fingerprint,
         "crops_dir": crops_dir.name,
         "segmenter_fingerprint": manifest.get("segmenter_fingerprint"),
@@ -514,8 +481,6 @@ def fit_classifier(
         "records_fingerprint": manifest["fingerprint"],
         "precision": policy,
         "replicas": replicas,
-        "report_split": report_split,
-        "metrics": report.get("summary", {}),
         "epochs_run": len(read_history(work, "classifier")),
         # train cls --ensemble K: K members averaged in one model; each member's seed, epochs and best val AUC
         "ensemble": cc.ensemble,
@@ -533,6 +498,56 @@ def fit_classifier(
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry
+
+
+def calibrate_and_report(
+    model: Any, data_dir: Path, kind: str, config: Config, head: Any, report_dir: Path, has_test: bool,
+) -> dict[str, Any]:
+    """After training: a temperature and the decision threshold fitted on val (the global one and one per source),
+    the report written for test (or val when there is no test split). Returns those pipeline entry fields.
+    ``kind``: what ``data_dir`` holds and the model reads, ``crop`` records or ``joint`` (whole images)."""
+    from kmel.evaluation.calibration import (
+        expected_calibration_error,
+        fit_class_temperature,
+        fit_temperature,
+    )
+    from kmel.evaluation.evaluate import predict_records, write_split_report
+    from kmel.models.pipeline import calibrate_outputs
+
+    cc = config.classifier
+    # Threshold on validation; report on test, so the reported numbers are not tuned on their own data.
+    threshold_split = "val"
+    val = predict_records(model, data_dir, threshold_split, config, cc.batch_size, head=head, kind=kind)
+    # One temperature fitted on val (a diagnosis head's: of its classes); the threshold is chosen on the
+    # calibrated scale that predict reports.
+    if head.multiclass:
+        outputs = val[head.class_columns].to_numpy()
+        temperature = fit_class_temperature(val["true_class"].to_numpy(), outputs)
+    else:
+        outputs = val["probability"].to_numpy()
+        temperature = fit_temperature(val["target"].to_numpy(), outputs)
+    _, calibrated = calibrate_outputs(head, outputs, temperature)
+    calibration = {"temperature": temperature, "fitted_on": threshold_split, "val_ece_before": expected_calibration_error(
+        val["target"].to_numpy(), val["probability"].to_numpy()),
+        "val_ece_after": expected_calibration_error(val["target"].to_numpy(), calibrated)}
+    scored = val.assign(probability=calibrated)
+    choice = choose_classifier_threshold(cc, scored)
+    report_split = "test" if has_test else "val"
+    report = write_split_report(model, data_dir, report_split, config, cc.batch_size, choice["threshold"], report_dir,
+                                meta={"threshold_from": threshold_split, "threshold_split": threshold_split,
+                                      "threshold_choice": choice},
+                                temperature=temperature, head=head, kind=kind)
+    return {
+        "threshold": float(choice["threshold"]),
+        "threshold_choice": choice,
+        "threshold_from": threshold_split,
+        # predict --source NAME: the same rule on that source's validation images alone
+        "threshold_by_source": choose_source_thresholds(cc, scored),
+        "temperature": temperature,
+        "calibration": calibration,
+        "report_split": report_split,
+        "metrics": report.get("summary", {}),
+    }
 
 
 def _member_summary(work: Path, k: int, seed: int) -> dict[str, Any]:

@@ -1,0 +1,208 @@
+"""train joint (issue 30): the segmenter's soft mask gating the classifier's input, trained end to end; its data
+(masked and unmasked images), losses, stages, export, and predict / evaluate with the crop stage skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from kmel import constants as C
+from tests.tiny import tiny_config
+
+JOINT = {"classifier.backbone": "resnet18", "classifier.image_size": 64, "classifier.batch_size": 8,
+         "classifier.steps_per_epoch": 2, "classifier.unfreeze": [[0, "head"], [1, "all"]], "classifier.bootstrap": 20}
+
+
+def _tiny_parts(config):
+    from kmel.models.classifier import build_classifier
+    from kmel.models.segmenter import build_segmenter
+
+    keras.utils.set_random_seed(0)
+    return build_segmenter(config.segmenter), build_classifier(config.classifier, 1)
+
+
+def test_mask_gate_and_joint_model_round_trip(tmp_path):
+    """gate = image × (α + (1 − α)·mask); the joint model's probability is the classifier's on the gated image, its
+    mask the segmenter's resized to the input; it survives a safe-mode .keras round trip."""
+    from kmel.models.joint import MaskGate, build_joint, joint_parts, probability_model
+
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    masks = np.zeros((2, 64, 64, 1), np.float32)
+    masks[:, 16:48, 16:48] = 1.0
+    gated = np.asarray(MaskGate(0.25)(images, masks))
+    assert np.allclose(gated[:, 20, 20], images[:, 20, 20]) and np.allclose(gated[:, 2, 2], 0.25 * images[:, 2, 2])
+    with pytest.raises(ValueError):
+        MaskGate(1.5)
+
+    config = tiny_config(**{**JOINT, "segmenter.image_size": 32})  # the segmenter reads a resized copy
+    segmenter, classifier = _tiny_parts(config)
+    model = build_joint(segmenter, classifier, 0.25)
+    out = model.predict_on_batch(images)
+    assert out[C.JOINT_PROBABILITY].shape == (2, 1) and out[C.JOINT_MASK].shape == (2, 64, 64, 1)
+    seg, cls = joint_parts(model)
+    mask = np.asarray(keras.layers.Resizing(64, 64)(seg(keras.layers.Resizing(32, 32)(images))))
+    assert np.allclose(out[C.JOINT_MASK], mask, atol=1e-5)
+    assert np.allclose(out[C.JOINT_PROBABILITY], cls(images * (0.25 + 0.75 * mask)), atol=1e-5)
+    model.save(tmp_path / "joint.keras")
+    loaded = keras.saving.load_model(tmp_path / "joint.keras", safe_mode=True, compile=False)
+    again = loaded.predict_on_batch(images)
+    assert np.allclose(again[C.JOINT_PROBABILITY], out[C.JOINT_PROBABILITY], atol=1e-6)
+    assert np.allclose(probability_model(loaded).predict_on_batch(images), out[C.JOINT_PROBABILITY], atol=1e-6)
+
+
+def test_joint_stages_freeze_the_segmenter_for_the_warm_up():
+    from kmel.models.joint import build_joint, joint_parts
+    from kmel.training.joint import joint_schedule, set_joint_stage
+
+    schedule = joint_schedule(((0, "head"), (2, "all")), 1)
+    assert schedule == ((0, "head/segmenter frozen"), (1, "head/segmenter trains"), (2, "all/segmenter trains"))
+    model = build_joint(*_tiny_parts(tiny_config(**JOINT)), 0.25)
+    seg, cls = joint_parts(model)
+    set_joint_stage(model, schedule[0][1], freeze_batchnorm=True)
+    assert not seg.trainable_weights and cls.get_layer("head_dense").trainable
+    assert not cls.get_layer("conv1").trainable if "conv1" in [la.name for la in cls.layers] else True
+    head_only = len(model.trainable_weights)
+    set_joint_stage(model, schedule[1][1], freeze_batchnorm=True)
+    assert seg.trainable_weights and len(model.trainable_weights) > head_only
+    assert not any(la.trainable for la in seg.layers if isinstance(la, keras.layers.BatchNormalization))
+
+
+def test_masked_tversky_leaves_out_images_without_a_mask():
+    from kmel.training.losses import MaskedTverskyLoss, TverskyLoss
+
+    rng = np.random.default_rng(1)
+    truth = (rng.uniform(size=(3, 8, 8, 1)) > 0.5).astype(np.float32)
+    pred = rng.uniform(size=(3, 8, 8, 1)).astype(np.float32)
+    per_image = np.asarray(TverskyLoss(reduction=None)(truth, pred))
+    truth[1] = -1.0
+    masked = np.asarray(MaskedTverskyLoss(reduction=None)(truth, pred))
+    assert masked[1] == 0.0 and np.allclose(masked[[0, 2]], per_image[[0, 2]])
+
+
+@pytest.fixture(scope="module")
+def joint_records(tmp_path_factory) -> Path:
+    """40 synthetic images, a quarter without an expert mask (their masks deleted before build-records)."""
+    from kmel.data.records import build_records
+    from kmel.data.synthetic import make_synthetic_dataset
+
+    tmp = tmp_path_factory.mktemp("joint")
+    make_synthetic_dataset(tmp / "data", n_images=40, seed=3, size=96)
+    for mask in sorted((tmp / "data" / "masks").iterdir())[::4]:
+        mask.unlink()
+    build_records(tmp / "data", tmp / "rec", tiny_config(), progress=False)
+    return tmp / "rec"
+
+
+def test_joint_dataset_has_every_labelled_image_and_marks_missing_masks(joint_records):
+    from kmel.data.datasets import count_joint_records, make_joint_dataset, make_joint_records
+    from kmel.evaluation.evaluate import read_record_table
+
+    config = tiny_config(**JOINT)
+    table = read_record_table(joint_records)
+    for split in ("train", "val", "test"):
+        part = table[(table[C.COL_SPLIT] == split) & (table[C.COL_TARGET] >= 0)]
+        ids = [r[C.F_IMAGE_ID].decode() for r in make_joint_records(joint_records, split, config, False)
+               .as_numpy_iterator()]
+        assert sorted(ids) == sorted(part.index) and count_joint_records(joint_records, split, config) == len(part)
+    part = table[(table[C.COL_SPLIT] == "train") & (table[C.COL_TARGET] >= 0)]
+    assert 0 < (~part["has_mask"].astype(bool)).sum() < len(part)  # both kinds present
+    n_unmasked = 0
+    for images, targets in make_joint_dataset(joint_records, "val", False, config, batch_size=4).as_numpy_iterator():
+        masks = targets[C.JOINT_MASK]
+        assert images.shape[1:] == (64, 64, 3) and masks.shape[1:] == (64, 64, 1) and images.max() > 1
+        flat = masks.reshape(len(masks), -1)
+        unknown = (flat == -1).all(axis=1)
+        assert (unknown | ((flat >= 0).all(axis=1) & (flat <= 1).all(axis=1))).all()
+        n_unmasked += int(unknown.sum())
+    val = table[(table[C.COL_SPLIT] == "val") & (table[C.COL_TARGET] >= 0)]
+    assert n_unmasked == int((~val["has_mask"].astype(bool)).sum())
+    # training batches: augmented, balanced, the missing masks still marked after the augmentation
+    images, targets = next(iter(make_joint_dataset(joint_records, "train", True, config, batch_size=16)))
+    flat = np.asarray(targets[C.JOINT_MASK]).reshape(16, -1)
+    assert ((flat == -1).all(axis=1) | (flat >= 0).all(axis=1)).all()
+
+
+def test_joint_refuses_inputs_larger_than_the_seg_records(joint_records):
+    from kmel.config import ConfigError
+    from kmel.data.datasets import make_joint_records
+
+    with pytest.raises(ConfigError, match="seg_size"):
+        make_joint_records(joint_records, "train", tiny_config(**{**JOINT, "classifier.image_size": 96}), False)
+
+
+@pytest.mark.slow
+def test_train_joint_predict_and_evaluate_through_the_cli(joint_records, tmp_path):
+    """kmel train joint from a segmenter .keras: the joint model replaces the classifier (kind joint, serve returns
+    probability and mask); predict skips the crop stage (crop_mode joint_no_crop, the whole image as box) and its
+    probability is the model's on the padded image, calibrated; evaluate scores the whole images; TFLite refused."""
+    from click.testing import CliRunner
+
+    from cli import cli
+    from kmel.models.segmenter import build_segmenter
+    from tests.handmade import write_untrained_segmenter
+    from tests.tiny import write_tiny_profile
+
+    models = tmp_path / "models"
+    config = tiny_config(**JOINT)
+    write_untrained_segmenter(models, config)
+    keras.utils.set_random_seed(0)
+    build_segmenter(config.segmenter).save(models / C.SEGMENTER_KERAS)
+    profile = write_tiny_profile(tmp_path, epochs=2, steps=2, **JOINT)
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["train", "joint", "--records", str(joint_records), "--out", str(tmp_path / "none"),
+                                  "--profile", str(profile), "--quiet"])
+    assert missing.exit_code != 0 and "train seg" in missing.output
+    result = runner.invoke(cli, ["train", "joint", "--records", str(joint_records), "--out", str(models),
+                                 "--profile", str(profile), "--logdir", str(tmp_path / "runs"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((models / C.PIPELINE_JSON).read_text())["classifier"]
+    assert entry["kind"] == "joint" and entry["crops_dir"] is None and entry["epochs_run"] == 2
+    assert entry["mask_metrics"]["val"]["images"] > 0 and 0 <= entry["mask_metrics"]["val"]["dice"] <= 1
+    assert (models / "report" / "report.json").is_file()
+    history = pd.read_csv(models / "classifier_history.csv")
+    assert "val_probability_auc" in history and "mask_loss" in history
+
+    import tensorflow as tf
+    serve = tf.saved_model.load(str(models / C.CLASSIFIER_DIR)).signatures["serve"]
+    out = serve(tf.zeros([1, 64, 64, 3]))
+    assert set(out) == {C.JOINT_PROBABILITY, C.JOINT_MASK} and out[C.JOINT_MASK].shape == (1, 64, 64, 1)
+
+    images = sorted((joint_records.parent / "data" / "images").rglob("*.jpg"))[:3]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for image in images:
+        (inputs / image.name).write_bytes(image.read_bytes())
+    csv = tmp_path / "pred.csv"
+    result = runner.invoke(cli, ["predict", str(inputs), "--models", str(models), "--out", str(csv)])
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(csv)
+    assert len(pred) == 3 and (pred["crop_mode"] == C.JOINT_CROP_MODE).all()
+    assert (pred["box_x0"] == 0).all() and (pred["box_x1"] == 96).all()
+    # the probability is the model's on the padded image, calibrated with the stored temperature
+    from kmel.models.pipeline import apply_temperature
+    from kmel.serving.predictor import JointInputs
+    from kmel.serving.runtime import config_from_pipeline
+
+    pipeline = json.loads((models / C.PIPELINE_JSON).read_text())
+    prep = JointInputs(64, config_from_pipeline(pipeline, models))
+    import cv2
+    first = pred.sort_values("path").iloc[0] if "path" in pred else pred.iloc[0]
+    name = Path(str(first.get("path", first.get("file", "")))).name or images[0].name
+    image = cv2.cvtColor(cv2.imread(str(inputs / name)), cv2.COLOR_BGR2RGB)
+    raw = serve(tf.constant(prep.pre(image).image[None].astype(np.float32)))[C.JOINT_PROBABILITY].numpy()
+    assert float(first["probability"]) == pytest.approx(
+        float(apply_temperature(raw.reshape(-1), entry["temperature"])[0]), abs=2e-3)
+
+    result = runner.invoke(cli, ["evaluate", "--records", str(joint_records), "--models", str(models),
+                                 "--out", str(tmp_path / "eval"), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert (table["crop_mode"] == C.JOINT_CROP_MODE).all() and len(table) == entry["metrics"]["n"]
+    refused = runner.invoke(cli, ["export", "--format", "tflite", "--models", str(models),
+                                  "--records", str(joint_records)])
+    assert refused.exit_code != 0 and "joint" in refused.output
