@@ -155,3 +155,58 @@ def test_crop_pipeline_matches_prepare_crop_directly(setup):
     assert abs((x0 + x1) / 2 - 120) <= 4 and abs((y0 + y1) / 2 - 75) <= 4
     assert x1 - x0 <= 1.6 * 120  # a square box around the long side plus margin, clipped to the image
     assert 0 <= x0 and 0 <= y0 and x1 <= 240 and y1 <= 150
+
+
+def test_segmenter_reads_the_raw_image_it_learned_on_and_old_models_keep_their_enhanced_input(tmp_path):
+    """crops.enhance_segmenter_input: off by default (the segmenter learns on raw seg records; CLAHE + gamma on its
+    input cost 0.02-0.03 thresholded Jaccard, bench/seg_input_check.py); a pipeline.json from before the setting
+    gets it on (what its crops were made with), and that keeps its crops folder's name and the records' identity."""
+    import hashlib
+    import json
+    from dataclasses import replace
+
+    import cv2
+    import numpy as np
+
+    from kmel.config import load_config, to_plain
+    from kmel.data.images import pad_to_square
+    from kmel.data.records import _prepare_cache_dir
+    from kmel.lesion.crops import CropPipeline, crops_dir_for
+    from kmel.lesion.lesion import enhance_for_segmentation
+    from kmel.serving.runtime import config_from_pipeline
+
+    config = load_config("cpu-small")
+    assert config.crops.enhance_segmenter_input is False
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 200, (96, 128, 3), dtype=np.uint8)
+    size = config.records.image_size
+
+    def expected(img):
+        from kmel.data.images import resize_long_side
+
+        square, _ = pad_to_square(img)
+        return cv2.resize(square, (64, 64), interpolation=cv2.INTER_AREA), resize_long_side(image, size)
+
+    with CropPipeline(None, 64, config, 1) as crops:
+        raw = crops.pre(image).seg_input
+    legacy = replace(config, crops=replace(config.crops, enhance_segmenter_input=True))
+    with CropPipeline(None, 64, legacy, 1) as crops:
+        enhanced = crops.pre(image).seg_input
+    small = expected(image)[1]
+    assert np.array_equal(raw, expected(small)[0])
+    assert np.array_equal(enhanced, expected(enhance_for_segmentation(small, config.crops))[0])
+    assert not np.array_equal(raw, enhanced)
+
+    old_crops = {k: v for k, v in to_plain(config.crops).items() if k != "enhance_segmenter_input"}
+    pipeline = {"segmenter": {"records": to_plain(config.records), "crops": old_crops, "config": to_plain(config.segmenter)},
+                "classifier": {"crops": old_crops, "config": to_plain(config.classifier)}}
+    assert config_from_pipeline(pipeline).crops.enhance_segmenter_input is True
+    pipeline["classifier"]["crops"] = to_plain(config.crops)
+    assert config_from_pipeline(pipeline).crops.enhance_segmenter_input is False
+    # the folder name of crops made before the setting: sha256 of the settings without it
+    old_settings = json.dumps({"crops": old_crops, "size": config.classifier.image_size,
+                               "records": config.records.image_size, "segmenter": "abc"}, sort_keys=True)
+    old_name = f"crops-abc-{hashlib.sha256(old_settings.encode()).hexdigest()[:8]}"
+    assert crops_dir_for(tmp_path, "abc", legacy).name == old_name
+    assert crops_dir_for(tmp_path, "abc", config).name != old_name
+    assert _prepare_cache_dir(tmp_path, config) == _prepare_cache_dir(tmp_path, legacy)  # records do not depend on it

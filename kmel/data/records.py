@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import kmel
 from kmel import constants as C
-from kmel.config import Config, ConfigError, save_config, to_plain
+from kmel.config import LEGACY_CROPS, Config, ConfigError, save_config, to_plain
 from kmel.data.metadata import (
     apply_task,
     diagnosis_drops,
@@ -75,6 +75,12 @@ def run_parallel(
     return results
 
 
+def _records_crops(config: Config) -> dict[str, Any]:
+    """The crop settings image records depend on (the skin tone's): not those added later that only the crop
+    stage reads (LEGACY_CROPS), so adding one leaves existing records current."""
+    return {k: v for k, v in to_plain(config.crops).items() if k not in LEGACY_CROPS}
+
+
 def _prepare_cache_dir(out_dir: Path, config: Config) -> Path:
     """Cache keyed by every setting that changes a prepared payload."""
     key = json.dumps(
@@ -82,7 +88,7 @@ def _prepare_cache_dir(out_dir: Path, config: Config) -> Path:
             "image_size": config.records.image_size,
             "seg_size": config.records.seg_size,
             "jpeg_quality": config.records.jpeg_quality,
-            "crops": to_plain(config.crops),
+            "crops": _records_crops(config),
             "version": 2,  # 2: one .prep file per image
         },
         sort_keys=True,
@@ -240,7 +246,7 @@ def build_records(
     table = table.sort_values([C.COL_SPLIT, C.COL_IMAGE_ID], kind="stable").reset_index(drop=True)
 
     shards: dict[str, dict[str, list]] = {"img": {}, "seg": {}}
-    settings = {"records": to_plain(rc), "crops": to_plain(config.crops)}
+    settings = {"records": to_plain(rc), "crops": _records_crops(config)}
     bar = tqdm(total=len(table) + int(table["has_mask"].sum()), desc="write shards", unit="rec",
                disable=not progress, dynamic_ncols=True)
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import kmel
 from kmel import constants as C
-from kmel.config import Config, to_plain
+from kmel.config import Config, crops_identity
 from kmel.data.images import encode_jpeg, pad_to_square, resize_long_side
 from kmel.lesion.lesion import CropResult, enhance_for_segmentation, prepare_crop
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
@@ -97,7 +97,8 @@ class CropPipeline:
         ``original_size``: (height, width) of the file when ``image`` was decoded reduced (boxes are
         reported in the file's pixels)."""
         small = resize_long_side(image, self.config.records.image_size)
-        enhanced = enhance_for_segmentation(small, self.config.crops)
+        crops = self.config.crops
+        enhanced = enhance_for_segmentation(small, crops) if crops.enhance_segmenter_input else small
         square, pad = pad_to_square(enhanced)
         seg_input = cv2.resize(square, (self.seg_size, self.seg_size), interpolation=cv2.INTER_AREA)
         size = original_size if original_size is not None else image.shape[:2]
@@ -144,7 +145,7 @@ class CropPipeline:
 
 def crop_settings(config: Config, segmenter_fingerprint: str) -> str:
     """Everything that changes a crop record's pixels, as one canonical JSON string."""
-    return json.dumps({"crops": to_plain(config.crops), "size": config.classifier.image_size,
+    return json.dumps({"crops": crops_identity(config.crops), "size": config.classifier.image_size,
                        "records": config.records.image_size, "segmenter": segmenter_fingerprint}, sort_keys=True)
 
 
@@ -294,7 +295,8 @@ def ensure_crop_records(
         from kmel.data.records import load_manifest
 
         current = load_manifest(records_dir)["fingerprint"]
-        if data.get("source_fingerprint") == current and data["config"].get("crops") == to_plain(config.crops) \
+        if data.get("source_fingerprint") == current \
+                and crops_identity(data["config"].get("crops", {})) == crops_identity(config.crops) \
                 and data["config"]["classifier"]["image_size"] == config.classifier.image_size:
             return out
     if not build:

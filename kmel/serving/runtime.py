@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kmel import constants as C
-from kmel.config import Config, ConfigError, config_from_dict
+from kmel.config import Config, ConfigError, config_from_dict, with_legacy_crops
 from kmel.models.integrity import (
     DEFAULT_CHECKS,
     ModelChecks,
@@ -38,7 +38,7 @@ def config_from_pipeline(pipeline: dict[str, Any], models_dir: str | Path = "sav
     seg, cls = pipeline["segmenter"], pipeline["classifier"]
     # The crop settings the classifier's crops were made with (recorded since kmel 0.1.x); before, the
     # segmenter's, which train cls used unless its profile said otherwise.
-    return config_from_dict({"records": seg["records"], "crops": cls.get("crops", seg["crops"]),
+    return config_from_dict({"records": seg["records"], "crops": with_legacy_crops(cls.get("crops", seg["crops"])),
                              "segmenter": seg["config"], "classifier": cls["config"]})
 
 
