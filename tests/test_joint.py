@@ -207,6 +207,22 @@ def test_train_joint_predict_and_evaluate_through_the_cli(joint_records, tmp_pat
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     assert (table["crop_mode"] == C.JOINT_CROP_MODE).all() and len(table) == entry["metrics"]["n"]
+    # serve: the same model behind the HTTP API, its card saying what it is
+    from fastapi.testclient import TestClient
+
+    from kmel.serving.app import make_app
+
+    by_name = pred.set_index(pred["path"].map(lambda path: Path(path).name))
+    with TestClient(make_app(models)) as client:
+        card = client.get("/api/model").json()
+        assert card["models"]["joint"]["settings"]["alpha"] == 0.25
+        response = client.post("/api/predict", files=[("files", (name.name, name.read_bytes(), "image/jpeg"))
+                                                      for name in images[:2]])
+        assert response.status_code == 200, response.text
+        rows = response.json()["results"]
+        assert [r["crop_mode"] for r in rows] == [C.JOINT_CROP_MODE] * 2
+        assert rows[0]["probability"] == pytest.approx(float(by_name.loc[images[0].name, "probability"]),
+                                                       abs=1e-5)
     refused = runner.invoke(cli, ["export", "--format", "tflite", "--models", str(models),
                                   "--records", str(joint_records)])
     assert refused.exit_code != 0 and "joint" in refused.output

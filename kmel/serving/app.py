@@ -157,7 +157,10 @@ def model_card(predictor: Any, explain: bool) -> dict[str, Any]:
         "threshold_by_source": cls.get("threshold_by_source") or {},
         "calibration": cls.get("calibration") or {"temperature": predictor.temperature},
         "models": {"segmenter": {k: seg.get(k) for k in ("backbone", "image_size", "metrics")},
-                   "classifier": {k: cls.get(k) for k in ("backbone", "image_size", "precision", "epochs_run")}},
+                   "classifier": {k: cls.get(k) for k in ("backbone", "image_size", "precision", "epochs_run")},
+                   # train joint: one model, segmenter and classifier; the whole image in, no crop stage
+                   **({"joint": {"settings": cls.get("joint"), "mask_metrics": cls.get("mask_metrics")}}
+                      if cls.get("kind") == "joint" else {})},
         "fingerprints": {"segmenter": seg.get("fingerprint"), "classifier": cls.get("fingerprint"),
                          "classifier_trained_on_segmenter": cls.get("segmenter_fingerprint"),
                          "records": cls.get("records_fingerprint"), "weights_digest": cls.get("weights_digest")},
