@@ -1,4 +1,4 @@
-"""The related systems' profiles (smartphone-resnet50, isic2017-resnet, ham7-resnet152; docs/training.md, "Related
+"""The related systems' profiles (smartphone-resnet50, isic2017-resnet, ham7-resnet152, joint-resnet50; docs/training.md, "Related
 systems as profiles") and the conv4 head: each profile loads, its classifier builds at 32 px from scratch, its first
 unfreezing stage trains the head (the conv4 head's BatchNorm too) and one step with kmel's loss and optimizer moves
 the head; a conv4 classifier round-trips through .keras in safe mode."""
@@ -135,3 +135,39 @@ def test_invalid_head_is_refused_naming_the_choices():
     cc = dataclasses.replace(load_config("cpu-small").classifier, head="dense")
     with pytest.raises(ConfigError, match="pool.*conv4"):
         build_classifier(cc)
+
+
+def test_joint_resnet50_profile_builds_its_joint_model_and_trains_a_step():
+    """joint-resnet50 (train seg + train joint): ResNet50 at 224 px from ImageNet on the masked image (alpha 0, no
+    segmentation term), runnable as shipped (its seg records at least its input size); at 32 px from scratch its joint
+    model trains one step with the segmenter frozen in the warm-up: the head moves, the segmenter does not."""
+    from kmel import constants as C
+    from kmel.models.joint import build_joint, joint_parts
+    from kmel.models.segmenter import build_segmenter
+    from kmel.training.joint import joint_schedule, set_joint_stage
+    from kmel.training.losses import MaskedTverskyLoss
+
+    shipped = load_config("joint-resnet50")
+    assert (shipped.classifier.backbone, shipped.classifier.weights, shipped.classifier.image_size) == \
+        ("resnet50", "imagenet", 224)
+    assert (shipped.joint.alpha, shipped.joint.mask_loss_weight, shipped.joint.segmenter_warmup_epochs) == (0.0, 0.0, 1)
+    assert shipped.records.seg_size >= shipped.classifier.image_size
+    config = load_config("joint-resnet50", {"classifier.image_size": SIZE, "classifier.weights": "none",
+                                            "segmenter.image_size": 64, "segmenter.weights": "none"})
+    cc = config.classifier
+    keras.utils.set_random_seed(0)
+    model = build_joint(build_segmenter(config.segmenter), build_classifier(cc, 1), config.joint.alpha)
+    stage = joint_schedule(cc.unfreeze, config.joint.segmenter_warmup_epochs)[0][1]
+    assert stage == "head/segmenter frozen"
+    set_joint_stage(model, stage, freeze_batchnorm=True)
+    segmenter, classifier = joint_parts(model)
+    model.compile(optimizer=make_classifier_optimizer(cc, total_steps=10),
+                  loss={C.JOINT_PROBABILITY: make_classifier_loss(cc, 1), C.JOINT_MASK: MaskedTverskyLoss()},
+                  loss_weights={C.JOINT_PROBABILITY: 1.0, C.JOINT_MASK: config.joint.mask_loss_weight}, run_eagerly=True)
+    dense = classifier.get_layer("head_dense").kernel
+    dense.assign(dense * 1e-3)
+    before, seg_before = np.array(dense), [np.array(w) for w in segmenter.weights]
+    model.train_on_batch(_images(), {C.JOINT_PROBABILITY: np.array([[0.0], [1.0], [0.0], [1.0]], "float32"),
+                                     C.JOINT_MASK: -np.ones((4, SIZE, SIZE, 1), "float32")})
+    assert not np.array_equal(before, np.array(dense))
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(seg_before, segmenter.weights))
