@@ -1,7 +1,7 @@
-"""The related systems' profiles (smartphone-resnet50, isic2017-resnet, ham7-resnet152, joint-resnet50; docs/training.md, "Related
-systems as profiles") and the conv4 head: each profile loads, its classifier builds at 32 px from scratch, its first
-unfreezing stage trains the head (the conv4 head's BatchNorm too) and one step with kmel's loss and optimizer moves
-the head; a conv4 classifier round-trips through .keras in safe mode."""
+"""The related systems' profiles (smartphone-resnet50, isic2017-resnet, ham7-resnet152, joint-resnet50;
+docs/training.md, "Related systems as profiles") and the conv4 head: each profile loads, its classifier builds at 32 px
+from scratch, its first unfreezing stage trains the head (the conv4 head's BatchNorm too) and one step with kmel's loss
+and optimizer moves the head; a conv4 classifier round-trips through .keras in safe mode."""
 
 from __future__ import annotations
 
