@@ -15,7 +15,6 @@ SavedModel, whose ``serve`` returns ``probability`` and ``mask``; pipeline.json'
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from kmel.config import Config, ConfigError, save_config, to_plain
 from kmel.data.datasets import count_joint_records, make_joint_dataset
 from kmel.data.records import load_manifest, shard_paths
 from kmel.models.pipeline import read_pipeline
-from kmel.serving.export import update_pipeline
 from kmel.training.callbacks import PreciseBatchNorm, StagedUnfreezing, stage_for_epoch
 from kmel.training.distribute import (
     jit_compile_setting,
@@ -35,7 +33,7 @@ from kmel.training.distribute import (
     set_precision,
     shard_for_workers,
 )
-from kmel.training.run_folder import commit_run, read_history, start_run
+from kmel.training.run_folder import read_history, start_run
 from kmel.training.train import (
     _callbacks,
     _finish_model,
@@ -43,7 +41,8 @@ from kmel.training.train import (
     _worker_dirs,
     calibrate_and_report,
     check_threshold_groups,
-    weights_digest,
+    publish_run,
+    skin_tone_entry,
 )
 
 KIND = "joint"
@@ -202,14 +201,8 @@ def fit_joint(
         "ensemble": 1,
         "members": [],
         "config": to_plain(cc),
-        "skin_tone": {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
-                      "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)},
+        "skin_tone": skin_tone_entry(),
     }
-    entry["weights_digest"] = weights_digest(final)
-    commit_run(work, models_dir, [C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, "classifier_history.csv",
-                                  "classifier_config.yaml", "report"])
-    update_pipeline(models_dir, "classifier", entry)
-    shutil.rmtree(work, ignore_errors=True)
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return entry
+    return publish_run(work, models_dir, "classifier", entry, final,
+                       [C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, "classifier_history.csv", "classifier_config.yaml",
+                        "report"], scratch)

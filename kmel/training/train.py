@@ -156,6 +156,26 @@ def _finish_model(
     return saved_model_fingerprint(models_dir / export_dir)
 
 
+def skin_tone_entry() -> dict[str, Any]:
+    """The skin-tone groups and ITA categories a classifier's report and predict use, for its pipeline entry."""
+    return {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
+            "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)}
+
+
+def publish_run(work: Path, models_dir: Path, section: str, entry: dict[str, Any], final: keras.Model,
+                files: Sequence[str], scratch: Path | None) -> dict[str, Any]:
+    """The end of every training: the entry gets the final weights' digest, the run's ``files`` replace the
+    previous model's in ``models_dir`` (:func:`commit_run`), pipeline.json's ``section`` is set, and the run folder
+    (and a worker's scratch folder) go. Returns the entry."""
+    entry["weights_digest"] = weights_digest(final)
+    commit_run(work, models_dir, list(files))
+    update_pipeline(models_dir, section, entry)
+    shutil.rmtree(work, ignore_errors=True)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return entry
+
+
 def _run_settings(section: str, settings: Any, manifest: dict[str, Any], policy: str) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one: the model's settings, the data, the precision."""
     return {**{f"{section}.{k}": v for k, v in to_plain(settings).items()}, "data": manifest["fingerprint"],
@@ -254,13 +274,8 @@ def fit_segmenter(
         "records": to_plain(config.records),
         "crops": to_plain(config.crops),
     }
-    entry["weights_digest"] = weights_digest(final)
-    commit_run(work, models_dir, [C.SEGMENTER_KERAS, C.SEGMENTER_DIR, "segmenter_history.csv", "segmenter_config.yaml"])
-    update_pipeline(models_dir, "segmenter", entry)
-    shutil.rmtree(work, ignore_errors=True)
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return entry
+    return publish_run(work, models_dir, "segmenter", entry, final,
+                       [C.SEGMENTER_KERAS, C.SEGMENTER_DIR, "segmenter_history.csv", "segmenter_config.yaml"], scratch)
 
 
 THRESHOLD_GROUP_COLUMNS = {"skin_tone": C.COL_SKIN_TONE_NAME, "source": C.COL_SOURCE}
@@ -486,18 +501,12 @@ def fit_classifier(
         "ensemble": cc.ensemble,
         "members": [_member_summary(work, k, cc.seed + k) for k in range(cc.ensemble)] if cc.ensemble > 1 else [],
         "config": to_plain(cc),
-        "skin_tone": {"groups": list(C.SKIN_TONE_GROUPS), "edges": list(C.SKIN_TONE_EDGES),
-                      "ita_categories": list(C.ITA_CATEGORIES), "ita_edges": list(C.ITA_EDGES)},
+        "skin_tone": skin_tone_entry(),
     }
-    entry["weights_digest"] = weights_digest(final)
-    commit_run(work, models_dir, [C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, "classifier_history.csv",
-                                  *(f"classifier_m{k}_history.csv" for k in range(1, cc.ensemble)),
-                                  "classifier_config.yaml", "report"])
-    update_pipeline(models_dir, "classifier", entry)
-    shutil.rmtree(work, ignore_errors=True)
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return entry
+    return publish_run(work, models_dir, "classifier", entry, final,
+                       [C.CLASSIFIER_KERAS, C.CLASSIFIER_DIR, "classifier_history.csv",
+                        *(f"classifier_m{k}_history.csv" for k in range(1, cc.ensemble)), "classifier_config.yaml",
+                        "report"], scratch)
 
 
 def calibrate_and_report(
