@@ -694,6 +694,17 @@ def test_the_page_in_a_real_browser_shows_the_apis_probabilities(setup, shared_d
                 assert float(shown.get_attribute("data-probability")) == entry["probability"]
                 assert entry["label"] in card.text and entry["skin_tone_group"] in card.text
                 assert len(card.find_elements(By.CSS_SELECTOR, "img")) == 3  # the image, its crop, Grad-CAM
+            # the source picker lists the sources with a threshold of their own; picking one decides with it
+            from selenium.webdriver.support.ui import Select
+
+            assert driver.find_element(By.ID, "source-field").is_displayed()
+            picker = Select(driver.find_element(By.ID, "source"))
+            assert [o.get_attribute("value") for o in picker.options] == ["", "clinic_a"]
+            picker.select_by_value("clinic_a")
+            driver.find_element(By.ID, "files").send_keys(str(images[0]))
+            WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == 3)
+            latest = driver.find_elements(By.CSS_SELECTOR, ".result")[-1]
+            assert "threshold 0.0100" in latest.text and "malignant" in latest.text, latest.text
             logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
             assert not logs, logs  # no script error, nothing the page's policy blocked
             driver.save_screenshot(str(tmp_path / "serve.png"))
