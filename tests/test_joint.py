@@ -57,11 +57,20 @@ def test_mask_gate_and_joint_model_round_trip(tmp_path):
 
 def test_joint_stages_freeze_the_segmenter_for_the_warm_up():
     from kmel.models.joint import build_joint, joint_parts
+    from kmel.models.segmenter import set_trainable_stages
+    from kmel.training.callbacks import all_layers, apply_precise_batchnorm
     from kmel.training.joint import joint_schedule, set_joint_stage
 
     schedule = joint_schedule(((0, "head"), (2, "all")), 1)
     assert schedule == ((0, "head/segmenter frozen"), (1, "head/segmenter trains"), (2, "all/segmenter trains"))
-    model = build_joint(*_tiny_parts(tiny_config(**JOINT)), 0.25)
+    segmenter, classifier = _tiny_parts(tiny_config(**JOINT))
+    set_trainable_stages(segmenter, "4")  # a segmenter saved before its schedule reached "all": stages frozen
+    n_weights = len(segmenter.weights) + len(classifier.weights)
+    model = build_joint(segmenter, classifier, 0.25)
+    # every weight trainable at the start, so the optimizer is built over all (the stages then freeze)
+    assert len(model.trainable_weights) == len([w for w in model.weights if w.trainable]) and \
+        all(layer.trainable for layer in all_layers(model))
+    assert len(model.weights) == n_weights
     seg, cls = joint_parts(model)
     set_joint_stage(model, schedule[0][1], freeze_batchnorm=True)
     assert not seg.trainable_weights and cls.get_layer("head_dense").trainable
@@ -70,6 +79,10 @@ def test_joint_stages_freeze_the_segmenter_for_the_warm_up():
     set_joint_stage(model, schedule[1][1], freeze_batchnorm=True)
     assert seg.trainable_weights and len(model.trainable_weights) > head_only
     assert not any(la.trainable for la in seg.layers if isinstance(la, keras.layers.BatchNormalization))
+    # from scratch (BatchNorm learning), Precise BN reaches the classifier's BatchNorm inside the nested model
+    set_joint_stage(model, schedule[2][1], freeze_batchnorm=False)
+    n_bn = sum(isinstance(la, keras.layers.BatchNormalization) for la in cls.layers)
+    assert n_bn and apply_precise_batchnorm(model, [np.zeros((2, 32, 32, 3), np.float32)]) == n_bn
 
 
 def test_masked_tversky_leaves_out_images_without_a_mask():
@@ -125,6 +138,25 @@ def test_joint_dataset_has_every_labelled_image_and_marks_missing_masks(joint_re
         n_unmasked += int(unknown.sum())
     val = table[(table[C.COL_SPLIT] == "val") & (table[C.COL_TARGET] >= 0)]
     assert n_unmasked == int((~val["has_mask"].astype(bool)).sum())
+    # predict's input for a file is the training input of its record (masked: seg record; unmasked: img record),
+    # up to the records' JPEG and resampling
+    import cv2
+
+    from kmel.data.datasets import parse_joint_record
+    from kmel.serving.predictor import JointInputs
+
+    inputs = JointInputs(32, config)
+    kinds = set()
+    for record in make_joint_records(joint_records, "val", config, False).as_numpy_iterator():
+        image_id, masked = record[C.F_IMAGE_ID].decode(), len(record[C.F_MASK]) > 0
+        if masked in kinds:
+            continue
+        kinds.add(masked)
+        path = next((joint_records.parent / "data" / "images").rglob(image_id + ".jpg"))
+        trained = np.asarray(parse_joint_record(record, 32)[0])
+        served = inputs.pre(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)).image.astype(np.float32)
+        assert np.abs(trained - served).mean() < 4.0, (image_id, masked, np.abs(trained - served).mean())
+    assert kinds == {True, False}
     # training batches: augmented, balanced, the missing masks still marked after the augmentation
     images, targets = next(iter(make_joint_dataset(joint_records, "train", True, config, batch_size=16)))
     flat = np.asarray(targets[C.JOINT_MASK]).reshape(16, -1)

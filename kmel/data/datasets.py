@@ -314,6 +314,11 @@ def make_joint_records(records_dir: str | Path, split: str, config: Config, trai
     records_dir = Path(records_dir)
     manifest = load_manifest(records_dir)
     seg_size = int(manifest["config"]["records"]["seg_size"])
+    image_size = int(manifest["config"]["records"]["image_size"])
+    if config.classifier.image_size > image_size:
+        raise ConfigError(f"train joint at {config.classifier.image_size} px needs image records of at least that size; "
+                          f"{records_dir} has {image_size} px ones (their long side): build-records again with "
+                          f"records.image_size >= {config.classifier.image_size}, or a smaller --image-size")
     if config.classifier.image_size > seg_size:
         raise ConfigError(f"train joint at {config.classifier.image_size} px needs seg records of at least that size; "
                           f"{records_dir} has {seg_size} px ones: build-records again with records.seg_size >= "

@@ -63,6 +63,8 @@ ALLOWED_OPS |= frozenset({
     "LogicalNot", "LogicalOr", "Min", "NotEqual", "OnesLike", "PartitionedCall", "Reciprocal", "ResizeNearestNeighbor",
     "Round", "Selu", "SelectV2", "Sign", "Softmax", "Softplus", "Split", "SplitV", "SquaredDifference", "Tanh",
     "Transpose", "Unpack", "Where",
+    # the antialiased resize (train joint's segmenter input: kmel/models/joint.py)
+    "ScaleAndTranslate", "ScaleAndTranslateGrad",
     # their gradients (Grad-CAM endpoints differentiate through the layers) and pooling / normalisation
     "AvgPool", "AvgPoolGrad", "EluGrad", "FusedBatchNormV3", "FusedBatchNormGradV3", "LeakyReluGrad", "MaxPoolGrad",
     "ReluGrad", "ResizeBilinearGrad", "ResizeNearestNeighborGrad", "RsqrtGrad", "SeluGrad", "SoftplusGrad",

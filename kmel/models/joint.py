@@ -57,8 +57,17 @@ def build_joint(segmenter: keras.Model, classifier: keras.Model, alpha: float) -
     if segmenter.outputs[0].shape[-1] != 1:
         raise ConfigError(f"the joint model needs a one-channel lesion segmenter, got outputs {segmenter.outputs[0].shape}")
     segmenter.name, classifier.name = SEGMENTER_PART, CLASSIFIER_PART
+    # Every layer trainable to begin with, whatever the saved segmenter's last stage froze: the optimizer is built
+    # over all weights, and the training's stages then freeze what they must (a weight left out of the optimizer
+    # cannot be unfrozen later).
+    for part in (segmenter, classifier):
+        part.trainable = True
+        for layer in part.layers:
+            layer.trainable = True
     images = keras.Input((size, size, 3), name="images")
-    seg_in = images if seg_size == size else layers.Resizing(seg_size, seg_size, name="to_segmenter")(images)
+    # antialiased, as the records' images were resized for the segmenter's training
+    seg_in = images if seg_size == size else layers.Resizing(seg_size, seg_size, antialias=True,
+                                                             name="to_segmenter")(images)
     mask = layers.Activation("linear", dtype="float32", name="mask_raw")(segmenter(seg_in))
     if seg_size != size:
         mask = layers.Resizing(size, size, name="from_segmenter")(mask)

@@ -38,7 +38,9 @@ def config_from_pipeline(pipeline: dict[str, Any], models_dir: str | Path = "sav
     seg, cls = pipeline["segmenter"], pipeline["classifier"]
     # The crop settings the classifier's crops were made with (recorded since kmel 0.1.x); before, the
     # segmenter's, which train cls used unless its profile said otherwise.
-    return config_from_dict({"records": seg["records"], "crops": with_legacy_crops(cls.get("crops", seg["crops"])),
+    # a joint model reads whole images as its own records held them; a crop classifier, the segmenter's records
+    records = cls["records"] if cls.get("kind") == "joint" and "records" in cls else seg["records"]
+    return config_from_dict({"records": records, "crops": with_legacy_crops(cls.get("crops", seg["crops"])),
                              "segmenter": seg["config"], "classifier": cls["config"]})
 
 

@@ -39,6 +39,16 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.wait = len(self.prior) - 1 - found[1]
 
 
+def all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of ``model``, those of nested models (``train joint``'s segmenter and classifier) included."""
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if isinstance(layer, keras.Model):
+            out.extend(all_layers(layer))
+    return out
+
+
 def apply_precise_batchnorm(model: keras.Model, batches: Sequence[np.ndarray]) -> int:
     """Reset the moving statistics of every *trainable* BatchNormalization layer to the plain average
     of their batch statistics over ``batches`` (forward passes in training mode; no weight changes).
@@ -47,7 +57,7 @@ def apply_precise_batchnorm(model: keras.Model, batches: Sequence[np.ndarray]) -
     fast-moving weights, and inference-mode outputs can saturate to a constant. Frozen (pretrained)
     BatchNorm layers are left alone. Returns the number of layers recalibrated.
     """
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
               and layer.trainable]
     if not layers or not len(batches):
         return 0

@@ -192,6 +192,8 @@ def fit_joint(
         # the segmenter the mask started from (the one beside it in this folder); its fine-tuned copy is inside
         "segmenter_fingerprint": segmenter_entry.get("fingerprint"),
         "joint": to_plain(jc),
+        # the records it learned from: predict reduces an image to their image_size before padding it, as they did
+        "records": manifest["config"]["records"],
         "mask_metrics": masks,
         "crops": to_plain(config.crops),  # the skin-tone settings predict estimates with
         "records_fingerprint": manifest["fingerprint"],
