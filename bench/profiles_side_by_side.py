@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per epoch")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=None, help="classifier seed (default: each profile's)")
     parser.add_argument("--download-weights", action="store_true",
                         help="keep each profile's ImageNet weights (downloaded and checked once; needs the internet) "
                              "instead of starting the ResNets from scratch")
@@ -75,7 +76,8 @@ def main() -> None:
         offline = base.classifier.backbone in OFFLINE_IMAGENET or args.download_weights
         overrides = {"classifier.image_size": args.image_size, "classifier.steps_per_epoch": args.steps,
                      "classifier.epochs": args.epochs, "classifier.batch_size": args.batch_size,
-                     "classifier.bootstrap": 200, "classifier.early_stopping_patience": args.epochs}
+                     "classifier.bootstrap": 200, "classifier.early_stopping_patience": args.epochs,
+                     "classifier.seed": args.seed}
         if not offline:
             overrides.update({"classifier.weights": "none", "classifier.unfreeze": [[0, "all"]]})
         data = load_config(profile, overrides).to_dict()
