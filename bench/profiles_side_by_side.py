@@ -62,13 +62,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=None, help="classifier seed (default: each profile's)")
+    parser.add_argument("--enhance-segmenter-input", action="store_true",
+                        help="crops.enhance_segmenter_input on (CLAHE + gamma on the segmenter's input, as before it "
+                             "became off by default)")
     parser.add_argument("--download-weights", action="store_true",
                         help="keep each profile's ImageNet weights (downloaded and checked once; needs the internet) "
                              "instead of starting the ResNets from scratch")
     args = parser.parse_args()
     records = linked_records(args.seg / "records", args.out / "records")
     manifest = json.loads((records / C.MANIFEST).read_text())
-    crops_settings = load_config("cpu-10k").crops
+    crops_settings = load_config("cpu-10k", {"crops.enhance_segmenter_input": args.enhance_segmenter_input}).crops
     result = {"command": "python bench/profiles_side_by_side.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": {}}
     for profile in args.profiles.split(","):
