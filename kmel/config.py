@@ -105,8 +105,9 @@ class CropsConfig:
     colour_constancy_p: float = 0.0
     # CLAHE + gamma (clahe_clip, clahe_tiles, gamma) on the image the segmenter reads when making crops. Off: the
     # segmenter learns on the raw seg records, and on the union test images the enhanced input cost it 0.022 (ISIC)
-    # and 0.030 (HAM10000) thresholded Jaccard (bench/seg_input_check.py). Crops made before this setting existed
-    # had it on; their models keep it (see LEGACY_CROPS).
+    # and 0.030 (HAM10000) thresholded Jaccard (bench/seg_input_check.py); a classifier on those crops did not gain
+    # at a small budget (ISIC AUC about -0.02, HAM10000 within noise: docs/benchmarks.md). Crops made before this
+    # setting existed had it on; their models keep it (see LEGACY_CROPS).
     enhance_segmenter_input: bool = False
     skin_border: float = 0.05  # fraction of the image border excluded from skin tone
     skin_min_pixels: int = 200
