@@ -258,3 +258,22 @@ def test_train_joint_predict_and_evaluate_through_the_cli(joint_records, tmp_pat
     refused = runner.invoke(cli, ["export", "--format", "tflite", "--models", str(models),
                                   "--records", str(joint_records)])
     assert refused.exit_code != 0 and "joint" in refused.output
+
+
+def test_flip_average_reuses_the_plain_output_a_joint_call_gave():
+    """predict --tta on a joint model: the plain view's probability comes with the mask, so only the three flips are
+    scored again; the average is the same as scoring all four."""
+    from kmel.serving.predictor import flip_averaged
+
+    calls = []
+
+    def classify(batch):
+        calls.append(1)
+        return batch[:, :2, :3].reshape(len(batch), -1).mean(axis=1, keepdims=True) * np.arange(1, len(batch) + 1)[:, None]
+
+    batch = np.random.default_rng(0).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
+    averaged = flip_averaged(classify)
+    full = averaged(batch)
+    calls.clear()
+    reused = averaged(batch, plain=classify(batch))
+    assert len(calls) == 4 and np.allclose(reused, full)  # 1 plain call here + 3 flips

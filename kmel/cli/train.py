@@ -90,7 +90,7 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
     """
 
     def body() -> int:
-        if ensemble is not None and model not in ("cls", "joint"):
+        if ensemble is not None and model != "cls":
             raise click.UsageError("--ensemble is a classifier option: kmel train cls --ensemble K")
         if model == "fusion":
             return _train_fusion(records, out, profile, seed, quiet, dict(
@@ -98,8 +98,6 @@ def train(model: str, records: str, out: str, profile: str, epochs: int | None, 
                 backbone=backbone, weights=weights, weights_mirror=weights_mirror,
                 strategy=None if strategy == "auto" else strategy, precision=None if precision == "auto" else precision,
                 restart=restart or None))
-        if ensemble is not None and model == "joint":
-            raise click.UsageError("--ensemble is for train cls; train joint trains one model")
         section = "segmenter" if model == "seg" else "classifier"
         overrides = {f"{section}.{k}": v for k, v in dict(
             epochs=epochs, batch_size=batch_size, steps_per_epoch=steps_per_epoch, image_size=image_size,

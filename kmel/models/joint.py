@@ -22,9 +22,6 @@ from kmel.config import ConfigError
 
 SEGMENTER_PART = "segmenter"
 CLASSIFIER_PART = "classifier"
-# The model's output names (the keys of its ``serve`` endpoint's outputs and of its losses).
-PROBABILITY_OUTPUT = C.JOINT_PROBABILITY
-MASK_OUTPUT = C.JOINT_MASK
 
 
 @keras.saving.register_keras_serializable(package="kmel")
@@ -71,10 +68,10 @@ def build_joint(segmenter: keras.Model, classifier: keras.Model, alpha: float) -
     mask = layers.Activation("linear", dtype="float32", name="mask_raw")(segmenter(seg_in))
     if seg_size != size:
         mask = layers.Resizing(size, size, name="from_segmenter")(mask)
-    mask = layers.Activation("linear", dtype="float32", name=MASK_OUTPUT)(mask)
+    mask = layers.Activation("linear", dtype="float32", name=C.JOINT_MASK)(mask)
     gated = MaskGate(alpha, name="gate")(images, mask)
-    probability = layers.Activation("linear", dtype="float32", name=PROBABILITY_OUTPUT)(classifier(gated))
-    return keras.Model(images, {PROBABILITY_OUTPUT: probability, MASK_OUTPUT: mask}, name="joint")
+    probability = layers.Activation("linear", dtype="float32", name=C.JOINT_PROBABILITY)(classifier(gated))
+    return keras.Model(images, {C.JOINT_PROBABILITY: probability, C.JOINT_MASK: mask}, name="joint")
 
 
 def joint_parts(model: keras.Model) -> tuple[keras.Model, keras.Model]:
@@ -84,4 +81,4 @@ def joint_parts(model: keras.Model) -> tuple[keras.Model, keras.Model]:
 
 def probability_model(model: keras.Model) -> keras.Model:
     """The joint model's ``probability`` output alone (the same layers and weights): what scoring and reports use."""
-    return keras.Model(model.inputs, model.get_layer(PROBABILITY_OUTPUT).output, name="joint_probability")
+    return keras.Model(model.inputs, model.get_layer(C.JOINT_PROBABILITY).output, name="joint_probability")

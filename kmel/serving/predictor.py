@@ -64,11 +64,15 @@ def flip_views(batch: np.ndarray) -> list[np.ndarray]:
 
 
 def flip_averaged(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """``classify`` (a batch of crops → [N, K] outputs) averaged over the four :func:`flip_views`."""
+    """``classify`` (a batch of crops → [N, K] outputs) averaged over the four :func:`flip_views`. ``plain``: the
+    outputs of the batch as is, when the caller has them already (a joint model's call gave them with its mask)."""
 
-    def averaged(batch: np.ndarray) -> np.ndarray:
-        return np.mean([np.asarray(classify(np.ascontiguousarray(v))).reshape(len(batch), -1)
-                        for v in flip_views(batch)], axis=0)
+    def averaged(batch: np.ndarray, plain: np.ndarray | None = None) -> np.ndarray:
+        views = flip_views(batch)
+        outputs = [classify(np.ascontiguousarray(v)) for v in views[1 if plain is not None else 0:]]
+        if plain is not None:
+            outputs.insert(0, plain)
+        return np.mean([np.asarray(o).reshape(len(batch), -1) for o in outputs], axis=0)
 
     return averaged
 
@@ -221,8 +225,8 @@ class Predictor:
 
         batch = np.stack([p.image for p in prepared]).astype(np.float32)
         raw, masks = self.models.joint(batch)
-        if self.tta:
-            raw = self._classify(batch)
+        if self.tta:  # the three flipped views added to the plain one
+            raw = self._classify(batch, plain=raw)
         _, probs = calibrate_outputs(self.head, raw, self.temperature)
         out = []
         for item, prob, mask in zip(prepared, probs, masks):
