@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
-from _common import OUT, per_source
-from profiles_side_by_side import linked_records
+from _common import OUT
+from profiles_side_by_side import linked_records, models_with_segmenter, report_row
 
 ROWS = {
     "joint": {},
@@ -68,27 +66,13 @@ def main() -> None:
         data = load_config("cpu-10k", overrides).to_dict()
         data["records"] = manifest["config"]["records"]  # the benchmark's records (yes/no task)
         config = config_from_dict(data)
-        models = args.out / name / "models"
-        if not (models / C.SEGMENTER_KERAS).exists():
-            models.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(args.seg / "models" / C.SEGMENTER_DIR, models / C.SEGMENTER_DIR, dirs_exist_ok=True)
-            shutil.copy2(args.seg / "models" / C.SEGMENTER_KERAS, models / C.SEGMENTER_KERAS)
-            pipeline = json.loads((args.seg / "models" / C.PIPELINE_JSON).read_text())
-            pipeline.pop("classifier", None)
-            (models / C.PIPELINE_JSON).write_text(json.dumps(pipeline, indent=2))
+        models = models_with_segmenter(args.seg, args.out / name / "models")
         start = time.perf_counter()
         entry = fit_joint(records, models, config, args.out / name / "runs", verbose=2)
         seconds = time.perf_counter() - start
-        report = json.loads((models / "report" / "report.json").read_text())
-        table = pd.read_csv(models / "report" / "predictions.csv")
-        gap = next((g for g in report.get("gap_ranking", []) if g["grouping"] == "skin_tone" and g["metric"] == "recall"),
-                   {})
         row = {"backbone": config.classifier.backbone, "start": "ImageNet + the union segmenter",
                "joint": entry["joint"], "image_size": args.image_size, "steps": args.steps * args.epochs,
-               "batch_size": args.batch_size, "threshold": entry["threshold"],
-               "test_by_source": per_source(table, entry["threshold"]), "test_auc": report["summary"].get("auc"),
-               "skin_tone_recall_gap": gap.get("max_minus_min"),
-               "skin_tone_recall_gap_groups": [gap.get("lowest"), gap.get("highest")],
+               "batch_size": args.batch_size, **report_row(models, entry["threshold"]),
                "mask_metrics": entry["mask_metrics"], "train_seconds": round(seconds, 1)}
         result["rows"][name] = row
         (args.out / "result.json").write_text(json.dumps(result, indent=2))

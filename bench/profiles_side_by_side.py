@@ -47,6 +47,34 @@ def linked_records(source: Path, dest: Path) -> Path:
     return dest
 
 
+def models_with_segmenter(seg: Path, models: Path) -> Path:
+    """``models`` holding a copy of the benchmark's segmenter (SavedModel, ``.keras`` file and its pipeline entry)
+    and no classifier, made once."""
+    from kmel import constants as C
+
+    if not (models / C.SEGMENTER_DIR).exists():
+        models.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(seg / "models" / C.SEGMENTER_DIR, models / C.SEGMENTER_DIR)
+        if (seg / "models" / C.SEGMENTER_KERAS).is_file():
+            shutil.copy2(seg / "models" / C.SEGMENTER_KERAS, models / C.SEGMENTER_KERAS)
+        pipeline = json.loads((seg / "models" / C.PIPELINE_JSON).read_text())
+        pipeline.pop("classifier", None)
+        (models / C.PIPELINE_JSON).write_text(json.dumps(pipeline, indent=2))
+    return models
+
+
+def report_row(models: Path, threshold: float) -> dict:
+    """The trained model's test figures from its report: AUC per source with sensitivity / specificity at
+    ``threshold``, the overall AUC, and the widest skin-tone recall gap."""
+    report = json.loads((models / "report" / "report.json").read_text())
+    table = pd.read_csv(models / "report" / "predictions.csv")
+    gap = next((g for g in report.get("gap_ranking", []) if g["grouping"] == "skin_tone" and g["metric"] == "recall"),
+               {})
+    return {"threshold": threshold, "test_by_source": per_source(table, threshold),
+            "test_auc": report["summary"].get("auc"), "skin_tone_recall_gap": gap.get("max_minus_min"),
+            "skin_tone_recall_gap_groups": [gap.get("lowest"), gap.get("highest")]}
+
+
 def main() -> None:
     from kmel import constants as C
     from kmel.config import config_from_dict, load_config, to_plain
@@ -87,26 +115,15 @@ def main() -> None:
         data["records"] = manifest["config"]["records"]  # the benchmark's records (yes/no task)
         data["crops"] = to_plain(crops_settings)
         config = config_from_dict(data)
-        models = args.out / profile / "models"
-        if not (models / C.SEGMENTER_DIR).exists():
-            shutil.copytree(args.seg / "models" / C.SEGMENTER_DIR, models / C.SEGMENTER_DIR)
-            pipeline = json.loads((args.seg / "models" / C.PIPELINE_JSON).read_text())
-            pipeline.pop("classifier", None)
-            (models / C.PIPELINE_JSON).write_text(json.dumps(pipeline, indent=2))
+        models = models_with_segmenter(args.seg, args.out / profile / "models")
         ensure_crop_records(records, models, config)
         start = time.perf_counter()
         entry = fit_classifier(records, models, config, args.out / profile / "runs", verbose=2, restart=True)
         seconds = time.perf_counter() - start
-        report = json.loads((models / "report" / "report.json").read_text())
-        table = pd.read_csv(models / "report" / "predictions.csv")
-        gap = next((g for g in report.get("gap_ranking", []) if g["grouping"] == "skin_tone" and g["metric"] == "recall"),
-                   {})
         row = {"backbone": config.classifier.backbone, "head": config.classifier.head,
                "start": "ImageNet" if offline else "from scratch", "image_size": args.image_size,
-               "steps": args.steps * args.epochs, "batch_size": args.batch_size, "threshold": entry["threshold"],
-               "test_by_source": per_source(table, entry["threshold"]), "test_auc": report["summary"].get("auc"),
-               "skin_tone_recall_gap": gap.get("max_minus_min"),
-               "skin_tone_recall_gap_groups": [gap.get("lowest"), gap.get("highest")], "train_seconds": round(seconds, 1)}
+               "steps": args.steps * args.epochs, "batch_size": args.batch_size,
+               **report_row(models, entry["threshold"]), "train_seconds": round(seconds, 1)}
         result["rows"][profile] = row
         (args.out / "result.json").write_text(json.dumps(result, indent=2))
         by = row["test_by_source"]
