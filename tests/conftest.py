@@ -85,3 +85,13 @@ def pipeline_reads(monkeypatch) -> list[str]:
         if name.startswith("kmel") and getattr(module, "read_pipeline", None) is original:
             monkeypatch.setattr(module, "read_pipeline", counting)
     return reads
+
+
+@pytest.fixture
+def weights_server():
+    """A static file server on 127.0.0.1 (:class:`tests.loopback.WeightsServer`), closed after the test."""
+    from tests.loopback import WeightsServer
+
+    server = WeightsServer()
+    yield server
+    server.close()

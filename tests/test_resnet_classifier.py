@@ -17,8 +17,8 @@ from kmel.models.classifier import (
     set_trainable_blocks,
 )
 from kmel.models.weights import resolve as kw
-from kmel.models.weights.download import MIRROR_ENV, WeightsError
-from tests.test_weights_download import _dead_url, _legacy_h5, _listing, _Server
+from kmel.models.weights.download import WeightsError
+from tests.loopback import legacy_h5, listing, offline_keras_cache
 from tests.tiny import tiny_config
 
 SIZE = 32
@@ -182,23 +182,10 @@ def test_unknown_backbone_is_refused():
 # --- ImageNet weights: Keras' resnet50 notop file through the verified download ---------------------------------
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """Keras cache in tmp; no mirror from the environment; the public URLs point at a dead loopback port."""
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    monkeypatch.delenv(MIRROR_ENV, raising=False)
-    dead = _dead_url()
-    monkeypatch.setattr(kw, "KERAS_RESNET_BASE_URL", f"{dead}/resnet/")
-    monkeypatch.setattr(kw, "TORCHVISION_BASE_URL", f"{dead}/models/")
-    return tmp_path / "keras" / "models"
+    return offline_keras_cache(tmp_path, monkeypatch, KERAS_RESNET_BASE_URL="resnet/", TORCHVISION_BASE_URL="models/")
 
 
-@pytest.fixture
-def server():
-    s = _Server()
-    yield s
-    s.close()
-
-
-def test_resnet50_imagenet_downloads_verifies_caches_and_builds(server, cache, tmp_path, monkeypatch):
+def test_resnet50_imagenet_downloads_verifies_caches_and_builds(weights_server, cache, tmp_path, monkeypatch):
     name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert kw.KERAS_RESNET_NOTOP_MD5["resnet50"] == "4d473c1dd8becc155b73f8504c6f6626"  # Keras' published md5
     # No mirror, no network: the public URL and every way out are named.
@@ -211,15 +198,15 @@ def test_resnet50_imagenet_downloads_verifies_caches_and_builds(server, cache, t
     source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
     conv = source.get_layer("conv5_block3_3_conv")
     conv.set_weights([np.random.default_rng(1).normal(size=w.shape).astype("float32") for w in conv.get_weights()])
-    body = _legacy_h5(source, tmp_path / "r50.h5")
-    server.serve(name, body)
+    body = legacy_h5(source, tmp_path / "r50.h5")
+    weights_server.serve(name, body)
     with pytest.raises(WeightsError, match="md5 is"):  # not the file Keras published: refused, nothing kept
-        build_classifier(_cc("resnet50", weights="imagenet", weights_mirror=server.url))
-    assert _listing(cache) == []
+        build_classifier(_cc("resnet50", weights="imagenet", weights_mirror=weights_server.url))
+    assert listing(cache) == []
 
     monkeypatch.setitem(kw.KERAS_RESNET_NOTOP_MD5, "resnet50", hashlib.md5(body).hexdigest())
-    model = build_classifier(_cc("resnet50", weights="imagenet", weights_mirror=server.url))
-    assert server.count(name) == 2 and _listing(cache) == [name]
+    model = build_classifier(_cc("resnet50", weights="imagenet", weights_mirror=weights_server.url))
+    assert weights_server.count(name) == 2 and listing(cache) == [name]
     np.testing.assert_array_equal(model.get_layer("conv5_block3_3_conv").get_weights()[0], conv.get_weights()[0])
     # Keras' own model on preprocess_input gives what kmel's gives on raw 0–255 RGB.
     x = _images(seed=4)

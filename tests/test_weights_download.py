@@ -7,9 +7,6 @@ port where nothing listens, so nothing here can leave this machine even if the m
 from __future__ import annotations
 
 import hashlib
-import http.server
-import socket
-import threading
 from pathlib import Path
 
 import keras
@@ -28,79 +25,14 @@ from kmel.models.weights.download import (
     source_url,
 )
 from tests import torch_fixtures
+from tests.loopback import dead_url, legacy_h5, listing, offline_keras_cache
 from tests.tiny import tiny_config
-
-
-class _Server:
-    """Static files by name, each optionally with a lying Content-Length; every GET is recorded."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, tuple[bytes, int | None]] = {}
-        self.requests: list[tuple[str, str]] = []  # (file name, User-Agent)
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                name = self.path.split("?")[0].rsplit("/", 1)[-1]
-                server.requests.append((name, self.headers.get("User-Agent", "")))
-                if name not in server.files:
-                    self.send_error(404)
-                    return
-                body, declared = server.files[name]
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body) if declared is None else declared))
-                self.end_headers()
-                self.wfile.write(body)  # HTTP/1.0: the connection closes after this, short or not
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/weights"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def serve(self, name: str, body: bytes, declared_length: int | None = None) -> None:
-        self.files[name] = (body, declared_length)
-
-    def count(self, name: str) -> int:
-        return sum(1 for n, _ in self.requests if n == name)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = _Server()
-    yield s
-    s.close()
-
-
-def _dead_url() -> str:
-    """A loopback port with nothing listening (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch) -> Path:
-    """Keras cache in tmp; no mirror from the environment; public URLs replaced by a dead loopback port."""
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    monkeypatch.delenv(MIRROR_ENV, raising=False)
-    dead = _dead_url()
-    monkeypatch.setattr(kw, "EFFICIENTNET_BASE_URL", f"{dead}/keras-applications/")
-    monkeypatch.setattr(kw, "TORCHVISION_BASE_URL", f"{dead}/models/")
-    return tmp_path / "keras" / "models"
-
-
-def _listing(folder: Path) -> list[str]:
-    """Every entry, hidden temporary files included."""
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return offline_keras_cache(tmp_path, monkeypatch, EFFICIENTNET_BASE_URL="keras-applications/",
+                               TORCHVISION_BASE_URL="models/")
 
 
 BODY = np.random.default_rng(0).integers(0, 256, 2_500_000, dtype=np.uint8).tobytes()  # three 1 MiB reads
@@ -108,16 +40,16 @@ SHA = hashlib.sha256(BODY).hexdigest()
 
 
 # --- fetch_verified ------------------------------------------------------------------------------------------
-def test_fetched_once_verified_then_served_from_cache(server, cache, monkeypatch):
-    server.serve("blob.bin", BODY)
-    monkeypatch.setenv(MIRROR_ENV, server.url)  # the environment variable alone is enough
+def test_fetched_once_verified_then_served_from_cache(weights_server, cache, monkeypatch):
+    weights_server.serve("blob.bin", BODY)
+    monkeypatch.setenv(MIRROR_ENV, weights_server.url)  # the environment variable alone is enough
     path = fetch_verified("https://public.invalid/some/dir/blob.bin", cache / "blob.bin", sha256=SHA,
                           progress=False)
     assert path == cache / "blob.bin" and path.read_bytes() == BODY
-    assert server.count("blob.bin") == 1 and server.requests[0][1].startswith("kmel/")
-    assert _listing(cache) == ["blob.bin"]  # no temporary file left
+    assert weights_server.count("blob.bin") == 1 and weights_server.requests[0][1].startswith("kmel/")
+    assert listing(cache) == ["blob.bin"]  # no temporary file left
     fetch_verified("https://public.invalid/some/dir/blob.bin", cache / "blob.bin", sha256=SHA, progress=False)
-    assert len(server.requests) == 1  # second call: no request at all
+    assert len(weights_server.requests) == 1  # second call: no request at all
 
 
 @pytest.mark.parametrize("check", [
@@ -125,35 +57,35 @@ def test_fetched_once_verified_then_served_from_cache(server, cache, monkeypatch
     {"sha256_prefix": "00000000" if not SHA.startswith("00000000") else "11111111"},
     {"md5": hashlib.md5(b"another file").hexdigest()},
 ])
-def test_wrong_hash_is_refused_and_not_kept(server, cache, check):
-    server.serve("blob.bin", BODY)
+def test_wrong_hash_is_refused_and_not_kept(weights_server, cache, check):
+    weights_server.serve("blob.bin", BODY)
     with pytest.raises(WeightsError, match=r"(sha256|md5) is [0-9a-f]+.*not kept") as info:
-        fetch_verified("http://x/blob.bin", cache / "blob.bin", mirror=server.url, progress=False, **check)
-    assert f"{server.url}/blob.bin" in str(info.value)
-    assert _listing(cache) == []
+        fetch_verified("http://x/blob.bin", cache / "blob.bin", mirror=weights_server.url, progress=False, **check)
+    assert f"{weights_server.url}/blob.bin" in str(info.value)
+    assert listing(cache) == []
 
 
-def test_truncated_download_is_refused_and_not_kept(server, cache):
-    server.serve("blob.bin", BODY, declared_length=len(BODY) + 5000)  # the connection closes 5000 bytes short
+def test_truncated_download_is_refused_and_not_kept(weights_server, cache):
+    weights_server.serve("blob.bin", BODY, declared_length=len(BODY) + 5000)  # the connection closes 5000 bytes short
     with pytest.raises(WeightsError, match=f"truncated: received {len(BODY)} of {len(BODY) + 5000} bytes"):
-        fetch_verified("http://x/blob.bin", cache / "blob.bin", sha256=SHA, mirror=server.url, progress=False)
-    assert _listing(cache) == []
+        fetch_verified("http://x/blob.bin", cache / "blob.bin", sha256=SHA, mirror=weights_server.url, progress=False)
+    assert listing(cache) == []
 
 
-def test_damaged_cached_file_is_fetched_again(server, cache):
+def test_damaged_cached_file_is_fetched_again(weights_server, cache):
     cache.mkdir(parents=True)
     (cache / "blob.bin").write_bytes(BODY[:1000])  # e.g. an interrupted copy by hand
-    server.serve("blob.bin", BODY)
-    fetch_verified("http://x/blob.bin", cache / "blob.bin", sha256=SHA, mirror=server.url, progress=False)
-    assert (cache / "blob.bin").read_bytes() == BODY and server.count("blob.bin") == 1
-    assert _listing(cache) == ["blob.bin"]
+    weights_server.serve("blob.bin", BODY)
+    fetch_verified("http://x/blob.bin", cache / "blob.bin", sha256=SHA, mirror=weights_server.url, progress=False)
+    assert (cache / "blob.bin").read_bytes() == BODY and weights_server.count("blob.bin") == 1
+    assert listing(cache) == ["blob.bin"]
 
 
-def test_http_error_names_status(server, cache):
+def test_http_error_names_status(weights_server, cache):
     with pytest.raises(WeightsError, match="HTTP 404"):
-        fetch_verified("http://x/missing.bin", cache / "missing.bin", sha256=SHA, mirror=server.url,
+        fetch_verified("http://x/missing.bin", cache / "missing.bin", sha256=SHA, mirror=weights_server.url,
                        progress=False)
-    assert _listing(cache) == []
+    assert listing(cache) == []
 
 
 def test_mirror_setting(monkeypatch, tmp_path):
@@ -181,7 +113,7 @@ def _cls_config(**overrides):
 
 
 def test_classifier_dead_server_gives_clear_error(cache):
-    dead = _dead_url()
+    dead = dead_url()
     for mirror, tried in ((dead, f"{dead}/efficientnetb0_notop.h5"),
                           ("", kw.EFFICIENTNET_BASE_URL + "efficientnetb0_notop.h5")):  # no mirror: public URL
         with pytest.raises(WeightsError) as info:
@@ -191,42 +123,30 @@ def test_classifier_dead_server_gives_clear_error(cache):
         for part in ("efficientnetb0_notop.h5", str(cache), tried, "refused", "KMEL_WEIGHTS_MIRROR",
                      "--weights PATH", "--weights none"):
             assert part in message, (part, message)
-    assert _listing(cache) == []
+    assert listing(cache) == []
 
 
-def _legacy_h5(model: keras.Model, path: Path) -> bytes:
-    """The weights as Keras' published ``*_notop.h5`` files hold them (the legacy HDF5 layout)."""
-    import h5py
-    from keras.src.legacy.saving import (
-        legacy_h5_format,  # test only: Keras 3 saves only .weights.h5 publicly
-    )
-
-    with h5py.File(path, "w") as file:
-        legacy_h5_format.save_weights_to_hdf5_group(file, model)
-    return path.read_bytes()
-
-
-def test_classifier_b0_downloads_verifies_caches_and_builds(server, cache, tmp_path, monkeypatch):
+def test_classifier_b0_downloads_verifies_caches_and_builds(weights_server, cache, tmp_path, monkeypatch):
     source = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
     conv = source.get_layer("top_conv")
     conv.set_weights([np.random.default_rng(1).normal(size=w.shape).astype("float32") for w in conv.get_weights()])
-    body = _legacy_h5(source, tmp_path / "b0.h5")
+    body = legacy_h5(source, tmp_path / "b0.h5")
     name = "efficientnetb0_notop.h5"
 
     # Keras' md5 for the real file does not match this one: refused, nothing kept.
-    server.serve(name, body)
+    weights_server.serve(name, body)
     with pytest.raises(WeightsError, match="md5 is"):
-        build_classifier(_cls_config(weights_mirror=server.url))
-    assert _listing(cache) == []
+        build_classifier(_cls_config(weights_mirror=weights_server.url))
+    assert listing(cache) == []
 
     monkeypatch.setitem(kw.EFFICIENTNET_NOTOP_MD5, "b0", hashlib.md5(body).hexdigest())
-    model = build_classifier(_cls_config(weights_mirror=server.url))
-    assert server.count(name) == 2 and _listing(cache) == [name]
+    model = build_classifier(_cls_config(weights_mirror=weights_server.url))
+    assert weights_server.count(name) == 2 and listing(cache) == [name]
     np.testing.assert_array_equal(model.get_layer("top_conv").get_weights()[0], conv.get_weights()[0])
-    server.close()  # second build: from the cache alone
-    again = build_classifier(_cls_config(weights_mirror=server.url))
+    weights_server.close()  # second build: from the cache alone
+    again = build_classifier(_cls_config(weights_mirror=weights_server.url))
     np.testing.assert_array_equal(again.get_layer("top_conv").get_weights()[0], conv.get_weights()[0])
-    assert server.count(name) == 2
+    assert weights_server.count(name) == 2
 
 
 # --- segmenter: torchvision's resnet18 checkpoint --------------------------------------------------------------
@@ -272,34 +192,34 @@ def _assert_encoder_is(model: keras.Model, sd: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(np.array(bn.gamma), sd["layer4.1.bn2.weight"])
 
 
-def test_segmenter_resnet18_downloads_converts_and_caches_npz(server, cache, tmp_path, monkeypatch):
+def test_segmenter_resnet18_downloads_converts_and_caches_npz(weights_server, cache, tmp_path, monkeypatch):
     sd = _fake_resnet18(np.random.default_rng(2))
     body = torch_fixtures.write_checkpoint(tmp_path / "resnet18.pth", sd, fmt="zip").read_bytes()
     digest = hashlib.sha256(body).hexdigest()
-    seg_config = tiny_config(**{"segmenter.weights": "imagenet", "segmenter.weights_mirror": server.url}).segmenter
+    seg_config = tiny_config(**{"segmenter.weights": "imagenet", "segmenter.weights_mirror": weights_server.url}).segmenter
     model = build_segmenter(seg_config)
 
     # A file whose sha256 does not start with the hex in its name: refused, nothing kept.
     wrong = "resnet18-" + ("0" * 8 if not digest.startswith("0" * 8) else "1" * 8) + ".pth"
     monkeypatch.setitem(kw.TORCHVISION_RESNET, "18", wrong)
-    server.serve(wrong, body)
+    weights_server.serve(wrong, body)
     with pytest.raises(WeightsError, match=f"{wrong}.*does not start with {wrong[9:17]}"):
         load_encoder_weights(model, "imagenet", mirror=seg_config.weights_mirror, progress=False)
-    assert _listing(cache) == []
+    assert listing(cache) == []
 
     name = f"resnet18-{digest[:8]}.pth"  # torchvision's naming: the start of the file's sha256
     monkeypatch.setitem(kw.TORCHVISION_RESNET, "18", name)
-    server.serve(name, body)
+    weights_server.serve(name, body)
     load_encoder_weights(model, "imagenet", mirror=seg_config.weights_mirror, progress=False)
-    assert server.count(name) == 1
-    assert _listing(cache) == ["kmel_resnet18_imagenet.npz"]  # .pth deleted after conversion, no temp files
+    assert weights_server.count(name) == 1
+    assert listing(cache) == ["kmel_resnet18_imagenet.npz"]  # .pth deleted after conversion, no temp files
     _assert_encoder_is(model, sd)
 
-    server.close()  # second run: the .npz alone, no network, no .pth
+    weights_server.close()  # second run: the .npz alone, no network, no .pth
     fresh = build_segmenter(seg_config)
     load_encoder_weights(fresh, "imagenet", mirror=seg_config.weights_mirror)
     _assert_encoder_is(fresh, sd)
-    assert server.count(name) == 1
+    assert weights_server.count(name) == 1
 
 
 def test_segmenter_pth_copied_into_cache_is_used_offline(cache, tmp_path, monkeypatch):
@@ -311,9 +231,9 @@ def test_segmenter_pth_copied_into_cache_is_used_offline(cache, tmp_path, monkey
     pth.rename(cache / name)
     monkeypatch.setitem(kw.TORCHVISION_RESNET, "18", name)
     model = build_segmenter(tiny_config(**{"segmenter.weights": "imagenet"}).segmenter)
-    load_encoder_weights(model, "imagenet", mirror=_dead_url(), progress=False)  # the dead mirror is never asked
+    load_encoder_weights(model, "imagenet", mirror=dead_url(), progress=False)  # the dead mirror is never asked
     _assert_encoder_is(model, sd)
-    assert _listing(cache) == ["kmel_resnet18_imagenet.npz"]
+    assert listing(cache) == ["kmel_resnet18_imagenet.npz"]
 
 
 def test_cli_weights_mirror_reaches_config_and_errors_exit_2(monkeypatch):
@@ -322,7 +242,7 @@ def test_cli_weights_mirror_reaches_config_and_errors_exit_2(monkeypatch):
     import kmel.training.train
     from cli import cli
 
-    dead = _dead_url()
+    dead = dead_url()
     seen = {}
 
     def fake_fit_segmenter(records, out, config, *args, **kwargs):
