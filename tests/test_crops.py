@@ -197,7 +197,8 @@ def test_segmenter_reads_the_raw_image_it_learned_on_and_old_models_keep_their_e
     assert np.array_equal(enhanced, expected(enhance_for_segmentation(small, config.crops))[0])
     assert not np.array_equal(raw, enhanced)
 
-    old_crops = {k: v for k, v in to_plain(config.crops).items() if k != "enhance_segmenter_input"}
+    # crops from before the setting (and before segmenter_flips, added later still)
+    old_crops = {k: v for k, v in to_plain(config.crops).items() if k not in ("enhance_segmenter_input", "segmenter_flips")}
     pipeline = {"segmenter": {"records": to_plain(config.records), "crops": old_crops, "config": to_plain(config.segmenter)},
                 "classifier": {"crops": old_crops, "config": to_plain(config.classifier)}}
     assert config_from_pipeline(pipeline).crops.enhance_segmenter_input is True
@@ -210,3 +211,77 @@ def test_segmenter_reads_the_raw_image_it_learned_on_and_old_models_keep_their_e
     assert crops_dir_for(tmp_path, "abc", legacy).name == old_name
     assert crops_dir_for(tmp_path, "abc", config).name != old_name
     assert _prepare_cache_dir(tmp_path, config) == _prepare_cache_dir(tmp_path, legacy)  # records do not depend on it
+
+
+def test_segmenter_flips_average_the_flipped_back_masks_and_change_only_their_own_crops(tmp_path):
+    """crops.segmenter_flips: the segmenter's map is the mean over the four flips of its input, each output flipped
+    back to the image's orientation; the crop stage uses it only when asked, and only then gets another crops folder
+    (crops made before the setting, and pipelines without it, keep theirs)."""
+    from dataclasses import replace
+
+    from kmel.config import load_config
+    from kmel.data.records import _prepare_cache_dir
+    from kmel.lesion.crops import CropPipeline, crops_dir_for, flip_averaged_masks
+    from kmel.serving.runtime import config_from_pipeline
+
+    size = 64
+    rows, cols = np.mgrid[0:size, 0:size]
+    where = (rows * 3 + cols) / (4.0 * size)  # a segmenter that depends on where a pixel is, not only on its value
+    calls: list[int] = []
+
+    def segment(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return batch[..., 0] / 255.0 * where
+
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 256, (2, size, size, 3)).astype(np.float32)
+    # by hand: left-right view, its output flipped back left-right; up-down likewise; both
+    by_hand = (segment(batch) + segment(batch[:, :, ::-1])[:, :, ::-1] + segment(batch[:, ::-1])[:, ::-1]
+               + segment(batch[:, ::-1, ::-1])[:, ::-1, ::-1]) / 4
+    calls.clear()
+    averaged = flip_averaged_masks(segment, batch)
+    assert calls == [2, 2, 2, 2]
+    np.testing.assert_allclose(averaged, by_hand, atol=1e-6)
+    assert not np.allclose(averaged, segment(batch), atol=1e-3)
+    # flipping the input flips the averaged map (the plain one would not be)
+    np.testing.assert_allclose(flip_averaged_masks(segment, batch[:, :, ::-1]), averaged[:, :, ::-1], atol=1e-6)
+    assert not np.allclose(segment(batch[:, :, ::-1]), segment(batch)[:, :, ::-1], atol=1e-3)
+
+    # The crop stage: plain by default (one call per batch), the averaged map with the setting (four calls).
+    config = load_config("cpu-small")
+    assert config.crops.segmenter_flips is False
+    flips = replace(config, crops=replace(config.crops, segmenter_flips=True))
+    image = rng.integers(60, 200, (96, 128, 3), dtype=np.uint8)
+    image[30:70, 40:90] = 40
+    seen: dict[str, np.ndarray] = {}
+
+    def recording(name):
+        def run(batch):
+            seen[name] = batch.copy()
+            return segment(batch)
+        return run
+
+    for name, cfg, n_calls in (("plain", config, 1), ("flips", flips, 4)):
+        calls.clear()
+        with CropPipeline(recording(name), size, cfg, 1) as crops:
+            crops.run([image])
+        assert len(calls) == n_calls, name
+    # what the crop stage hands to prepare_crop: the averaged map of the same segmenter input
+    with CropPipeline(None, size, flips, 1) as crops:
+        seg_input = crops.pre(image).seg_input[None].astype(np.float32)
+    with CropPipeline(lambda b: flip_averaged_masks(segment, b), size, config, 1) as crops:
+        want = crops.run([image])[0]
+    with CropPipeline(segment, size, flips, 1) as crops:
+        got = crops.run([image])[0]
+    assert np.array_equal(seen["plain"][0], seg_input[0])
+    assert got.box == want.box and np.array_equal(got.result.crop, want.result.crop)
+
+    # Crops folders and records: the setting off keeps the name crops had before it existed; on gets its own.
+    assert crops_dir_for(tmp_path, "abc", flips).name != crops_dir_for(tmp_path, "abc", config).name
+    old_crops = {k: v for k, v in to_plain(config.crops).items() if k != "segmenter_flips"}
+    pipeline = {"segmenter": {"records": to_plain(config.records), "crops": old_crops, "config": to_plain(config.segmenter)},
+                "classifier": {"crops": old_crops, "config": to_plain(config.classifier)}}
+    assert config_from_pipeline(pipeline).crops.segmenter_flips is False
+    pipeline["classifier"]["crops"] = to_plain(flips.crops)
+    assert config_from_pipeline(pipeline).crops.segmenter_flips is True
+    assert _prepare_cache_dir(tmp_path, config) == _prepare_cache_dir(tmp_path, flips)  # records do not depend on it

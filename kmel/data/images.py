@@ -426,3 +426,9 @@ def list_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]
     """Image files under ``folder`` and the entries reported instead, with reasons (see :func:`walk_images`)."""
     found = walk_images(folder)
     return [f.path for f in found if f.status == "file"], [(f.path, f.reason) for f in found if f.status != "file"]
+
+
+def flip_views(batch: np.ndarray) -> list[np.ndarray]:
+    """The four flips of an [N, H, W, ...] batch that test-time averaging uses: as is, left–right, up–down, both.
+    Each flip is its own inverse: the same view of a per-pixel output puts it back in place."""
+    return [batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1]]

@@ -1,7 +1,8 @@
 """The classification preprocessing, shared by crop records, ``evaluate`` and ``predict``.
 
 :class:`CropPipeline` is the one code path from an RGB image to a classifier input:
-resize to the records' long side → enhance (CLAHE + gamma) → pad square → segmenter → probability
+resize to the records' long side → (CLAHE + gamma, `crops.enhance_segmenter_input`) → pad square → segmenter (averaged
+over four flips with `crops.segmenter_flips`) → probability
 map back on the image → :func:`kmel.lesion.lesion.prepare_crop` (clean mask, crop with margin or whole
 image, hair removal, skin tone). OpenCV work runs in a thread pool (OpenCV releases the GIL), the
 segmenter in batches. Crop records live in ``<records>/crops-<segmenter fingerprint>-<settings hash>/``, one crop
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 import kmel
 from kmel import constants as C
 from kmel.config import Config, crops_identity
-from kmel.data.images import encode_jpeg, pad_to_square, resize_long_side
+from kmel.data.images import encode_jpeg, flip_views, pad_to_square, resize_long_side
 from kmel.lesion.lesion import CropResult, enhance_for_segmentation, prepare_crop
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
 
@@ -72,6 +73,13 @@ def make_segment_fn(
         return serve(batch)[..., 0]
 
     return segment, int(pipeline["segmenter"]["image_size"])
+
+
+def flip_averaged_masks(segment: SegmentFn, batch: np.ndarray) -> np.ndarray:
+    """``segment``'s [N, S, S] probabilities averaged over the four :func:`kmel.data.images.flip_views` of
+    ``batch``, each view's output flipped back (``crops.segmenter_flips``)."""
+    views = flip_views(batch)
+    return np.mean([flip_views(np.asarray(segment(np.ascontiguousarray(v))))[k] for k, v in enumerate(views)], axis=0)
 
 
 class CropPipeline:
@@ -132,7 +140,9 @@ class CropPipeline:
             return []
         probs: list[np.ndarray | None] = [None] * len(pres)
         if self.segment is not None:
-            probs = list(self.segment(np.stack([p.seg_input for p in pres]).astype(np.float32)))
+            batch = np.stack([p.seg_input for p in pres]).astype(np.float32)
+            probs = list(flip_averaged_masks(self.segment, batch) if self.config.crops.segmenter_flips
+                         else self.segment(batch))
         return list(self.pool.map(self._post, pres, probs))
 
     def run(self, images: Sequence[np.ndarray]) -> list[PreparedCrop]:

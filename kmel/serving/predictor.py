@@ -15,6 +15,7 @@ import numpy as np
 
 from kmel import constants as C
 from kmel.config import ConfigError
+from kmel.data.images import flip_views
 from kmel.lesion.crops import CropPipeline
 from kmel.models.heads import head_from_entry
 from kmel.models.integrity import DEFAULT_CHECKS, ModelChecks
@@ -56,11 +57,6 @@ class Prediction:
             "ita_category": self.ita_category, "crop_mode": self.crop_mode,
             "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "tta": self.tta,
         }
-
-
-def flip_views(batch: np.ndarray) -> list[np.ndarray]:
-    """The four flips ``--tta`` averages over: as is, left–right, up–down, both."""
-    return [batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1]]
 
 
 def flip_averaged(classify: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
