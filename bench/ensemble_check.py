@@ -27,7 +27,7 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     from kmel import constants as C
-    from kmel.data.datasets import _decode_image, make_record_dataset
+    from kmel.data.datasets import decode_image, make_record_dataset
     from kmel.data.records import load_manifest, shard_paths
     from kmel.models.heads import head_from_entry
     from kmel.models.pipeline import load_serving, read_pipeline
@@ -51,7 +51,7 @@ def main() -> None:
     manifest = load_manifest(crops)
     size = int(entry["image_size"])
     ds = make_record_dataset(shard_paths(crops, "crop", "test", manifest), training=False, seed=0).map(
-        lambda r: (_decode_image(r, size), r[C.F_TARGET], r[C.F_SOURCE]), num_parallel_calls=tf.data.AUTOTUNE,
+        lambda r: (decode_image(r, size), r[C.F_TARGET], r[C.F_SOURCE]), num_parallel_calls=tf.data.AUTOTUNE,
     ).batch(64).prefetch(2)
     for images, target, source in ds:
         scores.append(np.concatenate([np.asarray(o).reshape(len(target), -1)[:, :1]

@@ -58,7 +58,7 @@ def extract(crops: Path, config, batch_size: int = 64) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
     from kmel import constants as C
-    from kmel.data.datasets import _decode_image, make_record_dataset
+    from kmel.data.datasets import decode_image, make_record_dataset
     from kmel.data.records import load_manifest, shard_paths
     from kmel.models.classifier import build_classifier
     from kmel.models.heads import head_from_manifest
@@ -72,7 +72,7 @@ def extract(crops: Path, config, batch_size: int = 64) -> dict[str, np.ndarray]:
     for split in ("train", "val", "test"):
         files = shard_paths(crops, "crop", split, manifest)
         ds = make_record_dataset(files, training=False, seed=0).map(
-            lambda r: (_decode_image(r, size), r[C.F_TARGET], r[C.F_SOURCE], r[C.F_IMAGE_ID]),
+            lambda r: (decode_image(r, size), r[C.F_TARGET], r[C.F_SOURCE], r[C.F_IMAGE_ID]),
             num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
         done, start = 0, time.perf_counter()
         for images, targets, sources, ids in ds:

@@ -42,7 +42,7 @@ def predict(seg: Path, config, split: str, cache: Path) -> dict[str, np.ndarray]
     if cache.exists():
         return dict(np.load(cache))
     from kmel import constants as C
-    from kmel.data.datasets import _decode_image, _decode_mask, make_record_dataset
+    from kmel.data.datasets import decode_image, decode_mask, make_record_dataset
     from kmel.data.records import load_manifest, shard_paths
     from kmel.models.pipeline import load_serving, signature_fn
 
@@ -51,7 +51,7 @@ def predict(seg: Path, config, split: str, cache: Path) -> dict[str, np.ndarray]
     records = seg / "records"
     files = shard_paths(records, "seg", split, load_manifest(records))
     ds = make_record_dataset(files, False, 0).map(
-        lambda r: (_decode_image(r, size), _decode_mask(r, size), r[C.F_SOURCE], r[C.F_IMAGE_ID])).batch(64)
+        lambda r: (decode_image(r, size), decode_mask(r, size), r[C.F_SOURCE], r[C.F_IMAGE_ID])).batch(64)
     out = {k: [] for k in ("id", "source", "truth", "plain", "tta")}
     plain_s = flips_s = 0.0
     for images, masks, sources, ids in ds:

@@ -33,7 +33,7 @@ def seg_by_image(records: Path, models: Path, config, split: str = "test"):
     import numpy as np
 
     from kmel import constants as C
-    from kmel.data.datasets import _decode_image, _decode_mask, make_record_dataset
+    from kmel.data.datasets import decode_image, decode_mask, make_record_dataset
     from kmel.data.records import load_manifest, shard_paths
     from kmel.models.pipeline import load_serving, signature_fn
 
@@ -41,7 +41,7 @@ def seg_by_image(records: Path, models: Path, config, split: str = "test"):
     size = config.segmenter.image_size
     files = shard_paths(records, "seg", split, load_manifest(records))
     ds = make_record_dataset(files, False, 0).map(
-        lambda r: (_decode_image(r, size), _decode_mask(r, size), r[C.F_SOURCE], r[C.F_IMAGE_ID])).batch(64)
+        lambda r: (decode_image(r, size), decode_mask(r, size), r[C.F_SOURCE], r[C.F_IMAGE_ID])).batch(64)
     rows, keep = [], {}
     for images, masks, sources, ids in ds:
         prob = segment(images.numpy())

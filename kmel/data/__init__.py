@@ -22,6 +22,8 @@ _EXPORTS = {
     "records_problems": "kmel.data.records",
     "make_dataset": "kmel.data.datasets",
     "make_record_dataset": "kmel.data.datasets",
+    "decode_image": "kmel.data.datasets",
+    "decode_mask": "kmel.data.datasets",
     "balance_weights": "kmel.data.datasets",
     "class_draw_shares": "kmel.data.datasets",
     "count_records": "kmel.data.datasets",

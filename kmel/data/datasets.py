@@ -26,7 +26,7 @@ def _is_size(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
 
 
-def _decode_image(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
+def decode_image(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
     """JPEG → float32 0–255 at size × size; records already at that size (seg records, crops at the
     classifier size) skip the resize, which otherwise costs as much as the decoding."""
     image = tf.io.decode_jpeg(record[C.F_IMAGE], channels=3)
@@ -38,7 +38,8 @@ def _decode_image(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
     return tf.ensure_shape(image, [size, size, 3])
 
 
-def _decode_mask(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
+def decode_mask(record: Mapping[str, tf.Tensor], size: int) -> tf.Tensor:
+    """PNG mask → float32 0/1 at size × size × 1 (resized bilinearly and cut at 0.5 when not at that size)."""
     mask = tf.io.decode_png(record[C.F_MASK], channels=1)
     mask = tf.cond(
         _is_size(mask, size),
@@ -53,9 +54,9 @@ def _parse_eval_data(
     record: Mapping[str, tf.Tensor], kind: str, size: int, with_groups: bool = False
 ) -> tuple[Any, ...]:
     """Resize only; the same decoding as training, without randomness."""
-    image = _decode_image(record, size)
+    image = decode_image(record, size)
     if kind == "seg":
-        return image, _decode_mask(record, size)
+        return image, decode_mask(record, size)
     target = tf.cast(record[C.F_TARGET], tf.float32)[None]
     if with_groups:
         return image, target, record[C.F_SKIN_TONE]
@@ -350,7 +351,7 @@ def parse_joint_record(record: Mapping[str, tf.Tensor], size: int) -> tuple[tf.T
     image = tf.clip_by_value(tf.image.resize(_pad_to_square(image), [size, size], method="bilinear",
                                              antialias=True), 0.0, 255.0)
     image = tf.ensure_shape(image, [size, size, 3])
-    mask = tf.cond(has_mask, lambda: _decode_mask(record, size), lambda: tf.zeros([size, size, 1], tf.float32))
+    mask = tf.cond(has_mask, lambda: decode_mask(record, size), lambda: tf.zeros([size, size, 1], tf.float32))
     target = tf.cast(record[C.F_TARGET], tf.float32)[None]
     return image, mask, has_mask, target, record[C.F_SKIN_TONE]
 

@@ -46,7 +46,7 @@ def predict_records(
     from tqdm.auto import tqdm
 
     from kmel.data.datasets import (
-        _decode_image,
+        decode_image,
         make_joint_records,
         make_record_dataset,
         parse_joint_record,
@@ -66,7 +66,7 @@ def predict_records(
         files = shard_paths(records_dir, "crop", split, manifest)
         total = manifest.get("n_records", {}).get("crop", {}).get(split)
         ds = make_record_dataset(files, training=False, seed=0).map(
-            lambda r: (_decode_image(r, size), {k: r[k] for k in fields}), num_parallel_calls=tf.data.AUTOTUNE)
+            lambda r: (decode_image(r, size), {k: r[k] for k in fields}), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         raise ValueError(f"kind must be crop or joint, got {kind!r}")
     ds = ds.batch(batch_size).prefetch(2)
