@@ -12,8 +12,8 @@ each class's recall of both rules. Prints them and writes OUT/result.json.
 
 ``--levers`` also scores the val and test crops again, as they are and averaged over four flips (what
 ``predict --tta`` does; the class vectors calibrated with the model's temperature; cached as
-OUT/scores-{split}[-flips].csv), and reports the balanced accuracy of the rule arg-max of log p_c - λ log q_c for
-λ in LAMBDAS (0: plain arg-max, 1: kmel's rule), per source, with the λ that maximises it on val.
+OUT/scores-<model fingerprint>-{split}[-flips].csv), and reports the balanced accuracy of the rule arg-max of log p_c - λ log q_c for
+λ in LAMBDAS (0: the arg-max of p over the classes drawn in training, 1: kmel's rule), per source, with the λ that maximises it on val.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def levers(args, head, pipeline) -> dict:
     for flips in (False, True):
         tables = {}
         for split in ("val", "test"):
-            cache = args.out / f"scores-{split}{'-flips' if flips else ''}.csv"
+            # keyed by the model, so another --cls with the same --out scores again
+            cache = args.out / f"scores-{pipeline['classifier']['fingerprint'][:12]}-{split}{'-flips' if flips else ''}.csv"
             if not cache.exists():
                 score_split(models, crops, split, config, tta=flips).to_csv(cache, index=False)
             tables[split] = pd.read_csv(cache, low_memory=False)

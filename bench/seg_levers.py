@@ -17,7 +17,7 @@ Levers:
 Per lever and source: thresholded Jaccard (per-image Jaccard, 0 below 0.65, averaged: the ISIC 2018 Task 1
 metric), mean Jaccard, Dice, and the paired difference of thresholded Jaccard vs plain with a 95% bootstrap
 interval over images. Seconds per image of the plain and the 4-view forward pass are recorded too. The
-probabilities are kept in OUT/probs-{split}.npz and reused when present.
+probabilities are kept in OUT/probs-<segmenter fingerprint>-{split}.npz and reused when present.
 """
 
 from __future__ import annotations
@@ -140,8 +140,9 @@ def main() -> None:
     pipeline = read_pipeline(seg / "models")["segmenter"]
     config = config_from_dict({"records": pipeline["records"], "crops": pipeline["crops"],
                                "segmenter": pipeline["config"]})
-    val = predict(seg, config, "val", out / "probs-val.npz")
-    test = predict(seg, config, "test", out / "probs-test.npz")
+    key = pipeline["fingerprint"][:12]  # another --seg with the same --out predicts again
+    val = predict(seg, config, "val", out / f"probs-{key}-val.npz")
+    test = predict(seg, config, "test", out / f"probs-{key}-test.npz")
     t_plain, curve_plain = choose_threshold(val["plain"], val["truth"])
     t_tta, curve_tta = choose_threshold(val["tta"], val["truth"])
     work, crops = config.records.image_size, config.crops

@@ -220,6 +220,7 @@ def test_segmenter_flips_average_the_flipped_back_masks_and_change_only_their_ow
     from dataclasses import replace
 
     from kmel.config import load_config
+    from kmel.data.images import flip_views
     from kmel.data.records import _prepare_cache_dir
     from kmel.lesion.crops import CropPipeline, crops_dir_for, flip_averaged_masks
     from kmel.serving.runtime import config_from_pipeline
@@ -253,11 +254,11 @@ def test_segmenter_flips_average_the_flipped_back_masks_and_change_only_their_ow
     flips = replace(config, crops=replace(config.crops, segmenter_flips=True))
     image = rng.integers(60, 200, (96, 128, 3), dtype=np.uint8)
     image[30:70, 40:90] = 40
-    seen: dict[str, np.ndarray] = {}
+    seen: dict[str, list[np.ndarray]] = {"plain": [], "flips": []}
 
     def recording(name):
         def run(batch):
-            seen[name] = batch.copy()
+            seen[name].append(batch.copy())
             return segment(batch)
         return run
 
@@ -273,7 +274,11 @@ def test_segmenter_flips_average_the_flipped_back_masks_and_change_only_their_ow
         want = crops.run([image])[0]
     with CropPipeline(segment, size, flips, 1) as crops:
         got = crops.run([image])[0]
-    assert np.array_equal(seen["plain"][0], seg_input[0])
+    # the segmenter read the crop stage's input as is, and with flips its four views
+    assert len(seen["plain"]) == 1 and np.array_equal(seen["plain"][0], seg_input)
+    assert len(seen["flips"]) == 4
+    for got_view, want_view in zip(seen["flips"], flip_views(seg_input)):
+        assert np.array_equal(got_view, want_view)
     assert got.box == want.box and np.array_equal(got.result.crop, want.result.crop)
 
     # Crops folders and records: the setting off keeps the name crops had before it existed; on gets its own.

@@ -38,6 +38,7 @@ _EXPORTS = {
     "encode_jpeg": "kmel.data.images",
     "resize_long_side": "kmel.data.images",
     "pad_to_square": "kmel.data.images",
+    "flip_views": "kmel.data.images",
     "make_example": "kmel.data.tfrecord",
     "parse_example": "kmel.data.tfrecord",
     "read_records": "kmel.data.tfrecord",
