@@ -37,13 +37,14 @@ WIDE = np.round(np.arange(0.30, 0.9501, 0.05), 2)  # the val curve reported, to 
 
 
 def predict(seg: Path, config, split: str, cache: Path) -> dict[str, np.ndarray]:
-    """Ids, sources, expert masks and plain / 4-flip probabilities of ``split``, with forward-pass seconds
-    (the flip average reuses the plain pass as its identity view)."""
+    """Ids, sources, expert masks and plain / 4-flip probabilities of ``split`` (the flips by kmel's own
+    :func:`kmel.lesion.crops.flip_averaged_masks`), with the seconds of each."""
     if cache.exists():
         return dict(np.load(cache))
     from kmel import constants as C
     from kmel.data.datasets import decode_image, decode_mask, make_record_dataset
     from kmel.data.records import load_manifest, shard_paths
+    from kmel.lesion.crops import flip_averaged_masks
     from kmel.models.pipeline import load_serving, signature_fn
 
     segment = signature_fn(load_serving(seg / "models" / C.SEGMENTER_DIR))
@@ -59,17 +60,15 @@ def predict(seg: Path, config, split: str, cache: Path) -> dict[str, np.ndarray]
         start = time.perf_counter()
         plain = segment(x).reshape(len(x), size, size)
         middle = time.perf_counter()
-        # batch axes: 1 = rows (vertical flip), 2 = columns (horizontal flip); each view flipped back
-        tta = (plain + sum(np.flip(segment(np.flip(x, a)).reshape(len(x), size, size), a)
-                           for a in ((1,), (2,), (1, 2)))) / 4
-        plain_s, flips_s = plain_s + middle - start, flips_s + time.perf_counter() - middle
+        tta = flip_averaged_masks(segment, x).reshape(len(x), size, size)  # what crops.segmenter_flips runs
+        plain_s, flips_s = plain_s + middle - start, flips_s + time.perf_counter() - middle  # flips: all four views
         out["plain"].append(plain)
         out["tta"].append(tta)
         out["truth"].append(masks.numpy()[..., 0] > 0.5)
         out["source"] += [s.decode() for s in sources.numpy()]
         out["id"] += [s.decode() for s in ids.numpy()]
     result = {k: np.concatenate(v) if k in ("truth", "plain", "tta") else np.array(v) for k, v in out.items()}
-    result["seconds_plain"], result["seconds_tta"] = np.array(plain_s), np.array(plain_s + flips_s)
+    result["seconds_plain"], result["seconds_tta"] = np.array(plain_s), np.array(flips_s)
     np.savez(cache, **result)
     return result
 
